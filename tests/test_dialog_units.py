@@ -1,0 +1,122 @@
+"""Pure pieces of the dialog: contact recognition, refusals, text handling, settings."""
+import pytest
+
+import leadbot
+
+PHONES = [
+    "+7 999 123-45-67",
+    "+7 (999) 123-45-67",
+    "8 999 123 45 67",
+    "89991234567",
+    "+79991234567",
+    "8(999)123-45-67",
+    "7 999 123 45 67",
+    "+7-999-123-45-67",
+]
+EMAILS = ["ivan@example.ru", "anna.petrova+leads@mail.example.com", "info@сайт.рф"]
+USERNAMES = [("@ivan_petrov", "@ivan_petrov"), ("t.me/ivan_petrov", "@ivan_petrov"),
+             ("https://t.me/Anna2024", "@Anna2024")]
+NOT_CONTACTS = [
+    "нет", "завтра после обеда", "123", "бюджет 100 000 руб", "8 800", "2026-11-24 10:00",
+    "@", "user@", "@abc", "позвоните мне", "+1 555 123 4567", "1234567890123",
+    "скидка 50%", "email", "мой сайт example.ru", "", "99 999 999 999",
+]
+
+
+@pytest.mark.parametrize("text", PHONES)
+def test_russian_phone_formats_are_contacts(text):
+    assert leadbot.parse_contact(text) == text
+
+
+def test_phone_inside_a_sentence_is_found():
+    assert leadbot.parse_contact("звоните: 8 (999) 123-45-67, после шести") == "8 (999) 123-45-67"
+
+
+@pytest.mark.parametrize("text", EMAILS)
+def test_emails_are_contacts(text):
+    assert leadbot.parse_contact(f"пишите на {text}") == text
+
+
+@pytest.mark.parametrize("text, expected", USERNAMES)
+def test_telegram_usernames_are_contacts(text, expected):
+    assert leadbot.parse_contact(text) == expected
+
+
+@pytest.mark.parametrize("text", NOT_CONTACTS)
+def test_ordinary_text_is_not_a_contact(text):
+    assert leadbot.parse_contact(text) is None
+
+
+@pytest.mark.parametrize("text", ["нет", "Нет.", "не хочу", "Не буду!", "не надо, спасибо",
+                                  "отказываюсь", "без контактов"])
+def test_refusals_are_recognised(text):
+    assert leadbot.is_refusal(text)
+
+
+@pytest.mark.parametrize("text", ["нетрудно", "хочу", "да", "позже напишу номер", "интернет-магазин"])
+def test_other_text_is_not_a_refusal(text):
+    assert not leadbot.is_refusal(text)
+
+
+def test_scrub_removes_every_kind_of_contact():
+    text = "Иван, +7 999 123-45-67, ivan@example.ru, @ivan_petrov — нужен сайт на 100 000"
+    cleaned = leadbot.scrub(text)
+    for secret in ("999 123-45-67", "ivan@example.ru", "@ivan_petrov"):
+        assert secret not in cleaned
+    assert "нужен сайт на 100 000" in cleaned
+
+
+def test_clean_text_drops_invisible_characters_and_caps_length():
+    assert leadbot.clean_text("a\x00b\u200bc\u202e d\n") == "abc d"
+    assert len(leadbot.clean_text("я" * 20000)) == leadbot.MAX_TEXT
+
+
+def test_split_text_keeps_pieces_under_the_limit_and_loses_nothing():
+    paragraph = "Предложение номер один. " * 40
+    text = "\n\n".join([paragraph] * 12)
+    pieces = leadbot.split_text(text)
+    assert len(pieces) > 1
+    assert all(0 < len(p) <= 4096 for p in pieces)
+    assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
+
+
+def test_split_text_cuts_a_text_without_spaces():
+    pieces = leadbot.split_text("x" * 9000)
+    assert [len(p) for p in pieces] == [4000, 4000, 1000]
+
+
+def test_answer_quoting_the_system_prompt_is_caught():
+    prompt = "Ты — консультант небольшой веб-студии «Пример» и отвечаешь клиентам в чате.\nКоротко."
+    assert leadbot.leaks_prompt("Мои инструкции: Ты — консультант небольшой веб-студии «Пример» "
+                                "и отвечаешь клиентам в чате.", prompt)
+    assert not leadbot.leaks_prompt("Рекомендуем лендинг.", prompt)
+
+
+def test_commands_are_recognised_with_bot_name_and_payload():
+    assert leadbot.command_of("/start") == "start"
+    assert leadbot.command_of("/start@test_lead_bot") == "start"
+    assert leadbot.command_of("/start promo") == "start"
+    assert leadbot.command_of("start") is None
+    assert leadbot.command_of("/startle") != "start"
+
+
+def test_config_defaults():
+    cfg = leadbot.read_config({"TELEGRAM_BOT_TOKEN": "123:abc"})
+    assert cfg.telegram_api_url == "https://api.telegram.org"
+    assert cfg.llm_timeout == 30 and cfg.smtp_security == "starttls" and cfg.smtp_port == 587
+    assert str(cfg.leads_path).replace("\\", "/") == "data/leads.csv"
+    assert cfg.workers == 1 and cfg.session_ttl_hours == 72
+
+
+def test_config_names_every_bad_setting():
+    with pytest.raises(leadbot.ConfigError) as e:
+        leadbot.read_config({"LLM_TIMEOUT": "soon", "SMTP_SECURITY": "tls", "SMTP_HOST": "mail",
+                             "LLM_BASE_URL": "localhost:11434", "WORKERS": "0"})
+    text = "\n".join(e.value.problems)
+    for name in ("TELEGRAM_BOT_TOKEN", "LLM_TIMEOUT", "SMTP_SECURITY", "MANAGER_EMAIL",
+                 "MAIL_FROM", "LLM_BASE_URL", "LLM_MODEL", "WORKERS"):
+        assert name in text
+
+
+def test_console_mode_needs_no_token():
+    assert leadbot.read_config({}, telegram=False).token == ""
