@@ -135,7 +135,8 @@ class Config:
         return self.data_dir / "leads.csv"
 
     def secrets(self):
-        return [s for s in (self.token, self.llm_api_key, self.smtp_password) if s]
+        # Very short values would mask pieces of ordinary words; real secrets are longer.
+        return [s for s in (self.token, self.llm_api_key, self.smtp_password) if len(s) >= 5]
 
 
 class ConfigError(Exception):

@@ -1,0 +1,786 @@
+"""Fake Telegram, LLM and SMTP servers and a leadbot.py launcher for end-to-end tests.
+
+Every fake listens on 127.0.0.1 only, records what the bot sent and lets a test inject
+the faults real services produce: error answers, resets, stalls, refused connections.
+"""
+
+import copy
+import email
+import email.policy
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from requests.structures import CaseInsensitiveDict
+
+REPO = Path(__file__).resolve().parent.parent
+BOT_SCRIPT = REPO / "leadbot.py"
+
+
+def wait_until(predicate, timeout=10, interval=0.005, message=""):
+    """Poll predicate until it returns something truthy and return that value.
+
+    On timeout raise AssertionError with message; message may be a callable, so it can
+    describe the state at the moment of failure.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(text or f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+# --- HTTP plumbing shared by FakeTelegram and FakeLLM --------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_POST(self):
+        self.server.fake._handle(self)
+
+    do_GET = do_POST
+
+    def log_message(self, format, *args):
+        """Keep pytest output free of access logs."""
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    # server_close() must not wait for handlers: one may be in the middle of a long poll.
+    block_on_close = False
+
+    def __init__(self, address, fake):
+        super().__init__(address, _Handler)
+        self.fake = fake
+        self.closed = threading.Event()
+        self._connections = set()
+        self._lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        # Broken and reset connections are what the fault tests are made of.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+    def close(self):
+        """Stop listening and cut every open connection, like a server that went away."""
+        self.closed.set()
+        self.shutdown()
+        self.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _HTTPFake:
+    """Serves self._handle(handler) on a 127.0.0.1 port that stays the same across down()/up()."""
+
+    def __init__(self):
+        self.port = 0
+        self._httpd = None
+        self.up()
+
+    def up(self):
+        """Accept connections again (on the same port)."""
+        if self._httpd is None:
+            self._httpd = _HTTPServer(("127.0.0.1", self.port), self)
+            self.port = self._httpd.server_address[1]
+            threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True).start()
+
+    def down(self):
+        """Refuse connections and cut the open ones until up()."""
+        if self._httpd is not None:
+            self._httpd.close()
+            self._httpd = None
+
+    def stop(self):
+        self.down()
+
+
+def _read_body(handler):
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
+def _send(handler, status, body, content_type="application/json"):
+    if isinstance(body, str):
+        body = body.encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _send_json(handler, status, payload):
+    _send(handler, status, json.dumps(payload, ensure_ascii=False))
+
+
+def _drop(handler):
+    """Close the connection with a TCP reset instead of an answer."""
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.rfile.close()  # the socket really closes only when its file objects are gone
+    handler.connection.close()
+    handler.close_connection = True
+
+
+# --- Telegram --------------------------------------------------------------------------------
+
+
+class _ApiError(Exception):
+    """An error answer of the Bot API."""
+
+    def __init__(self, code, description, parameters=None):
+        super().__init__(description)
+        self.code = code
+        self.payload = _api_error(code, description, parameters)
+
+
+def _api_error(code, description, parameters=None):
+    payload = {"ok": False, "error_code": code, "description": description}
+    if parameters:
+        payload["parameters"] = parameters
+    return payload
+
+
+# Query-string and form values are strings; Telegram decodes the JSON-serialized ones.
+_STRING_PARAMS = {"text", "caption"}
+
+
+def _form_params(pairs):
+    params = {}
+    for key, value in pairs:
+        try:
+            params[key] = value if key in _STRING_PARAMS else json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def _parse_params(handler, body):
+    """Parameters from the query string and a JSON or form-encoded body, as Telegram accepts them."""
+    params = _form_params(parse_qsl(urlsplit(handler.path).query))
+    content_type = handler.headers.get("Content-Type", "")
+    if body and content_type.startswith("application/json"):
+        try:
+            decoded = json.loads(body)
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            raise _ApiError(400, "Bad Request: can't parse JSON encoded parameters")
+        params.update(decoded)
+    elif body and content_type.startswith("application/x-www-form-urlencoded"):
+        params.update(_form_params(parse_qsl(body.decode())))
+    return params
+
+
+_COMMAND = re.compile(r"[a-z0-9_]{1,32}")
+
+_MEDIA = {
+    "photo": {"photo": [
+        {"file_id": "photo-small", "file_unique_id": "ph-s", "width": 90, "height": 90, "file_size": 1200},
+        {"file_id": "photo-large", "file_unique_id": "ph-l", "width": 800, "height": 800, "file_size": 64000},
+    ]},
+    "sticker": {"sticker": {
+        "file_id": "sticker-id", "file_unique_id": "st", "type": "regular", "width": 512, "height": 512,
+        "is_animated": False, "is_video": False, "emoji": "👍",
+    }},
+    "voice": {"voice": {"file_id": "voice-id", "file_unique_id": "vo", "duration": 3, "mime_type": "audio/ogg"}},
+    "video": {"video": {
+        "file_id": "video-id", "file_unique_id": "vi", "width": 640, "height": 360, "duration": 5,
+        "mime_type": "video/mp4",
+    }},
+    "document": {"document": {
+        "file_id": "document-id", "file_unique_id": "do", "file_name": "brief.pdf",
+        "mime_type": "application/pdf", "file_size": 20480,
+    }},
+    "location": {"location": {"latitude": 55.7558, "longitude": 37.6173}},
+    "poll": {"poll": {
+        "id": "5000000000000000001", "question": "Какой сайт нужен?",
+        "options": [{"text": "Лендинг", "voter_count": 0}, {"text": "Магазин", "voter_count": 0}],
+        "total_voter_count": 0, "is_closed": False, "is_anonymous": True, "type": "regular",
+        "allows_multiple_answers": False,
+    }},
+}
+
+
+class FakeTelegram(_HTTPFake):
+    """The Bot API with long polling, simulated users and fault injection.
+
+    TELEGRAM_API_URL is .url; the bot's token is .token. allowed_updates is recorded but not
+    enforced, so a test can check the bot survives any update type.
+    """
+
+    BOT_USER = {
+        "id": 777, "is_bot": True, "first_name": "Lead Bot", "username": "test_lead_bot",
+        "can_join_groups": True, "can_read_all_group_messages": False, "supports_inline_queries": False,
+    }
+
+    def __init__(self, token="123456:TEST-token-abcdef"):
+        self.token = token
+        self.webhook_url = ""
+        self._cond = threading.Condition()
+        self._updates = []  # pushed and not yet confirmed by an offset
+        self._calls = []  # (method, params), failed calls included
+        self._sent = []  # params of every message that was sent
+        self._faults = defaultdict(deque)
+        self._blocked = set()
+        self._offset = 0
+        self._downs = 0
+        self._update_ids = itertools.count(100001)
+        self._message_ids = itertools.count(1)
+        self._methods = {
+            "getMe": self._get_me,
+            "getUpdates": self._get_updates,
+            "sendMessage": self._send_message,
+            "sendChatAction": self._send_chat_action,
+            "setMyCommands": self._set_my_commands,
+            "deleteWebhook": self._delete_webhook,
+            "getWebhookInfo": self._get_webhook_info,
+        }
+        super().__init__()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def down(self):
+        super().down()
+        with self._cond:
+            self._downs += 1  # ends long polls that are waiting
+            self._cond.notify_all()
+
+    # Request handling
+
+    def _handle(self, handler):
+        body = _read_body(handler)  # always, or the next request on this connection is garbled
+        path = urlsplit(handler.path).path
+        prefix = f"/bot{self.token}/"
+        if not path.startswith(prefix):
+            code, description = (401, "Unauthorized") if path.startswith("/bot") else (404, "Not Found")
+            return _send_json(handler, code, _api_error(code, description))
+        # Method names are case-insensitive in the real API.
+        method = next((m for m in self._methods if m.lower() == path[len(prefix):].lower()), None)
+        if method is None:
+            return _send_json(handler, 404, _api_error(404, "Not Found"))
+        try:
+            params = _parse_params(handler, body)
+        except _ApiError as error:
+            return _send_json(handler, error.code, error.payload)
+        with self._cond:
+            self._calls.append((method, params))
+            fault = self._faults[method].popleft() if self._faults[method] else None
+        if fault and self._apply_fault(fault, handler):
+            return
+        try:
+            status, payload = 200, {"ok": True, "result": self._methods[method](params)}
+        except _ApiError as error:
+            status, payload = error.code, error.payload
+        except (TypeError, ValueError):
+            status, payload = 400, _api_error(400, "Bad Request: invalid parameter type")
+        _send_json(handler, status, payload)
+
+    def _apply_fault(self, fault, handler):
+        """Carry out an injected fault; return True when the request needs no normal answer."""
+        kind, arg = fault
+        if kind == "stall":
+            return handler.server.closed.wait(arg)
+        if kind == "disconnect":
+            _drop(handler)
+        elif kind == "json":
+            _send_json(handler, *arg)
+        else:
+            _send(handler, *arg)
+        return True
+
+    def _get_me(self, params):
+        return dict(self.BOT_USER)
+
+    def _get_updates(self, params):
+        offset = int(params.get("offset") or 0)
+        limit = min(max(int(params.get("limit") or 100), 1), 100)
+        timeout = float(params.get("timeout") or 0)
+        with self._cond:
+            if self.webhook_url:
+                raise _ApiError(409, "Conflict: can't use getUpdates method while webhook is active; "
+                                     "use deleteWebhook to delete the webhook first")
+            self._confirm(offset)
+            downs = self._downs
+            self._cond.wait_for(lambda: self._updates or self._downs != downs, timeout)
+            return self._updates[:limit]
+
+    def _confirm(self, offset):
+        """Forget updates the offset confirms; a negative offset keeps only the last -offset ones."""
+        if offset < 0:
+            self._updates = self._updates[offset:]
+        elif offset:
+            self._updates = [u for u in self._updates if u["update_id"] >= offset]
+        self._offset = max(self._offset, offset)
+
+    def _check_chat(self, params):
+        chat_id = params.get("chat_id")
+        if chat_id in (None, ""):
+            raise _ApiError(400, "Bad Request: chat_id is empty")
+        if str(chat_id) in self._blocked:
+            raise _ApiError(403, "Forbidden: bot was blocked by the user")
+        return chat_id
+
+    def _send_message(self, params):
+        text = str(params.get("text") or "")
+        if not text.strip():
+            raise _ApiError(400, "Bad Request: message text is empty")
+        if len(text) > 4096:
+            raise _ApiError(400, "Bad Request: message is too long")
+        if isinstance(params.get("reply_markup"), str):
+            try:
+                params["reply_markup"] = json.loads(params["reply_markup"])
+            except ValueError:
+                raise _ApiError(400, "Bad Request: can't parse reply keyboard markup JSON object") from None
+        with self._cond:
+            chat_id = self._check_chat(params)
+            self._sent.append({"reply_markup": None, "parse_mode": None, **params})
+            message_id = next(self._message_ids)
+        return {"message_id": message_id, "from": dict(self.BOT_USER), "date": int(time.time()),
+                "chat": {"id": chat_id, "type": "private"}, "text": text}
+
+    def _send_chat_action(self, params):
+        with self._cond:
+            self._check_chat(params)
+        if not params.get("action"):
+            raise _ApiError(400, "Bad Request: action is empty")
+        return True
+
+    def _set_my_commands(self, params):
+        commands = params.get("commands")
+        if not isinstance(commands, list) or not all(
+            isinstance(c, dict) and _COMMAND.fullmatch(str(c.get("command")))
+            and 1 <= len(str(c.get("description") or "")) <= 256
+            for c in commands
+        ):
+            raise _ApiError(400, "Bad Request: BOT_COMMAND_INVALID")
+        return True
+
+    def _delete_webhook(self, params):
+        with self._cond:
+            self.webhook_url = ""
+            if params.get("drop_pending_updates"):
+                self._updates = []
+        return True
+
+    def _get_webhook_info(self, params):
+        with self._cond:
+            return {"url": self.webhook_url, "has_custom_certificate": False,
+                    "pending_update_count": len(self._updates)}
+
+    # Simulated users
+
+    def build_message(self, chat_id, *, first_name="Иван", username=None, chat_type="private",
+                      is_bot=False, user_id=None, **fields):
+        """A Message from a simulated user, with fields (text=..., contact=...) merged in."""
+        sender = {"id": abs(chat_id) if user_id is None else user_id, "is_bot": is_bot, "first_name": first_name}
+        chat = {"id": chat_id, "type": chat_type}
+        if chat_type == "private":
+            chat["first_name"] = first_name
+        else:
+            chat["title"] = "Test group"
+        if username:
+            sender["username"] = chat["username"] = username
+        sender["language_code"] = "ru"
+        with self._cond:
+            message_id = next(self._message_ids)
+        return {"message_id": message_id, "from": sender, "chat": chat, "date": int(time.time()), **fields}
+
+    def push_update(self, update):
+        """Queue a raw update for getUpdates (update_id is filled in when missing); return its update_id."""
+        with self._cond:
+            update = {"update_id": next(self._update_ids), **update}
+            self._updates.append(update)
+            self._cond.notify_all()
+        return update["update_id"]
+
+    def send_text(self, chat_id, text, *, first_name="Иван", username=None, chat_type="private",
+                  is_bot=False, user_id=None):
+        """A user writes text to the bot; return the update_id."""
+        fields = {"text": text}
+        if text.startswith("/"):
+            fields["entities"] = [{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
+        message = self.build_message(chat_id, first_name=first_name, username=username, chat_type=chat_type,
+                                     is_bot=is_bot, user_id=user_id, **fields)
+        return self.push_update({"message": message})
+
+    def send_contact(self, chat_id, phone, *, user_id=None, first_name="Иван"):
+        """A user shares a contact (their own unless user_id says otherwise); return the update_id."""
+        contact = {"phone_number": phone, "first_name": first_name,
+                   "user_id": chat_id if user_id is None else user_id}
+        return self.push_update({"message": self.build_message(chat_id, first_name=first_name, contact=contact)})
+
+    def send_media(self, chat_id, kind, *, caption=None):
+        """A user sends photo, sticker, voice, video, document, location or poll; return the update_id."""
+        fields = copy.deepcopy(_MEDIA[kind])
+        if caption is not None:
+            fields["caption"] = caption
+        return self.push_update({"message": self.build_message(chat_id, **fields)})
+
+    # Inspection
+
+    def messages(self, chat_id=None):
+        """Parameters of the messages sent, in order, optionally for one chat only."""
+        with self._cond:
+            return [dict(m) for m in self._sent if chat_id is None or str(m["chat_id"]) == str(chat_id)]
+
+    def texts(self, chat_id):
+        return [m["text"] for m in self.messages(chat_id)]
+
+    def calls(self, method):
+        """Parameters of every call of method, failed ones included."""
+        with self._cond:
+            return [dict(params) for name, params in self._calls if name == method]
+
+    @property
+    def confirmed_offset(self):
+        """The highest getUpdates offset the bot has sent."""
+        with self._cond:
+            return self._offset
+
+    def wait_for(self, predicate, timeout=10, message=""):
+        """wait_until whose failure message shows what the fake has seen."""
+        def failure():
+            return f"{message or 'condition'} not met within {timeout} s\n{self._summary()}"
+
+        return wait_until(predicate, timeout, message=failure)
+
+    def wait_messages(self, chat_id, n, timeout=10):
+        """Wait until at least n messages were sent to chat_id; return all their texts."""
+        self.wait_for(lambda: len(self.texts(chat_id)) >= n, timeout, f"{n} message(s) to chat {chat_id}")
+        return self.texts(chat_id)
+
+    def wait_reply(self, chat_id, after, timeout=10):
+        """Wait for a message to chat_id beyond the first `after` ones; return its text."""
+        return self.wait_messages(chat_id, after + 1, timeout)[after]
+
+    def _summary(self):
+        with self._cond:
+            counts = {}
+            for name, _ in self._calls:
+                counts[name] = counts.get(name, 0) + 1
+            lines = [f"calls: {counts}",
+                     f"pending updates: {len(self._updates)}, confirmed offset: {self._offset}"]
+            lines += [f"sent to {m['chat_id']}: {str(m['text'])[:100]!r}" for m in self._sent]
+        return "\n".join(lines)
+
+    # Fault injection
+
+    def _add_fault(self, method, fault, times):
+        with self._cond:
+            self._faults[method].extend([fault] * times)
+
+    def fail(self, method, error_code, description, parameters=None, times=1):
+        """The next `times` calls of method get this Bot API error."""
+        self._add_fault(method, ("json", (error_code, _api_error(error_code, description, parameters))), times)
+
+    def disconnect(self, method, times=1):
+        """The next `times` calls of method get their connection reset without an answer."""
+        self._add_fault(method, ("disconnect", None), times)
+
+    def stall(self, method, seconds, times=1):
+        """The next `times` calls of method are answered normally, but only after `seconds`."""
+        self._add_fault(method, ("stall", seconds), times)
+
+    def http_error(self, method, status, body_text, times=1):
+        """The next `times` calls of method get a non-JSON error page, like a proxy's 502."""
+        self._add_fault(method, ("page", (status, body_text, "text/html; charset=utf-8")), times)
+
+    def block(self, chat_id):
+        """From now on, the user of chat_id has blocked the bot."""
+        with self._cond:
+            self._blocked.add(str(chat_id))
+
+
+# --- LLM -------------------------------------------------------------------------------------
+
+
+class FakeLLM(_HTTPFake):
+    """An OpenAI-compatible /chat/completions endpoint; LLM_BASE_URL is .url.
+
+    Answers .reply, or .reply_fn(request_json) when set. Faults: .status (an error status for
+    every request), .delay (seconds before each answer), .raw (a 200 body sent as is),
+    fail_times(n, status).
+    """
+
+    def __init__(self):
+        self.reply = "Рекомендуем услугу «Лендинг под ключ»: это быстрый старт для вашей задачи."
+        self.reply_fn = None
+        self.status = None
+        self.delay = 0
+        self.raw = None
+        self.requests = []  # {"json": body, "headers": case-insensitive headers}
+        self._failures = deque()
+        self._lock = threading.Lock()
+        super().__init__()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def calls(self):
+        return len(self.requests)
+
+    def fail_times(self, n, status=500):
+        """The next n requests get an error with this status."""
+        with self._lock:
+            self._failures.extend([status] * n)
+
+    def _handle(self, handler):
+        body = _read_body(handler)
+        if urlsplit(handler.path).path != "/v1/chat/completions":
+            return _send_json(handler, 404, _llm_error("Not found", "invalid_request_error"))
+        try:
+            request_json = json.loads(body)
+        except ValueError:
+            request_json = None
+        with self._lock:
+            self.requests.append({"json": request_json, "headers": CaseInsensitiveDict(handler.headers.items())})
+            status = self._failures.popleft() if self._failures else self.status
+        if self.delay and handler.server.closed.wait(self.delay):
+            return
+        if not (isinstance(request_json, dict) and request_json.get("model")
+                and isinstance(request_json.get("messages"), list)):
+            _send_json(handler, 400, _llm_error("model and messages are required", "invalid_request_error"))
+        elif status and status != 200:
+            _send_json(handler, status, _llm_error("boom", "server_error"))
+        elif self.raw is not None:
+            _send(handler, 200, self.raw)
+        else:
+            _send_json(handler, 200, self._completion(request_json))
+
+    def _completion(self, request_json):
+        content = self.reply_fn(request_json) if self.reply_fn else self.reply
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request_json["messages"])
+        completion_tokens = len(content.split())
+        return {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
+            "model": request_json["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+
+def _llm_error(message, kind):
+    return {"error": {"message": message, "type": kind}}
+
+
+# --- SMTP ------------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FakeSMTP:
+    """An SMTP server that keeps what it receives in .messages.
+
+    Each message is an email.message.EmailMessage with the envelope added as .mail_from and
+    .rcpt_tos. With auth=(user, password) it requires AUTH (plain-text allowed) and rejects
+    other credentials.
+    """
+
+    def __init__(self, auth=None):
+        self.auth = auth
+        self.port = _free_port()
+        self.messages = []
+        self._controller = None
+        self.start()
+
+    def start(self):
+        """Accept connections (again, on the same port)."""
+        if self._controller is not None:
+            return
+        options = {}
+        if self.auth:
+            options = {"auth_required": True, "auth_require_tls": False, "authenticator": self._authenticate}
+        # A fixed server_hostname spares a reverse DNS lookup on every connection.
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port,
+                                      server_hostname="fake-smtp.test", **options)
+        self._controller.start()
+
+    def stop(self):
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def wait_for_messages(self, n, timeout=10):
+        """Wait until at least n messages arrived; return them all."""
+        wait_until(lambda: len(self.messages) >= n, timeout,
+                   message=lambda: f"expected {n} mail(s) within {timeout} s, got {len(self.messages)}")
+        return list(self.messages)
+
+    def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        valid = isinstance(auth_data, LoginPassword) and (
+            auth_data.login.decode(), auth_data.password.decode()) == tuple(self.auth)
+        return AuthResult(success=valid, handled=False)
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
+        message.mail_from = envelope.mail_from
+        message.rcpt_tos = list(envelope.rcpt_tos)
+        self.messages.append(message)
+        return "250 Message accepted for delivery"
+
+
+# --- leadbot.py as a subprocess ---------------------------------------------------------------
+
+# The developer's own bot settings must never leak into a test run.
+_BOT_SETTINGS = (
+    "TELEGRAM_", "LLM_", "SMTP_", "MAIL_", "MANAGER_", "DATA_", "LOG_", "CSV_", "WORKERS", "SESSION_",
+    "PRIVACY_", "DELETE_WEBHOOK", "POLL_", "RETRY_", "OUTBOX_",
+)
+
+
+def _bot_environment(env):
+    """os.environ without bot settings and proxies, then env (a None value leaves a variable unset)."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(_BOT_SETTINGS) and not k.lower().endswith("_proxy")}
+    base.update({k: str(v) for k, v in env.items() if v is not None})
+    base.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+    return base
+
+
+def _bot_command(args):
+    return [sys.executable, "-u", str(BOT_SCRIPT), *args]
+
+
+class BotProcess:
+    """leadbot.py running in the background, its stdout and stderr going to files in cwd."""
+
+    _numbers = itertools.count(1)
+
+    def __init__(self, env, args, cwd):
+        number = next(self._numbers)
+        self.stdout_path = Path(cwd) / f"bot-{number}.out"
+        self.stderr_path = Path(cwd) / f"bot-{number}.err"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(_bot_command(args), cwd=cwd, env=_bot_environment(env),
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    def output(self):
+        """Everything the bot wrote so far, stdout then stderr."""
+        return "".join(path.read_text(encoding="utf-8", errors="replace")
+                       for path in (self.stdout_path, self.stderr_path))
+
+    def wait_log(self, substring, timeout=10):
+        """Wait until substring appears in the output and return the output; fail early if the bot exits."""
+        def logged():
+            exited = not self.alive()
+            text = self.output()
+            if substring in text:
+                return text
+            if exited:
+                raise AssertionError(f"bot exited ({self.proc.returncode}) without logging {substring!r}:\n{text}")
+            return None
+
+        return wait_until(logged, timeout,
+                          message=lambda: f"{substring!r} not logged within {timeout} s:\n{self.output()[-4000:]}")
+
+    def terminate(self):
+        """SIGTERM (TerminateProcess on Windows)."""
+        self.proc.terminate()
+
+    def interrupt(self):
+        """SIGINT, as Ctrl+C does (POSIX only)."""
+        self.proc.send_signal(signal.SIGINT)
+
+    def kill(self):
+        self.proc.kill()
+
+    def wait(self, timeout=10):
+        """Wait for the bot to exit; return its exit code."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"bot still running after {timeout} s:\n{self.output()[-4000:]}") from None
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+def start_bot(env, *args, cwd):
+    """Start leadbot.py with args in the background."""
+    return BotProcess(env, args, cwd)
+
+
+def run_bot(env, *args, cwd, input=None, timeout=30):
+    """Run leadbot.py to completion (--console, --check, start-up failures); return a CompletedProcess."""
+    stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run(_bot_command(args), cwd=cwd, env=_bot_environment(env), capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=timeout, **stdin)
+
+
+# A client going through the dialog, step by step, waiting for each expected reply.
+
+ANSWERS = ["Нужен сайт для пекарни с онлайн-заказом", "В течение месяца", "50–200 тыс. ₽"]
+CONTACT_REQUEST = "контакт для связи"
+
+
+def say(telegram, chat_id, text, expect, timeout=10, **sender):
+    """Sends text (or a shared contact when text is a dict) and waits for a reply containing expect."""
+    before = len(telegram.texts(chat_id))
+    if isinstance(text, dict):
+        telegram.send_contact(chat_id, **text)
+    else:
+        telegram.send_text(chat_id, text, **sender)
+    return telegram.wait_for(
+        lambda: next((t for t in telegram.texts(chat_id)[before:] if expect in t), None),
+        timeout, f"a reply containing {expect!r} to {text!r} in chat {chat_id}")
+
+
+def reach_contact_step(telegram, chat_id, answers=ANSWERS, **sender):
+    """/start and every qualifying answer; returns once the bot asks for a contact."""
+    say(telegram, chat_id, "/start", "задача", **sender)
+    for answer in answers[:-1]:
+        before = len(telegram.texts(chat_id))
+        telegram.send_text(chat_id, answer, **sender)
+        telegram.wait_for(lambda: len(telegram.texts(chat_id)) > before, 10, "the next question")
+    say(telegram, chat_id, answers[-1], CONTACT_REQUEST, **sender)
+
+
+def full_dialog(telegram, chat_id, contact="+7 999 123-45-67", **sender):
+    """A whole dialog up to the thank-you; returns the thank-you text."""
+    reach_contact_step(telegram, chat_id, **sender)
+    return say(telegram, chat_id, contact, "Спасибо", **sender)

@@ -1,0 +1,105 @@
+"""The whole bot as a real process against fake Telegram, LLM and SMTP servers."""
+import csv
+
+from fakes import ANSWERS, full_dialog, reach_contact_step, run_bot, say
+
+COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
+
+
+def read_rows(bot_env):
+    with open(f"{bot_env['DATA_DIR']}/leads.csv", encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_client_goes_from_start_to_a_saved_and_emailed_lead(bot, bot_env, telegram, llm, smtp):
+    bot()
+    thanks = full_dialog(telegram, 1001, contact="+7 999 123-45-67")
+    assert "сохранена" in thanks
+    texts = telegram.texts(1001)
+    assert "Здравствуйте, Иван" in texts[0]
+    assert llm.reply in texts  # the recommendation reached the client as the LLM wrote it
+
+    rows = read_rows(bot_env)
+    assert len(rows) == 1 and list(rows[0]) == COLUMNS
+    row = rows[0]
+    assert row["chat_id"] == "1001" and row["client_name"] == "Иван"
+    assert row["contact"].lstrip("'") == "+7 999 123-45-67"
+    assert row["source"] == "telegram" and row["status"] == "new"
+    assert row["intent"] and row["notes"]
+    assert "T" in row["timestamp"] and ("+" in row["timestamp"][10:] or row["timestamp"].endswith("Z"))
+
+    smtp.wait_for_messages(1)
+    [mail] = smtp.messages
+    assert mail["To"] == "manager@example.com"
+    assert "+7 999 123-45-67" in mail.get_content()
+
+    offer_request = llm.requests[0]["json"]
+    assert offer_request["model"] == "test-model"
+    system, user = offer_request["messages"]
+    assert system["role"] == "system" and "Пример" in system["content"]
+    assert user["role"] == "user" and user["content"].startswith("Контекст: ")
+    assert "\nЗапрос: " + ANSWERS[-1] in user["content"]
+    assert llm.requests[0]["headers"]["Authorization"] == "Bearer test-llm-key-SECRET"
+    assert all("999 123-45-67" not in str(r["json"]) for r in llm.requests)
+
+
+def test_llm_failure_still_leads_to_a_saved_lead(bot, bot_env, telegram, llm, smtp):
+    llm.status = 500
+    bot()
+    reach_contact_step(telegram, 1002)
+    assert "Сервис временно недоступен, давайте обменяемся контактами" in telegram.texts(1002)
+    say(telegram, 1002, "ivan@example.ru", "Спасибо")
+    [row] = read_rows(bot_env)
+    assert row["contact"] == "ivan@example.ru" and row["status"] == "new"
+    assert "Задача" in row["notes"]  # assembled from the answers when the LLM cannot summarise
+    smtp.wait_for_messages(1)
+
+
+def test_unrecognised_contact_is_explained_and_asked_again(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 1003)
+    say(telegram, 1003, "позвоните мне", "+7 999 123-45-67")
+    say(telegram, 1003, "@ivan_petrov", "Спасибо")
+    assert read_rows(bot_env)[0]["contact"] == "'@ivan_petrov"  # neutralised for Excel
+
+
+def test_a_refusal_ends_politely_and_records_a_rejected_row_without_email(bot, bot_env, telegram, smtp):
+    bot()
+    reach_contact_step(telegram, 1004)
+    say(telegram, 1004, "Нет, не хочу", "/start")
+    [row] = read_rows(bot_env)
+    assert row["status"] == "rejected" and row["contact"] == ""
+    say(telegram, 1004, "А можно ещё вопрос?", "задача")  # a new dialog begins after the end
+    assert smtp.messages == []
+
+
+def test_start_in_the_middle_starts_over(bot, telegram):
+    bot()
+    say(telegram, 1005, "/start", "задача")
+    say(telegram, 1005, "Интернет-магазин", "результат")
+    say(telegram, 1005, "/start", "задача")
+    say(telegram, 1005, "Лендинг", "результат")
+
+
+def test_missing_token_stops_start_up_with_one_line_naming_it(bot_env, tmp_path):
+    result = run_bot({**bot_env, "TELEGRAM_BOT_TOKEN": None}, cwd=tmp_path, timeout=20)
+    assert result.returncode == 2
+    assert "TELEGRAM_BOT_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_env_file_is_read_and_real_environment_wins(bot_env, tmp_path):
+    (tmp_path / ".env").write_text("TELEGRAM_BOT_TOKEN=\nLLM_TIMEOUT=abc\n", encoding="utf-8")
+    result = run_bot({**bot_env, "LLM_TIMEOUT": None}, "--check", cwd=tmp_path, timeout=20)
+    assert "LLM_TIMEOUT" in result.stdout  # from .env
+    assert "TELEGRAM_BOT_TOKEN" not in result.stdout  # the environment's token wins over the empty one
+
+
+def test_console_mode_needs_no_token_and_saves_a_console_lead(tmp_path):
+    dialog = "\n".join(ANSWERS + ["anna@example.ru"]) + "\n"
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    result = run_bot(env, "--console", cwd=tmp_path, input=dialog, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "Сервис временно недоступен" in result.stdout and "Спасибо" in result.stdout
+    [row] = read_rows(env)
+    assert row["source"] == "console" and row["contact"] == "anna@example.ru"

@@ -1,0 +1,338 @@
+"""The test harness itself: fakes driven with plain requests and smtplib, and the bot launcher."""
+
+import json
+import smtplib
+import sys
+import threading
+import time
+from email.message import EmailMessage
+
+import pytest
+import requests
+
+import fakes
+from fakes import FakeSMTP, run_bot, start_bot
+
+
+@pytest.fixture
+def http():
+    session = requests.Session()
+    session.trust_env = False  # a developer's proxy must not see 127.0.0.1 traffic
+    yield session
+    session.close()
+
+
+def call(http, telegram, method, client_timeout=5, **params):
+    return http.post(f"{telegram.url}/bot{telegram.token}/{method}", json=params, timeout=client_timeout)
+
+
+def result(http, telegram, method, **params):
+    response = call(http, telegram, method, **params)
+    assert response.status_code == 200, response.text
+    return response.json()["result"]
+
+
+# Telegram: API surface
+
+
+def test_get_me_and_auth_errors(telegram, http):
+    assert result(http, telegram, "getMe")["username"] == "test_lead_bot"
+    wrong = http.post(f"{telegram.url}/bot999:wrong/getMe")
+    assert wrong.status_code == 401
+    assert wrong.json() == {"ok": False, "error_code": 401, "description": "Unauthorized"}
+    unknown = call(http, telegram, "sendPhoto")
+    assert (unknown.status_code, unknown.json()["description"]) == (404, "Not Found")
+
+
+def test_long_poll_returns_as_soon_as_an_update_arrives(telegram, http):
+    threading.Timer(0.2, telegram.send_text, args=(42, "привет")).start()
+    started = time.monotonic()
+    updates = result(http, telegram, "getUpdates", timeout=5)
+    assert 0.15 < time.monotonic() - started < 2
+    assert [u["message"]["text"] for u in updates] == ["привет"]
+
+
+def test_long_poll_without_updates_waits_for_timeout(telegram, http):
+    started = time.monotonic()
+    assert result(http, telegram, "getUpdates", timeout=0.3) == []
+    assert time.monotonic() - started >= 0.3
+
+
+def test_offset_confirms_updates_and_limit_caps_them(telegram, http):
+    first, second, third = (telegram.send_text(1, text) for text in "abc")
+    assert [u["update_id"] for u in result(http, telegram, "getUpdates", limit=2)] == [first, second]
+    assert [u["update_id"] for u in result(http, telegram, "getUpdates", offset=second + 1)] == [third]
+    assert result(http, telegram, "getUpdates", offset=third + 1) == []
+    assert telegram.confirmed_offset == third + 1
+    assert [c.get("offset") for c in telegram.calls("getUpdates")] == [None, second + 1, third + 1]
+    assert result(http, telegram, "getWebhookInfo")["pending_update_count"] == 0
+
+
+def test_query_string_and_form_parameters_are_understood(telegram, http):
+    update_id = telegram.send_text(1, "a")
+    url = f"{telegram.url}/bot{telegram.token}"
+    answer = http.post(f"{url}/getUpdates", params={"offset": update_id + 1, "allowed_updates": '["message"]'})
+    assert answer.json() == {"ok": True, "result": []}
+    assert telegram.calls("getUpdates")[0]["allowed_updates"] == ["message"]
+    keyboard = {"keyboard": [[{"text": "Поделиться", "request_contact": True}]], "resize_keyboard": True}
+    http.post(f"{url}/sendMessage", data={"chat_id": 5, "text": "123", "reply_markup": json.dumps(keyboard)})
+    [message] = telegram.messages(5)
+    assert (message["chat_id"], message["text"], message["reply_markup"]) == (5, "123", keyboard)
+
+
+def test_send_message_validation(telegram, http):
+    too_long = call(http, telegram, "sendMessage", chat_id=5, text="я" * 4097)
+    assert (too_long.status_code, too_long.json()) == (
+        400, {"ok": False, "error_code": 400, "description": "Bad Request: message is too long"})
+    assert result(http, telegram, "sendMessage", chat_id=5, text="я" * 4096)["chat"]["id"] == 5
+    empty = call(http, telegram, "sendMessage", chat_id=5, text="")
+    assert (empty.status_code, empty.json()["description"]) == (400, "Bad Request: message text is empty")
+    telegram.block(6)
+    blocked = call(http, telegram, "sendMessage", chat_id=6, text="hi")
+    assert (blocked.status_code, blocked.json()["description"]) == (403, "Forbidden: bot was blocked by the user")
+    assert len(telegram.calls("sendMessage")) == 4
+    assert telegram.texts(5) == ["я" * 4096] and telegram.texts(6) == []
+
+
+def test_other_methods_are_recorded(telegram, http):
+    assert result(http, telegram, "sendChatAction", chat_id=5, action="typing") is True
+    assert result(http, telegram, "setMyCommands", commands=[{"command": "start", "description": "Начать"}])
+    bad = call(http, telegram, "setMyCommands", commands=[{"command": "/Start", "description": "Начать"}])
+    assert bad.status_code == 400
+    assert telegram.calls("sendChatAction") == [{"chat_id": 5, "action": "typing"}]
+    assert len(telegram.calls("setMyCommands")) == 2
+
+
+def test_webhook_blocks_get_updates_until_deleted(telegram, http):
+    telegram.webhook_url = "https://example.com/hook"
+    assert result(http, telegram, "getWebhookInfo")["url"] == "https://example.com/hook"
+    conflict = call(http, telegram, "getUpdates")
+    assert conflict.status_code == 409 and conflict.json()["description"].startswith("Conflict:")
+    assert result(http, telegram, "deleteWebhook") is True
+    assert result(http, telegram, "getUpdates") == []
+
+
+# Telegram: faults
+
+
+def test_fail_answers_the_error_then_recovers(telegram, http):
+    telegram.fail("sendMessage", 429, "Too Many Requests: retry after 3", {"retry_after": 3})
+    limited = call(http, telegram, "sendMessage", chat_id=5, text="hi")
+    assert limited.status_code == 429
+    assert limited.json() == {"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 3",
+                              "parameters": {"retry_after": 3}}
+    assert result(http, telegram, "sendMessage", chat_id=5, text="hi")
+    assert telegram.texts(5) == ["hi"] and len(telegram.calls("sendMessage")) == 2
+
+
+def test_disconnect_resets_the_connection(telegram, http):
+    telegram.disconnect("getMe", times=2)
+    for _ in range(2):
+        with pytest.raises(requests.ConnectionError):
+            call(http, telegram, "getMe")
+    assert result(http, telegram, "getMe")["id"] == 777
+
+
+def test_stall_causes_read_timeout_then_answers(telegram, http):
+    telegram.stall("getMe", 0.4)
+    with pytest.raises(requests.ReadTimeout):
+        call(http, telegram, "getMe", client_timeout=0.1)
+    telegram.stall("getMe", 0.2)
+    started = time.monotonic()
+    assert result(http, telegram, "getMe")["id"] == 777
+    assert time.monotonic() - started >= 0.2
+
+
+def test_http_error_is_a_non_json_page(telegram, http):
+    telegram.http_error("getUpdates", 502, "<html><body>502 Bad Gateway</body></html>")
+    page = call(http, telegram, "getUpdates")
+    assert page.status_code == 502 and page.headers["Content-Type"].startswith("text/html")
+    with pytest.raises(ValueError):
+        page.json()
+
+
+def test_down_refuses_connections_and_cuts_long_polls_until_up(telegram, http):
+    errors = []
+
+    def poll():
+        try:
+            call(http, telegram, "getUpdates", timeout=5)
+        except requests.ConnectionError as error:
+            errors.append(error)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    telegram.wait_for(lambda: telegram.calls("getUpdates"))
+    telegram.down()
+    poller.join(2)
+    assert errors, "the long poll should have been cut"
+    with pytest.raises(requests.ConnectionError):
+        requests.post(f"{telegram.url}/bot{telegram.token}/getMe", timeout=1)
+    telegram.up()
+    assert result(http, telegram, "getMe")["id"] == 777
+
+
+# Telegram: simulated users and inspection
+
+
+def test_simulated_users_build_real_updates(telegram, http):
+    telegram.send_text(10, "/start", username="ivan")
+    telegram.send_text(-100, "всем привет", chat_type="supergroup", user_id=11)
+    telegram.send_contact(10, "+79991234567")
+    kinds = ["photo", "sticker", "voice", "video", "document", "location", "poll"]
+    for kind in kinds:
+        telegram.send_media(10, kind)
+    telegram.push_update({"edited_message": telegram.build_message(10, text="правка", edit_date=1)})
+    updates = result(http, telegram, "getUpdates")
+    ids = [u["update_id"] for u in updates]
+    assert ids == list(range(ids[0], ids[0] + 11))
+    start = updates[0]["message"]
+    assert start["from"] == {"id": 10, "is_bot": False, "first_name": "Иван", "username": "ivan",
+                             "language_code": "ru"}
+    assert start["chat"]["type"] == "private" and start["entities"][0]["type"] == "bot_command"
+    group = updates[1]["message"]
+    assert (group["chat"]["id"], group["chat"]["type"], group["from"]["id"]) == (-100, "supergroup", 11)
+    contact = updates[2]["message"]["contact"]
+    assert contact == {"phone_number": "+79991234567", "first_name": "Иван", "user_id": 10}
+    assert all(kind in u["message"] for kind, u in zip(kinds, updates[3:10], strict=True))
+    assert updates[10]["edited_message"]["text"] == "правка"
+
+
+def test_wait_helpers(telegram, http):
+    threading.Timer(0.05, lambda: [call(http, telegram, "sendMessage", chat_id=5, text=t) for t in "ab"]).start()
+    assert telegram.wait_messages(5, 2) == ["a", "b"]
+    assert telegram.wait_reply(5, after=1) == "b"
+    with pytest.raises(AssertionError, match="3 message.*chat 5(.|\n)*sent to 5: 'b'"):
+        telegram.wait_reply(5, after=2, timeout=0.05)
+
+
+# LLM
+
+
+def completion(http, llm, **body):
+    return http.post(f"{llm.url}/chat/completions", json=body,
+                     headers={"Authorization": "Bearer key-1"}, timeout=5)
+
+
+MESSAGES = [{"role": "user", "content": "Нужен сайт"}]
+
+
+def test_llm_answers_reply_and_records_requests(llm, http):
+    answer = completion(http, llm, model="m-1", messages=MESSAGES).json()
+    assert answer["model"] == "m-1" and answer["choices"][0]["message"]["content"] == llm.reply
+    assert answer["choices"][0]["finish_reason"] == "stop" and answer["usage"]["total_tokens"] > 0
+    llm.reply_fn = lambda body: body["messages"][-1]["content"].upper()
+    answer = completion(http, llm, model="m-1", messages=MESSAGES).json()
+    assert answer["choices"][0]["message"]["content"] == "НУЖЕН САЙТ"
+    assert llm.calls == 2
+    assert llm.requests[0]["json"]["messages"] == MESSAGES
+    assert llm.requests[0]["headers"]["authorization"] == "Bearer key-1"
+    assert completion(http, llm, messages=MESSAGES).status_code == 400
+
+
+def test_llm_faults(llm, http):
+    llm.fail_times(2, status=503)
+    assert [completion(http, llm, model="m", messages=MESSAGES).status_code for _ in range(3)] == [503, 503, 200]
+    llm.status = 500
+    failed = completion(http, llm, model="m", messages=MESSAGES)
+    assert (failed.status_code, failed.json()) == (500, {"error": {"message": "boom", "type": "server_error"}})
+    llm.status, llm.raw = None, "{not json"
+    garbled = completion(http, llm, model="m", messages=MESSAGES)
+    assert garbled.status_code == 200 and garbled.text == "{not json"
+
+
+def test_llm_delay_does_not_serialize_requests(llm):
+    llm.delay = 0.3
+    body = {"model": "m", "messages": MESSAGES}
+    threads = [threading.Thread(target=completion, args=(requests, llm), kwargs=body) for _ in range(3)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 0.3 <= time.monotonic() - started < 0.8
+    assert llm.calls == 3
+
+
+# SMTP
+
+
+def mail(subject="Новая заявка"):
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "bot@example.com", "manager@example.com", subject
+    message.set_content("Клиент: Иван")
+    return message
+
+
+def test_smtp_receives_and_restarts_on_the_same_port(smtp):
+    with smtplib.SMTP("127.0.0.1", smtp.port, timeout=5) as client:
+        client.send_message(mail())
+    [received] = smtp.wait_for_messages(1)
+    assert received["Subject"] == "Новая заявка" and received.get_content().strip() == "Клиент: Иван"
+    assert (received.mail_from, received.rcpt_tos) == ("bot@example.com", ["manager@example.com"])
+    smtp.stop()
+    with pytest.raises(ConnectionRefusedError):
+        smtplib.SMTP("127.0.0.1", smtp.port, timeout=5)
+    smtp.start()
+    with smtplib.SMTP("127.0.0.1", smtp.port, timeout=5) as client:
+        client.send_message(mail("Вторая"))
+    assert [m["Subject"] for m in smtp.wait_for_messages(2)] == ["Новая заявка", "Вторая"]
+
+
+def test_smtp_auth_rejects_wrong_and_missing_credentials():
+    server = FakeSMTP(auth=("user", "pass"))
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=5) as client:
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("user", "wrong")
+            with pytest.raises(smtplib.SMTPSenderRefused):
+                client.send_message(mail())
+            client.login("user", "pass")
+            client.send_message(mail())
+        assert len(server.wait_for_messages(1)) == 1
+    finally:
+        server.stop()
+
+
+# The bot launcher, with a stand-in for leadbot.py
+
+STAND_IN = """
+import os, signal, sys, time
+if "--echo" in sys.argv:
+    print(sys.stdin.read().upper(), end="")
+    sys.exit(4)
+print("env", os.environ.get("TELEGRAM_BOT_TOKEN"), os.environ.get("SMTP_HOST"), os.environ.get("KEEP_ME"))
+print("started", file=sys.stderr)
+signal.signal(signal.SIGTERM, lambda *_: (print("stopping"), sys.exit(3)))
+time.sleep(30)
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN, encoding="utf-8")
+    monkeypatch.setattr(fakes, "BOT_SCRIPT", script)
+    monkeypatch.setenv("SMTP_HOST", "developer-smtp")
+    monkeypatch.setenv("KEEP_ME", "kept")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM handlers need POSIX")
+def test_bot_process_isolates_settings_and_stops_on_sigterm(stand_in, tmp_path):
+    process = start_bot({"TELEGRAM_BOT_TOKEN": "t-1"}, cwd=tmp_path)
+    output = process.wait_log("started")
+    assert "env t-1 None kept" in output and process.alive()
+    process.terminate()
+    assert process.wait() == 3 and not process.alive()
+    assert "stopping" in process.output()
+
+
+def test_wait_log_fails_fast_when_the_bot_exits(stand_in, tmp_path):
+    process = start_bot({}, "--echo", cwd=tmp_path)
+    with pytest.raises(AssertionError, match="exited"):
+        process.wait_log("never printed", timeout=5)
+
+
+def test_run_bot_feeds_input_and_captures_output(stand_in, tmp_path):
+    completed = run_bot({}, "--echo", cwd=tmp_path, input="привет\n")
+    assert (completed.returncode, completed.stdout) == (4, "ПРИВЕТ\n")
