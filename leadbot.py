@@ -524,6 +524,9 @@ def take_answer(app, d, msg):
     if len(d["answers"]) < len(QUESTIONS):
         ask_question(app, msg.chat_id, len(d["answers"]))
         return "qualifying"
+    # Saved before the slow LLM call: after a crash the redelivered answer resumes at the offer.
+    d["stage"] = "offering"
+    app.keep(msg.chat_id, d)
     return make_offer(app, d, msg)
 
 
