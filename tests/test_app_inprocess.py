@@ -1,0 +1,54 @@
+"""The dialog driven in-process through App.handle, with a recording stand-in for Telegram."""
+from contextlib import contextmanager
+
+import leadbot
+
+
+class Recorder:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, chat_id, text, buttons=None, contact_button=False, remove_keyboard=False):
+        self.sent.append(text)
+
+    @contextmanager
+    def typing(self, chat_id):
+        yield
+
+
+def make_app(tmp_path):
+    cfg = leadbot.read_config({"DATA_DIR": str(tmp_path / "data")}, telegram=False)
+    return leadbot.App(cfg, Recorder(), leadbot.MemoryJournal())
+
+
+def say(app, text, update_id=None):
+    app.handle(leadbot.Incoming(chat_id=7, text=text, update_id=update_id))
+    return app.out.sent[-1]
+
+
+def test_a_returning_client_is_reminded_and_asked_the_open_question_again(tmp_path):
+    app = make_app(tmp_path)
+    say(app, "/start")
+    assert say(app, "Сайт для кафе") == leadbot.QUESTIONS[1][1]
+    app.dialogs[7]["updated_at"] -= app.RETURN_AFTER + 1  # the client went away for a while
+    before = len(app.out.sent)
+    assert say(app, "Привет, я вернулся") == leadbot.QUESTIONS[1][1]
+    assert app.out.sent[before] == leadbot.TEXTS["returning"]
+    assert app.dialogs[7]["stage"] == "qualifying" and len(app.dialogs[7]["answers"]) == 1
+
+
+def test_a_redelivered_update_is_not_handled_twice(tmp_path):
+    app = make_app(tmp_path)
+    say(app, "/start", update_id=1)
+    say(app, "Сайт для кафе", update_id=2)
+    sent = len(app.out.sent)
+    app.handle(leadbot.Incoming(chat_id=7, text="Сайт для кафе", update_id=2))
+    assert len(app.out.sent) == sent and len(app.dialogs[7]["answers"]) == 1
+
+
+def test_without_an_llm_the_offer_is_the_fallback_and_the_contact_is_asked(tmp_path):
+    app = make_app(tmp_path)
+    for text in ["/start", "Сайт", "Не срочно", "Пока не знаю"]:
+        say(app, text)
+    assert "Сервис временно недоступен, давайте обменяемся контактами" in app.out.sent
+    assert app.dialogs[7]["stage"] == "collecting_contact"
