@@ -173,13 +173,9 @@ def read_config(env, telegram=True):
         problems += [f"{name} is missing (set it in .env)" for name in REQUIRED_IN_TELEGRAM_MODE
                      if not get(name)]
     token = get("TELEGRAM_BOT_TOKEN")
-    if token and not re.fullmatch(r"\d+:[\w-]+", token):
-        problems.append("TELEGRAM_BOT_TOKEN does not look like a token from @BotFather (digits:letters)")
 
     llm_base_url = url("LLM_BASE_URL")
     llm_model = get("LLM_MODEL")
-    if llm_base_url and not llm_model:
-        problems.append("LLM_MODEL is missing (required when LLM_BASE_URL is set)")
 
     security = get("SMTP_SECURITY", "starttls").lower()
     if security not in SMTP_DEFAULT_PORTS:
@@ -187,12 +183,10 @@ def read_config(env, telegram=True):
         security = "starttls"
     smtp_host = get("SMTP_HOST")
     smtp_user = get("SMTP_USER")
-    mail_from = get("MAIL_FROM") or (smtp_user if "@" in smtp_user else "")
     manager_email = get("MANAGER_EMAIL")
-    if smtp_host:
-        problems += [f"{name} is missing (required when SMTP_HOST is set)"
-                     for name, value in (("MANAGER_EMAIL", manager_email), ("MAIL_FROM", mail_from))
-                     if not value]
+    mail_from = get("MAIL_FROM") or (smtp_user if "@" in smtp_user else manager_email)
+    if smtp_host and not manager_email:
+        problems.append("MANAGER_EMAIL is missing (required when SMTP_HOST is set)")
 
     manager_chat_id = get("MANAGER_CHAT_ID")
     if manager_chat_id and not re.fullmatch(r"-?\d+|@\w{5,}", manager_chat_id):
@@ -1113,6 +1107,8 @@ def start_telegram(app, tg):
         raise SystemExit(f"Telegram refused getMe (HTTP {e.error_code})") from None
     if not cfg.email_on:
         log.info("email to the manager is off (SMTP_HOST is empty); leads are still saved")
+    if cfg.llm_on and not cfg.llm_model:
+        log.warning("LLM_MODEL is empty: most LLM servers refuse a request without a model name")
     if cfg.delete_webhook:
         tg.call_patiently("deleteWebhook")
         log.info("webhook deleted (DELETE_WEBHOOK=1)")
