@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import logging
 import os
+import queue
 import random
 import re
 import signal
@@ -18,8 +19,8 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,6 +53,7 @@ TEXTS = {
                        "заявке; отправляя его, вы соглашаетесь на его обработку.{privacy}",
     "privacy": " Политика обработки данных: {url}",
     "share_button": "📱 Поделиться номером",
+    "contact_placeholder": "или напишите телефон, @username или email",
     "contact_format": "Не получилось распознать контакт. Пришлите телефон (например, "
                       "+7 999 123-45-67), @username или email (name@example.ru) — "
                       "или напишите «нет», если не хотите оставлять контакт.",
@@ -62,10 +64,13 @@ TEXTS = {
     "returning": "С возвращением! Продолжим с того места, где мы остановились.",
     "help": "Я помогаю подобрать услугу: задам пару вопросов, порекомендую подходящий вариант "
             "и передам заявку менеджеру.\n\n"
-            "/start — начать заново\n/cancel — прервать диалог\n/forget — удалить мои данные\n\n"
+            "/start — начать заново\n/cancel — прервать диалог (ничего не сохранится)\n"
+            "/forget — удалить мои данные\n\n"
             "Чтобы поговорить с человеком, оставьте контакт в конце диалога — менеджер напишет вам.",
     "cancelled": "Диалог прерван, ничего не сохранено. Чтобы начать заново, отправьте /start.",
+    "nothing_to_cancel": "Сейчас нечего прерывать. Чтобы удалить уже оставленные данные, отправьте /forget.",
     "forgotten": "Готово: ваши данные удалены.",
+    "forget_failed": "Не получилось удалить ваши данные из заявок. Попробуйте, пожалуйста, ещё раз позже.",
     "text_only": "Пожалуйста, напишите ответ текстом — так я смогу помочь.",
     "too_fast": "Вы пишете быстрее, чем я успеваю отвечать. Подождите немного, и продолжим.",
     "private_only": "Я отвечаю только в личных сообщениях — напишите мне в личный чат, пожалуйста.",
@@ -75,7 +80,7 @@ TEXTS = {
 COMMANDS = [
     ("start", "Начать заново"),
     ("help", "Что умеет бот и как связаться с человеком"),
-    ("cancel", "Прервать диалог"),
+    ("cancel", "Прервать диалог, ничего не сохранится"),
     ("forget", "Удалить мои данные"),
 ]
 
@@ -117,6 +122,7 @@ class Config:
     delete_webhook: bool = False
     workers: int = 1
     poll_timeout: int = 25
+    telegram_timeout: float = 15.0
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 60.0
     outbox_retry_seconds: float = 30.0
@@ -225,11 +231,12 @@ def read_config(env, telegram=True):
         csv_delimiter=delimiter,
         log_level=level,
         log_file=get("LOG_FILE"),
-        session_ttl_hours=number("SESSION_TTL_HOURS", 72.0, minimum=0.001),
+        session_ttl_hours=number("SESSION_TTL_HOURS", 72.0, minimum=0.0001),
         privacy_url=get("PRIVACY_URL"),
         delete_webhook=delete_webhook in ("1", "true", "yes"),
         workers=number("WORKERS", 1, int, minimum=1),
         poll_timeout=number("POLL_TIMEOUT", 25, int, minimum=0),
+        telegram_timeout=number("TELEGRAM_TIMEOUT", 15.0, minimum=0.1),
         retry_base_seconds=number("RETRY_BASE_SECONDS", 1.0, minimum=0.001),
         retry_max_seconds=number("RETRY_MAX_SECONDS", 60.0, minimum=0.001),
         outbox_retry_seconds=number("OUTBOX_RETRY_SECONDS", 30.0, minimum=0.001),
@@ -298,25 +305,41 @@ class ChatGone(Exception):
     """The client blocked the bot or deleted the chat."""
 
 
+@contextmanager
+def pooled(sessions):
+    """An idle requests.Session from the queue (or a new one), put back afterwards: its connection is
+    reused by whichever thread calls next, so a remote server is not asked for a TLS handshake each time."""
+    try:
+        session = sessions.get_nowait()
+    except queue.Empty:
+        session = requests.Session()
+    try:
+        yield session
+    finally:
+        sessions.put(session)
+
+
 class Telegram:
-    """Every Bot API call goes through call(); one HTTP session per thread keeps connections warm."""
+    """Every Bot API call goes through call(); pooled HTTP sessions keep connections warm."""
 
     def __init__(self, cfg, stopping):
         self.base = f"{cfg.telegram_api_url}/bot{cfg.token}/"
         self.cfg = cfg
         self.stopping = stopping
-        self.local = threading.local()
+        self.sessions = queue.SimpleQueue()
 
-    def call(self, method, http_timeout=30, **params):
-        session = getattr(self.local, "session", None) or requests.Session()
-        self.local.session = session
+    def call(self, method, http_timeout=None, **params):
+        """One Bot API request; http_timeout (default TELEGRAM_TIMEOUT) bounds the wait for the answer."""
         try:
-            response = session.post(self.base + method, json=params, timeout=(10, http_timeout))
-            body = response.json()
+            with pooled(self.sessions) as session:
+                response = session.post(self.base + method, json=params,
+                                        timeout=(10, http_timeout or self.cfg.telegram_timeout))
         except requests.RequestException as e:  # its message holds the URL, hence the token
             raise TelegramError(0, type(e).__name__) from None
-        except ValueError:
-            raise TelegramError(response.status_code or 0, "answer is not JSON") from None
+        try:
+            body = response.json()
+        except ValueError:  # a proxy's error page; 0 (worth a retry) when the status is no error
+            raise TelegramError(0 if response.ok else response.status_code, "answer is not JSON") from None
         if isinstance(body, dict) and body.get("ok"):
             return body.get("result")
         body = body if isinstance(body, dict) else {}
@@ -324,7 +347,7 @@ class Telegram:
         raise TelegramError(body.get("error_code") or response.status_code,
                             str(body.get("description", "")), parameters.get("retry_after"))
 
-    def call_patiently(self, method, http_timeout=30, **params):
+    def call_patiently(self, method, http_timeout=None, **params):
         """call() that waits out rate limits and outages (backoff with jitter) until stopped."""
         failures = 0
         while True:
@@ -360,18 +383,20 @@ class Telegram:
 
     @contextmanager
     def typing(self, chat_id):
-        """Shows 'typing…' until the block ends, renewed every 4.5 s (Telegram shows it for 5 s)."""
+        """Shows 'typing…' from now until the block ends, renewed every 4.5 s (Telegram shows it for 5 s)."""
         done = threading.Event()
 
-        def renew():
-            while True:
-                try:
-                    self.call("sendChatAction", http_timeout=5, chat_id=chat_id, action="typing")
-                except TelegramError:
-                    pass  # a missing indicator is not worth a retry
-                if done.wait(4.5):
-                    return
+        def show():
+            try:
+                self.call("sendChatAction", http_timeout=5, chat_id=chat_id, action="typing")
+            except TelegramError:
+                pass  # a missing indicator is not worth a retry
 
+        def renew():
+            while not done.wait(4.5):
+                show()
+
+        show()  # before the block, so the client sees it before the slow part starts
         thread = threading.Thread(target=renew, daemon=True)
         thread.start()
         try:
@@ -384,7 +409,8 @@ def keyboard(buttons, contact_button, remove_keyboard):
     """The reply_markup for a message: suggested answers, the share-contact button, or removal."""
     if contact_button:
         return {"keyboard": [[{"text": TEXTS["share_button"], "request_contact": True}]],
-                "resize_keyboard": True, "one_time_keyboard": True}
+                "resize_keyboard": True, "one_time_keyboard": True,
+                "input_field_placeholder": TEXTS["contact_placeholder"]}
     if buttons:
         return {"keyboard": [[{"text": b}] for b in buttons],
                 "resize_keyboard": True, "one_time_keyboard": True}
@@ -528,19 +554,19 @@ def make_offer(app, d, msg):
     """Recommends a service written by the LLM, then asks for a contact."""
     with app.out.typing(msg.chat_id):
         offer = app.ask_llm(app.prompt, f"Контекст: {answers_summary(d)}\nЗапрос: {msg.text}")
-        if offer is None or leaks_prompt(offer, app.prompt):
-            offer = llm.FALLBACK
-        d["last_llm_suggestion"] = offer
-        app.out.send(msg.chat_id, offer, remove_keyboard=True)
+    app.summarise_soon(msg.chat_id, d)
+    if offer is None or leaks_prompt(offer, app.prompt):
+        offer = llm.FALLBACK
+    d["last_llm_suggestion"] = offer
+    app.out.send(msg.chat_id, offer, remove_keyboard=True)
     ask_contact(app, msg.chat_id)
-    d["intent"], d["notes"] = summarise(app, d)
     return "collecting_contact"
 
 
 def take_contact(app, d, msg):
     """Saves the lead from a contact; a refusal ends the dialog; anything else gets the format again."""
     if msg.contact is not None and not msg.own_contact:
-        app.out.send(msg.chat_id, TEXTS["foreign_contact"])
+        app.out.send(msg.chat_id, TEXTS["foreign_contact"], contact_button=True)
         return "collecting_contact"
     contact = msg.contact or parse_contact(msg.text)
     if contact:
@@ -611,10 +637,11 @@ def summarise(app, d):
 
 def save_lead(app, d, msg, contact, status):
     """Writes the lead (contact or refusal), thanks the client, then notifies the manager."""
+    intent, notes = app.summary_for(msg.chat_id, d)
     now = datetime.now(timezone.utc).astimezone()
     lead = {"timestamp": now.isoformat(timespec="seconds"), "chat_id": msg.chat_id,
-            "client_name": d["name"], "contact": contact, "intent": d.get("intent", ""),
-            "notes": d.get("notes", ""), "source": app.source, "status": status}
+            "client_name": d["name"], "contact": contact, "intent": intent,
+            "notes": notes, "source": app.source, "status": status}
     # Recorded first, so a crash from here on is finished at start-up instead of lost or doubled.
     d["pending_lead"] = {"id": f"{msg.chat_id}-{now.strftime('%Y%m%dT%H%M%S%f')}", "lead": lead}
     d["last_update_id"] = msg.update_id
@@ -623,19 +650,23 @@ def save_lead(app, d, msg, contact, status):
 
 
 def finish_lead(app, chat_id, d):
-    """Commits a pending lead, ends the dialog and says goodbye; safe to repeat after a crash."""
+    """Commits a pending lead, says goodbye and ends the dialog; safe to repeat after a crash."""
     pending = d["pending_lead"]
     saved = app.commit_lead(pending["id"], pending["lead"])
     status = pending["lead"]["status"]
-    del d["pending_lead"]
-    d["stage"] = "done"
-    app.keep(chat_id, d)
-    log.info("dialog finished: chat %s, status %s", chat_id, status)
     if status == "rejected":
         text = TEXTS["refused"]
     else:
         text = TEXTS["thanks_saved"] if saved else TEXTS["thanks_unsaved"]
-    app.out.send(chat_id, text, remove_keyboard=True)
+    # Thanked before the dialog is marked done: a crash in between thanks twice rather than never.
+    try:
+        app.out.send(chat_id, text, remove_keyboard=True)
+    except TelegramError as e:
+        log.warning("could not thank chat %s (Telegram error %s)", chat_id, e.error_code)
+    del d["pending_lead"]
+    d["stage"] = "done"
+    app.keep(chat_id, d)
+    log.info("dialog finished: chat %s, status %s", chat_id, status)
     app.deliver_owed(pending["id"])
     return "done"
 
@@ -645,6 +676,20 @@ def new_dialog(app, msg):
     return {"stage": "greeting", "answers": {}, "last_llm_suggestion": "",
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "updated_at": time.time(), "name": msg.first_name[:64]}
+
+
+def in_background(function, *args):
+    """Runs function(*args) in a daemon thread and returns its Future; exiting never waits for it."""
+    future = Future()
+
+    def run():
+        try:
+            future.set_result(function(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 class App:
@@ -661,11 +706,13 @@ class App:
         self.dialogs = journal.load()
         self.stopping = getattr(out, "stopping", None) or threading.Event()
         self.leads_lock = threading.Lock()
+        self.dialogs_lock = threading.RLock()  # a dialog and its journal line change together
         self.delivering = set()
         self.delivering_lock = threading.Lock()
-        self.recent = {}          # chat -> deque of message times, for the rate limit
+        self.recent = {}          # chat -> tuple of recent message times, for the rate limit
         self.invited = set()      # group chats already told to write privately
-        self.http = threading.local()
+        self.llm_sessions = queue.SimpleQueue()
+        self.summaries = {}       # chat -> (answers, Future of (intent, notes)), see summarise_soon
         self.last_queue_warning = 0.0
         self.channels = (["email"] if cfg.email_on else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
@@ -674,14 +721,32 @@ class App:
     def ask_llm(self, system, user):
         if not self.cfg.llm_on:
             return None
-        session = getattr(self.http, "llm", None) or requests.Session()
-        self.http.llm = session
-        return llm.complete(self.cfg, system, user, session=session)
+        with pooled(self.llm_sessions) as session:
+            return llm.complete(self.cfg, system, user, session=session)
+
+    def summarise_soon(self, chat_id, d):
+        """Starts the manager's notes in the background while the client reads the offer and types a
+        contact; asked after the offer, so an LLM that serves one request at a time answers the client first."""
+        answers = dict(d["answers"])
+        # Not a thread pool: Ctrl+C must not wait up to LLM_TIMEOUT for notes a restart writes anew.
+        self.summaries[chat_id] = (answers, in_background(summarise, self, {"answers": answers}))
+
+    def summary_for(self, chat_id, d):
+        """(intent, notes) for the lead: the ones started with the offer, or written now (after a restart)."""
+        answers, future = self.summaries.pop(chat_id, (None, None))
+        return future.result() if answers == d["answers"] else summarise(self, d)
+
+    def summary_pending(self, chat_id):
+        """The Future of the notes still being written for this chat, or None."""
+        _answers, future = self.summaries.get(chat_id, (None, None))
+        return future if future and not future.done() else None
 
     # -- messages --
     def handle(self, msg):
         """Runs one client message through commands or the stage table and saves the dialog."""
         d = copy.deepcopy(self.dialogs.get(msg.chat_id))
+        if d and self.expired(d):
+            d = None  # the periodic cleanup has not come round to it yet
         last_handled = (d or {}).get("last_update_id")
         if msg.update_id is not None and last_handled is not None and msg.update_id <= last_handled:
             return  # Telegram redelivered an update that was already handled
@@ -707,16 +772,16 @@ class App:
     def keep(self, chat_id, d):
         """Makes d the chat's dialog, in memory and in the state journal."""
         d["updated_at"] = time.time()
-        self.dialogs[chat_id] = d
-        self.journal.save(chat_id, d)
+        with self.dialogs_lock:
+            self.dialogs[chat_id] = d
+            self.journal.save(chat_id, d)
 
     def within_rate(self, chat_id):
         """Per-chat flood guard: beyond RATE_LIMIT messages in RATE_WINDOW one note, then silence."""
         now = time.monotonic()
-        times = self.recent.setdefault(chat_id, deque())
-        while times and now - times[0] > self.RATE_WINDOW:
-            times.popleft()
-        times.append(now)
+        # A new tuple each time: drop_idle reads these from another thread.
+        times = tuple(t for t in self.recent.get(chat_id, ()) if now - t <= self.RATE_WINDOW) + (now,)
+        self.recent[chat_id] = times
         if len(times) == self.RATE_LIMIT + 1:
             log.info("chat %s is sending too fast; slowing it down", chat_id)
             self.out.send(chat_id, TEXTS["too_fast"])
@@ -726,25 +791,37 @@ class App:
         self.out.send(msg.chat_id, TEXTS["help"])
 
     def command_cancel(self, msg, d):
-        self.end_dialog(msg.chat_id, "cancelled")
+        if d is None or d["stage"] == "done":  # a saved lead is not undone by /cancel: say how
+            return self.out.send(msg.chat_id, TEXTS["nothing_to_cancel"], remove_keyboard=True)
+        self.erase_dialog(msg.chat_id, "cancelled")
         self.out.send(msg.chat_id, TEXTS["cancelled"], remove_keyboard=True)
 
     def command_forget(self, msg, d):
-        self.end_dialog(msg.chat_id, "forgotten")
+        """Deletes the chat's dialog, leads.csv rows and undelivered items; logs counts only."""
+        self.erase_dialog(msg.chat_id, "forgotten")
+        items = self.outbox.drop_chat(msg.chat_id)  # first, so no owed row is written back
         with self.leads_lock:
             try:
                 rows = store.forget_chat(self.cfg.leads_path, msg.chat_id, self.cfg.csv_delimiter)
             except OSError as e:
-                rows = 0
+                rows = None
                 log.error("could not remove leads of chat %s (%s)", msg.chat_id, type(e).__name__)
-        items = self.outbox.drop_chat(msg.chat_id)
+        if rows is None:
+            return self.out.send(msg.chat_id, TEXTS["forget_failed"], remove_keyboard=True)
         log.info("forgot chat %s: %d lead rows, %d outbox items", msg.chat_id, rows, items)
         self.out.send(msg.chat_id, TEXTS["forgotten"], remove_keyboard=True)
 
     def end_dialog(self, chat_id, why):
-        if self.dialogs.pop(chat_id, None) is not None:
-            log.info("dialog finished: chat %s, %s", chat_id, why)
-        self.journal.save(chat_id, None)
+        self.summaries.pop(chat_id, None)
+        with self.dialogs_lock:
+            if self.dialogs.pop(chat_id, None) is not None:
+                log.info("dialog finished: chat %s, %s", chat_id, why)
+            self.journal.save(chat_id, None)
+
+    def erase_dialog(self, chat_id, why):
+        """end_dialog that also rewrites the state file, so no earlier line keeps the client's answers."""
+        self.end_dialog(chat_id, why)
+        self.journal.compact()
 
     # -- leads --
     def commit_lead(self, lead_id, lead):
@@ -786,50 +863,86 @@ class App:
                 self.deliver(item)
 
     def deliver(self, item):
+        """One attempt at an owed item, which leaves the outbox the moment the receiver has it;
+        False when the attempt failed."""
         with self.delivering_lock:
-            if item["id"] in self.delivering:
-                return
+            # Another thread may be sending it, or may have delivered it since this copy was taken.
+            if item["id"] in self.delivering or not self.outbox.has(item["id"]):
+                return True
             self.delivering.add(item["id"])
         try:
-            self.send_item(item)
-            self.outbox.done(item["id"])
+            self.send_item(item, lambda: self.outbox.done(item["id"]))
             log.info("%s delivered for chat %s", item["channel"], item["chat_id"])
+            return True
         except Exception as e:  # noqa: BLE001 - whatever failed, the item stays owed
-            reason = str(e) if isinstance(e, mailer.MailError) else type(e).__name__
             delay = self.outbox.retry_later(item["id"], time.time(), self.cfg.outbox_retry_seconds,
                                             self.cfg.outbox_retry_max_seconds)
             log.warning("%s for chat %s failed: %s; next try in %.0fs",
-                        item["channel"], item["chat_id"], reason, delay)
+                        item["channel"], item["chat_id"], failure_reason(e), delay)
+            return False
         finally:
             with self.delivering_lock:
                 self.delivering.discard(item["id"])
 
-    def send_item(self, item):
+    def send_item(self, item, delivered):
+        """Sends one owed item and calls delivered() as soon as the receiver has it."""
         lead = item["lead"]
         if item["channel"] == "email":
-            mailer.send_lead(self.cfg, lead, item["id"].rsplit("-", 1)[0])
-        elif item["channel"] == "telegram":
+            return mailer.send_lead(self.cfg, lead, item["id"].rsplit("-", 1)[0], accepted=delivered)
+        if item["channel"] == "telegram":
             self.out.call("sendMessage", chat_id=self.cfg.manager_chat_id, text=mailer.lead_card(lead))
         elif not self.write_row(lead):
             raise OSError("leads.csv is not writable")
+        delivered()
 
     def recover(self):
-        """Finishes leads that a crash interrupted between 'recorded' and 'done'."""
+        """At start-up: finishes leads a crash interrupted, then tries everything still owed once."""
         for chat_id, d in list(self.dialogs.items()):
             if d.get("pending_lead"):
                 log.info("finishing an interrupted lead: chat %s", chat_id)
                 try:
                     finish_lead(self, chat_id, d)
                 except ChatGone:
-                    pass
+                    self.end_dialog(chat_id, "blocked")
+        # An owner who fixed a setting and restarted expects the backlog now, not after the backoff;
+        # one failure says the channel is still broken, and the rest need not wait out its timeout.
+        broken = set()
+        for item in self.outbox.due(float("inf")):
+            if item["channel"] not in broken and not self.deliver(item):
+                broken.add(item["channel"])
+
+    def expired(self, d):
+        """True when the dialog is idle longer than SESSION_TTL_HOURS; a lead being saved never expires."""
+        idle = time.time() - d.get("updated_at", 0)
+        return idle > self.cfg.session_ttl_hours * 3600 and not d.get("pending_lead")
 
     def drop_idle(self):
         """Forgets dialogs idle longer than SESSION_TTL_HOURS, to keep memory and the state file bounded."""
-        limit = time.time() - self.cfg.session_ttl_hours * 3600
-        for chat_id, d in list(self.dialogs.items()):
-            if d.get("updated_at", 0) < limit and not d.get("pending_lead"):
-                self.end_dialog(chat_id, "expired")
+        dropped = False
+        for chat_id in list(self.dialogs):
+            with self.dialogs_lock:  # a worker may be saving a new message of this chat right now
+                d = self.dialogs.get(chat_id)
+                if d and self.expired(d):
+                    self.end_dialog(chat_id, "expired")
+                    dropped = True
+        if dropped:
+            self.journal.compact()  # the file shrinks, and no earlier line keeps a dropped dialog's answers
+        now = time.monotonic()
+        for chat_id, times in list(self.recent.items()):  # chats without a dialog have entries too
+            if now - times[-1] > self.RATE_WINDOW:
                 self.recent.pop(chat_id, None)
+
+
+def failure_reason(error):
+    """Why a delivery failed, naming what to check; never personal data."""
+    if isinstance(error, mailer.MailError):
+        return str(error)
+    if isinstance(error, TelegramError) and error.error_code in (400, 403):
+        return (f"Telegram refused the card ({error.error_code}): check MANAGER_CHAT_ID and that "
+                "the manager has sent /start to the bot")
+    if isinstance(error, TelegramError):
+        return f"Telegram error {error.description if error.error_code == 0 else error.error_code}"
+    return type(error).__name__
 
 
 def read_prompt(path):
@@ -912,20 +1025,20 @@ class ChatQueues:
         self.unfinished = set()
 
     def submit(self, update, received_at):
-        """Queues an update; False when it is already queued (Telegram sent it again)."""
         key = chat_key(update)
         with self.changed:
-            if update["update_id"] in self.unfinished:
-                return False
             self.unfinished.add(update["update_id"])
-            queue = self.queues.setdefault(key, deque())
-            queue.append((update, received_at))
-            if len(queue) == 1:
+            waiting = self.queues.setdefault(key, deque())
+            waiting.append((update, received_at))
+            if len(waiting) == 1:
                 self.pool.submit(self.drain, key)
-        return True
 
     def drain(self, key):
         while not self.app.stopping.is_set():
+            notes = self.app.summary_pending(key)
+            if notes:  # the chat's next step needs them: it waits without holding a worker
+                notes.add_done_callback(lambda _: self.resume(key))
+                return
             with self.changed:
                 update, received_at = self.queues[key][0]
             try:
@@ -939,6 +1052,12 @@ class ChatQueues:
                 if not self.queues[key]:
                     del self.queues[key]
                     return
+
+    def resume(self, key):
+        with self.changed:  # the time spent waiting for notes is no wait for a worker
+            self.queues[key][0] = (self.queues[key][0][0], time.monotonic())
+        with suppress(RuntimeError):  # the pool is shut down: the bot is stopping
+            self.pool.submit(self.drain, key)
 
     def offset(self, next_offset):
         """Confirms only what is finished, so a crash loses no queued update."""
@@ -977,7 +1096,7 @@ def poll(app, tg):
     try:
         while not app.stopping.is_set():
             app.deliver_owed()
-            if time.monotonic() - last_cleanup > 60:
+            if time.monotonic() - last_cleanup > min(60, app.cfg.session_ttl_hours * 3600):
                 app.drop_idle()
                 last_cleanup = time.monotonic()
             offset = queues.offset(next_offset) if queues else next_offset
@@ -991,20 +1110,32 @@ def poll(app, tg):
                 continue
             failures, conflict_logged = 0, False
             received_at = time.monotonic()
-            fresh = 0
-            for update in updates:
-                next_offset = max(next_offset or 0, update["update_id"] + 1)
+            # With WORKERS > 1 the offset stays at the oldest unfinished update, so Telegram sends
+            # again what is queued or done since; only what lies beyond next_offset is new.
+            fresh = [u for u in updates if u["update_id"] >= (next_offset or 0)]
+            for update in fresh:
                 if queues:
-                    fresh += queues.submit(update, received_at)
-                elif not app.stopping.is_set():  # the rest stays unconfirmed and comes again
+                    queues.submit(update, received_at)
+                elif app.stopping.is_set():
+                    break  # the rest stays unconfirmed and comes again
+                else:
                     run_update(app, update, received_at)
+                next_offset = update["update_id"] + 1
             if queues and updates and not fresh:
-                queues.wait_for_progress(1.0)  # everything fetched is still being served
+                queues.wait_for_progress(0.2)  # nothing new: poll again once an update is done
     except Stopped:
         pass
     finally:
         if queues:
             queues.close()
+        confirm_handled(tg, queues.offset(next_offset) if queues else next_offset)
+
+
+def confirm_handled(tg, offset):
+    """Tells Telegram which updates are handled, so that after a restart none comes twice."""
+    if offset is not None:
+        with suppress(TelegramError):
+            tg.call("getUpdates", http_timeout=2, offset=offset, timeout=0, limit=1)
 
 
 def fetch_updates(app, tg, offset):
@@ -1018,8 +1149,8 @@ def fetch_updates(app, tg, offset):
         if app.stopping.is_set():
             raise Stopped()
         # The read timeout exceeds the long-poll timeout, or a dead connection would hang forever.
-        return tg.call("getUpdates", http_timeout=timeout + 15, offset=offset, timeout=timeout,
-                       allowed_updates=["message"])
+        return tg.call("getUpdates", http_timeout=timeout + app.cfg.telegram_timeout, offset=offset,
+                       timeout=timeout, allowed_updates=["message"])
     finally:
         app.polling = False
 
@@ -1059,6 +1190,9 @@ class MemoryJournal:
         return {}
 
     def save(self, chat_id, dialog):
+        pass
+
+    def compact(self):
         pass
 
     def close(self):
@@ -1140,7 +1274,8 @@ def run_console(cfg):
 # --- --check ----------------------------------------------------------------------------------------
 
 def run_check(env):
-    """Checks every configured part; one ✓/✗ line each. Exit 0 when all pass."""
+    """Checks every configured part; one ✓/✗ line each, a ✗ with what to do. Exit 0 when all pass."""
+    sys.stdout.reconfigure(encoding="utf-8", errors="replace")  # ✓ and ✗ on any Windows console
     results = []
 
     def report(ok, text):
@@ -1149,13 +1284,14 @@ def run_check(env):
 
     try:
         cfg = read_config(env)
-        report(True, "settings are complete and valid")
+        report(True, "Settings: complete and valid")
     except ConfigError as e:
         for problem in e.problems:
-            report(False, problem)
+            report(False, f"Settings: {problem}")
         try:  # without a token the other parts can still be checked
             cfg = read_config(env, telegram=False)
         except ConfigError:
+            print("Fix the settings above in .env, then run python leadbot.py --check again.")
             return 1
     setup_logging(cfg, console_level="WARNING")
     if cfg.token:
@@ -1163,64 +1299,102 @@ def run_check(env):
     check_llm(cfg, report)
     check_smtp(cfg, report)
     check_data_dir(cfg, report)
-    return 0 if all(results) else 1
+    if all(results):
+        print("All checks passed. Start the bot: python leadbot.py")
+        return 0
+    print("Fix the ✗ lines above, then run python leadbot.py --check again.")
+    return 1
 
 
 def check_telegram(cfg, report):
+    """getMe (prints the bot's @username), then whether a webhook keeps polling from getting messages."""
     tg = Telegram(cfg, threading.Event())
     try:
         me = tg.call("getMe")
-        report(True, f"Telegram accepted the token: the bot is @{me.get('username')}")
+        report(True, f"Telegram: the token works, the bot is @{me.get('username')}")
         hook = tg.call("getWebhookInfo")
-        if hook.get("url"):
-            report(False, "a webhook is set, so polling will not get messages: "
-                          "set DELETE_WEBHOOK=1 and start the bot")
-        else:
-            report(True, "no webhook blocks polling")
     except TelegramError as e:
         if e.bad_token:
-            report(False, "Telegram rejected TELEGRAM_BOT_TOKEN: copy it again from @BotFather")
+            report(False, f"Telegram: the token was rejected (HTTP {e.error_code}) — copy it again from "
+                          "@BotFather (/mybots → your bot → API Token) into TELEGRAM_BOT_TOKEN")
+        elif e.error_code:
+            report(False, f"Telegram: answered HTTP {e.error_code} — try again in a minute; "
+                          "if it stays, check TELEGRAM_API_URL")
         else:
-            report(False, f"cannot reach Telegram ({e.description or e.error_code}): "
-                          "check the internet connection or TELEGRAM_API_URL")
+            report(False, f"Telegram: cannot connect ({e.description}) — check the internet connection, "
+                          "a firewall or proxy (HTTPS_PROXY) and TELEGRAM_API_URL")
+        return
+    if not hook.get("url"):
+        report(True, "Telegram: no webhook is set, so polling gets the messages")
+    elif cfg.delete_webhook:
+        report(True, "Telegram: a webhook is set; DELETE_WEBHOOK=1 deletes it at start-up")
+    else:
+        report(False, "Telegram: a webhook is set, so polling gets no messages — set DELETE_WEBHOOK=1 "
+                      "in .env and the bot deletes the webhook at start-up")
 
 
 def check_llm(cfg, report):
+    """Asks the model for one word."""
     if not cfg.llm_on:
-        print("- LLM is not configured (LLM_BASE_URL is empty): clients get a fallback text")
+        print("- LLM: off (LLM_BASE_URL is empty), clients get a short fallback text "
+              "instead of a recommendation")
         return
-    answer = llm.complete(cfg, "Ответь одним словом.", "Скажи: готово")
-    if answer:
-        report(True, f"the LLM answers (model {cfg.llm_model})")
-    else:
-        report(False, "the LLM gave no answer (reason in the line above): "
-                      "check LLM_BASE_URL, LLM_MODEL and LLM_API_KEY")
+    try:
+        llm.ask(cfg, "Ответь одним словом.", "Скажи: готово")
+        report(True, f"LLM: model {cfg.llm_model} answers")
+    except llm.LLMError as e:
+        report(False, f"LLM: {e} — {llm_advice(cfg, e)}")
+
+
+def llm_advice(cfg, e):
+    """What the owner can do about an LLM failure, in plain words."""
+    if e.status in (401, 403):
+        return "the server refused the key: check LLM_API_KEY"
+    if e.status in (400, 404):
+        return (f"the server does not know model {cfg.llm_model!r} or this address: check LLM_MODEL "
+                "(for Ollama: ollama pull <model>) and that LLM_BASE_URL ends with /v1")
+    if e.status == 429:
+        return "too many requests or the quota is used up: check your plan with the LLM provider"
+    if e.status:
+        return "the LLM server itself failed: look at its log or try again later"
+    if "ReadTimeout" in str(e):
+        return (f"no answer within LLM_TIMEOUT ({cfg.llm_timeout:g} s): raise LLM_TIMEOUT "
+                "or pick a faster model")
+    if "malformed" in str(e):
+        return "this is not an OpenAI-compatible API: LLM_BASE_URL usually ends with /v1"
+    return "cannot connect: start the LLM server (for Ollama: ollama serve) or correct LLM_BASE_URL"
 
 
 def check_smtp(cfg, report):
+    """Connects and logs in exactly as a real send would, and sends nothing."""
     if not cfg.email_on:
-        print("- email is off (SMTP_HOST is empty): leads are saved to the CSV only")
+        print("- Email: off (SMTP_HOST is empty), leads are saved to leads.csv only")
         return
+    server = f"{cfg.smtp_host}:{cfg.smtp_port}"
     try:
         mailer.check_login(cfg)
-        report(True, f"the SMTP server {cfg.smtp_host}:{cfg.smtp_port} accepts the login")
     except mailer.MailError as e:
-        report(False, str(e))
+        return report(False, f"Email: {e}")
+    if cfg.smtp_user:
+        report(True, f"Email: SMTP server {server} accepts the login (nothing was sent)")
+    else:
+        report(True, f"Email: SMTP server {server} answers (SMTP_USER is empty, so no login is tried)")
 
 
 def check_data_dir(cfg, report):
+    """DATA_DIR can be created and written, and a leads.csv in it has this version's columns."""
     probe = cfg.data_dir / ".write-test"
     try:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok", encoding="utf-8")
         probe.unlink()
         store.prepare_leads(cfg.leads_path, cfg.csv_delimiter)
-        report(True, f"DATA_DIR {cfg.data_dir} is writable")
+        report(True, f"DATA_DIR: {cfg.data_dir} is writable, leads go to {cfg.leads_path}")
     except OSError as e:
-        report(False, f"DATA_DIR {cfg.data_dir} is not writable ({type(e).__name__}): "
-                      "choose another folder or fix its permissions")
+        report(False, f"DATA_DIR: cannot write to {cfg.data_dir} ({type(e).__name__}) — set DATA_DIR "
+                      "to a folder this user may write to, or fix the folder's permissions")
     except store.StoreError as e:
-        report(False, str(e))
+        report(False, f"DATA_DIR: {e}")
 
 
 # --- Start-up -------------------------------------------------------------------------------------

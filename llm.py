@@ -9,8 +9,25 @@ log = logging.getLogger(__name__)
 FALLBACK = "Сервис временно недоступен, давайте обменяемся контактами"
 
 
+class LLMError(Exception):
+    """No usable answer: the text is a short reason without URL or key, .status the HTTP status or None."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.status = status
+
+
 def complete(cfg, system: str, user: str, session: requests.Session | None = None) -> str | None:
     """The model's answer to one system + user message pair, or None if there is no usable answer."""
+    try:
+        return ask(cfg, system, user, session)
+    except LLMError as problem:
+        log.warning("LLM %s", problem)
+        return None
+
+
+def ask(cfg, system: str, user: str, session: requests.Session | None = None) -> str:
+    """The model's answer to one system + user message pair; raises LLMError when there is none."""
     url = cfg.llm_base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {cfg.llm_api_key}"} if cfg.llm_api_key else {}
     payload = {
@@ -20,17 +37,14 @@ def complete(cfg, system: str, user: str, session: requests.Session | None = Non
     try:
         response = (session or requests).post(url, json=payload, headers=headers, timeout=cfg.llm_timeout)
     except requests.RequestException as error:
-        # str(error) contains the URL, so only the class name is logged.
-        log.warning("LLM request failed: %s", type(error).__name__)
-        return None
+        # str(error) contains the URL, so only the class name is kept.
+        raise LLMError(f"request failed: {type(error).__name__}") from None
     if response.status_code // 100 != 2:
-        log.warning("LLM request failed: HTTP %s", response.status_code)
-        return None
+        raise LLMError(f"request failed: HTTP {response.status_code}", response.status_code)
     try:
         return _answer(response)
     except ValueError as problem:
-        log.warning("LLM answer malformed: %s", problem)
-        return None
+        raise LLMError(f"answer malformed: {problem}") from None
 
 
 def recommend(cfg, system: str, user: str, session: requests.Session | None = None) -> str:

@@ -46,10 +46,15 @@ def build_message(cfg, lead: dict, lead_id: str) -> email.message.EmailMessage:
     return message
 
 
-def send_lead(cfg, lead: dict, lead_id: str) -> None:
-    """Send the lead card to cfg.manager_email; raises MailError."""
+def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None) -> None:
+    """Send the lead card to cfg.manager_email; raises MailError when the server did not take it.
+
+    accepted() runs as soon as the server has taken the message, before QUIT: from then on it
+    must never be sent again, whatever happens to the connection or the process.
+    """
     with _session(cfg) as smtp:
         smtp.send_message(build_message(cfg, lead, lead_id))
+        accepted()
 
 
 def check_login(cfg) -> None:
@@ -63,16 +68,23 @@ def _session(cfg):
     """An SMTP connection, secured and logged in per cfg; any failure inside becomes MailError."""
     # smtplib's own default context does not verify the server certificate.
     context = ssl.create_default_context()
+    smtp = None
     try:
-        with _connect(cfg, context) as smtp:
-            if cfg.smtp_security == "starttls":
-                smtp.starttls(context=context)
-            if cfg.smtp_user:
-                smtp.login(cfg.smtp_user, cfg.smtp_password)
-            yield smtp
+        smtp = _connect(cfg, context)
+        if cfg.smtp_security == "starttls":
+            smtp.starttls(context=context)
+        if cfg.smtp_user:
+            smtp.login(cfg.smtp_user, cfg.smtp_password)
+        yield smtp
+        # A failed goodbye changes nothing: what the server accepted stays accepted.
+        with contextlib.suppress(OSError):
+            smtp.quit()
     except OSError as error:  # smtplib.SMTPException is an OSError too
         # "from None": the original text may contain addresses or server replies.
         raise MailError(_kind(error), type(error).__name__) from None
+    finally:
+        if smtp is not None:
+            smtp.close()
 
 
 def _connect(cfg, context: ssl.SSLContext) -> smtplib.SMTP:

@@ -132,6 +132,8 @@ def lead_exists(path: Path, chat_id, timestamp: str, delimiter: str = ",") -> bo
             if cut is not None:
                 break
             span *= 2
+    if timestamp.encode() not in data[cut:]:  # the usual answer, without parsing the tail
+        return False
     rows = _parse(data[cut:].decode("utf-8-sig", errors="replace"), delimiter)
     return any(row[:2] == [timestamp, str(chat_id)] for row in rows)
 
@@ -223,6 +225,11 @@ class Journal:
             else:
                 self._guard(self._append, line)
 
+    def compact(self) -> None:
+        """Rewrite the file with only the latest state of each chat; superseded lines are gone from disk."""
+        with self._lock:
+            self._guard(self._compact)
+
     def close(self) -> None:
         with self._lock:
             self._close_file()
@@ -304,7 +311,9 @@ class Outbox:
     def retry_later(self, item_id: str, now: float, first: float, cap: float) -> float:
         """Count a failed attempt and schedule the next one with exponential backoff; returns the delay."""
         with self._lock:
-            item = self._items[item_id]
+            item = self._items.get(item_id)
+            if item is None:  # forgotten (/forget) while it was being sent: nothing to retry
+                return 0.0
             item["attempts"] += 1
             # the exponent is bounded so that very many attempts cannot overflow a float
             delay = min(first * 2 ** min(item["attempts"] - 1, 64), cap)

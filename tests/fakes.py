@@ -4,6 +4,7 @@ Every fake listens on 127.0.0.1 only, records what the bot sent and lets a test 
 the faults real services produce: error answers, resets, stalls, refused connections.
 """
 
+import asyncio
 import copy
 import email
 import email.policy
@@ -527,6 +528,11 @@ class FakeTelegram(_HTTPFake):
         with self._cond:
             self._blocked.add(str(chat_id))
 
+    def unblock(self, chat_id):
+        """The user of chat_id accepts messages from the bot again."""
+        with self._cond:
+            self._blocked.discard(str(chat_id))
+
 
 # --- LLM -------------------------------------------------------------------------------------
 
@@ -536,7 +542,8 @@ class FakeLLM(_HTTPFake):
 
     Answers .reply, or .reply_fn(request_json) when set. Faults: .status (an error status for
     every request), .delay (seconds before each answer), .raw (a 200 body sent as is),
-    fail_times(n, status).
+    fail_times(n, status). With .models (a set of names) another model gets 404 model_not_found,
+    as OpenAI and Ollama answer.
     """
 
     def __init__(self):
@@ -545,6 +552,7 @@ class FakeLLM(_HTTPFake):
         self.status = None
         self.delay = 0
         self.raw = None
+        self.models = None
         self.requests = []  # {"json": body, "headers": case-insensitive headers}
         self._failures = deque()
         self._lock = threading.Lock()
@@ -579,6 +587,8 @@ class FakeLLM(_HTTPFake):
         if not (isinstance(request_json, dict) and request_json.get("model")
                 and isinstance(request_json.get("messages"), list)):
             _send_json(handler, 400, _llm_error("model and messages are required", "invalid_request_error"))
+        elif self.models is not None and request_json["model"] not in self.models:
+            _send_json(handler, 404, _llm_error(f"model {request_json['model']!r} not found", "model_not_found"))
         elif status and status != 200:
             _send_json(handler, status, _llm_error("boom", "server_error"))
         elif self.raw is not None:
@@ -618,13 +628,17 @@ class FakeSMTP:
 
     Each message is an email.message.EmailMessage with the envelope added as .mail_from and
     .rcpt_tos. With auth=(user, password) it requires AUTH (plain-text allowed) and rejects
-    other credentials.
+    other credentials. .quits counts QUIT commands; after accepting a message the server can
+    answer QUIT late (.quit_delay seconds) or with an error (.quit_reply, e.g. "421 ...").
     """
 
     def __init__(self, auth=None):
         self.auth = auth
         self.port = _free_port()
         self.messages = []
+        self.quits = 0
+        self.quit_delay = 0
+        self.quit_reply = None
         self._controller = None
         self.start()
 
@@ -662,6 +676,11 @@ class FakeSMTP:
         message.rcpt_tos = list(envelope.rcpt_tos)
         self.messages.append(message)
         return "250 Message accepted for delivery"
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.quits += 1
+        await asyncio.sleep(self.quit_delay)
+        return self.quit_reply or "221 Bye"
 
 
 # --- leadbot.py as a subprocess ---------------------------------------------------------------
@@ -784,3 +803,16 @@ def full_dialog(telegram, chat_id, contact="+7 999 123-45-67", **sender):
     """A whole dialog up to the thank-you; returns the thank-you text."""
     reach_contact_step(telegram, chat_id, **sender)
     return say(telegram, chat_id, contact, "Спасибо", **sender)
+
+
+def saved_dialogs(data_dir):
+    """chat_id -> dialog as the bot's state journal ({data_dir}/state.jsonl) holds it now."""
+    path = Path(data_dir) / "state.jsonl"
+    dialogs = {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line the bot is writing right now
+        dialogs[entry["chat"]] = entry["dialog"]
+    return {chat: dialog for chat, dialog in dialogs.items() if dialog is not None}
