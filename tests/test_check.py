@@ -1,0 +1,140 @@
+"""python leadbot.py --check against fake servers: one ✓/✗ line per check, a fix for every ✗, no secrets."""
+import pytest
+
+from fakes import FakeSMTP, run_bot
+
+SMTP_USER, SMTP_PASSWORD = "bot@example.com", "smtp-pass-SECRET"
+
+
+@pytest.fixture
+def smtp_login():
+    """An SMTP server that wants SMTP_USER / SMTP_PASSWORD."""
+    fake = FakeSMTP(auth=(SMTP_USER, SMTP_PASSWORD))
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def check(bot_env, smtp_login, tmp_path):
+    """check(**overrides) runs --check with every part configured; returns (exit code, output lines).
+
+    Whatever the outcome, the token, the LLM key and the SMTP password must not appear in the output.
+    """
+    def run(**overrides):
+        env = {**bot_env, "SMTP_PORT": str(smtp_login.port), "SMTP_USER": SMTP_USER,
+               "SMTP_PASSWORD": SMTP_PASSWORD, **overrides}
+        result = run_bot(env, "--check", cwd=tmp_path, timeout=30)
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output
+        for name in ("TELEGRAM_BOT_TOKEN", "LLM_API_KEY", "SMTP_PASSWORD"):
+            secret = env.get(name) or ""
+            for piece in {secret, secret.partition(":")[2]} - {""}:
+                assert piece not in output, f"{name} was printed"
+        return result.returncode, result.stdout.splitlines()
+
+    return run
+
+
+def line(lines, start):
+    """The one output line that starts with start (e.g. '✗ LLM')."""
+    [found] = [text for text in lines if text.startswith(start)]
+    return found
+
+
+def test_everything_configured_and_working_passes(check, telegram, llm, smtp_login, bot_env):
+    code, lines = check()
+    assert code == 0
+    assert "@test_lead_bot" in line(lines, "✓ Telegram: the token")
+    assert "webhook" in line(lines, "✓ Telegram: no webhook")
+    assert "test-model" in line(lines, "✓ LLM")
+    assert "login" in line(lines, "✓ Email")
+    assert bot_env["DATA_DIR"] in line(lines, "✓ DATA_DIR")
+    assert not [text for text in lines if text.startswith("✗")]
+    assert llm.requests[0]["json"]["model"] == "test-model"  # the model really was asked
+    assert smtp_login.messages == []  # logged in, sent nothing
+
+
+def test_parts_left_unconfigured_are_mentioned_and_do_not_fail(check, telegram):
+    code, lines = check(LLM_BASE_URL=None, SMTP_HOST=None)
+    assert code == 0
+    assert "LLM_BASE_URL" in line(lines, "- LLM")
+    assert "SMTP_HOST" in line(lines, "- Email")
+
+
+def test_a_rejected_token_fails_and_says_where_to_get_a_new_one(check, telegram):
+    code, lines = check(TELEGRAM_BOT_TOKEN="123456:WRONG-token-xyz")
+    assert code == 1
+    assert "@BotFather" in line(lines, "✗ Telegram")
+    assert line(lines, "✓ LLM")  # the other parts are still checked
+
+
+def test_a_webhook_fails_the_check_and_names_the_fix(check, telegram):
+    telegram.webhook_url = "https://example.com/hook"
+    code, lines = check()
+    assert code == 1
+    assert "DELETE_WEBHOOK=1" in line(lines, "✗ Telegram: a webhook")
+    assert telegram.webhook_url and telegram.calls("deleteWebhook") == []  # --check only looks
+
+    code, lines = check(DELETE_WEBHOOK="1")
+    assert code == 0 and "DELETE_WEBHOOK=1" in line(lines, "✓ Telegram: a webhook")
+
+
+def test_telegram_out_of_reach_fails(check, telegram):
+    telegram.down()
+    code, lines = check()
+    assert code == 1 and "TELEGRAM_API_URL" in line(lines, "✗ Telegram")
+
+
+@pytest.mark.parametrize("fault, fix", [
+    ("down", "LLM_BASE_URL"),
+    ("500", "try again later"),
+    ("401", "LLM_API_KEY"),
+    ("wrong model", "LLM_MODEL"),
+])
+def test_an_llm_that_gives_no_answer_fails_with_the_fix(check, telegram, llm, fault, fix):
+    overrides = {}
+    if fault == "down":
+        llm.down()
+    elif fault == "wrong model":
+        llm.models = {"test-model"}
+        overrides["LLM_MODEL"] = "no-such-model"
+    else:
+        llm.status = int(fault)
+    code, lines = check(**overrides)
+    assert code == 1
+    assert fix in line(lines, "✗ LLM")
+
+
+def test_a_wrong_smtp_password_fails_and_nothing_is_sent(check, telegram, smtp_login):
+    code, lines = check(SMTP_PASSWORD="wrong-pass-SECRET")
+    assert code == 1
+    assert "SMTP_PASSWORD" in line(lines, "✗ Email")
+    assert smtp_login.messages == []
+
+
+def test_an_smtp_server_out_of_reach_fails(check, telegram, smtp_login):
+    smtp_login.stop()
+    code, lines = check()
+    assert code == 1 and "SMTP_HOST" in line(lines, "✗ Email")
+
+
+def test_a_data_dir_that_cannot_be_created_fails(check, telegram, tmp_path):
+    (tmp_path / "leads-file").write_text("a file, not a folder", encoding="utf-8")
+    code, lines = check(DATA_DIR=str(tmp_path / "leads-file" / "data"))
+    assert code == 1
+    assert "DATA_DIR" in line(lines, "✗ DATA_DIR")
+
+
+def test_a_missing_token_fails_but_the_other_parts_are_checked(check, telegram):
+    code, lines = check(TELEGRAM_BOT_TOKEN=None)
+    assert code == 1
+    assert "TELEGRAM_BOT_TOKEN" in line(lines, "✗ Settings")
+    assert line(lines, "✓ LLM") and line(lines, "✓ Email") and line(lines, "✓ DATA_DIR")
+
+
+def test_malformed_settings_are_each_named(check, telegram):
+    code, lines = check(SMTP_SECURITY="tls", LLM_TIMEOUT="soon", MANAGER_EMAIL=None)
+    assert code == 1
+    problems = [text for text in lines if text.startswith("✗ Settings")]
+    for name in ("SMTP_SECURITY", "LLM_TIMEOUT", "MANAGER_EMAIL"):
+        assert any(name in text for text in problems), name

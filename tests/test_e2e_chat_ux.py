@@ -1,0 +1,191 @@
+"""What a client sees in Telegram: command menu, buttons, typing…, /cancel, /help and /forget."""
+import csv
+import json
+import re
+from pathlib import Path
+
+from fakes import ANSWERS, CONTACT_REQUEST, full_dialog, reach_contact_step, say, wait_until
+
+REMOVE = {"remove_keyboard": True}
+
+
+def read_rows(bot_env):
+    path = Path(bot_env["DATA_DIR"]) / "leads.csv"
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def leads_bytes(bot_env):
+    return (Path(bot_env["DATA_DIR"]) / "leads.csv").read_bytes()
+
+
+def state_text(bot_env):
+    """The dialog-state file with its \\u escapes decoded, so a client's words can be looked for."""
+    lines = (Path(bot_env["DATA_DIR"]) / "state.jsonl").read_text(encoding="utf-8").splitlines()
+    return "\n".join(json.dumps(json.loads(line), ensure_ascii=False) for line in lines)
+
+
+def last_message(telegram, chat_id, containing):
+    """The last message to chat_id whose text contains `containing`, with its reply_markup."""
+    return [m for m in telegram.messages(chat_id) if containing in m["text"]][-1]
+
+
+def button_rows(message):
+    return (message["reply_markup"] or {}).get("keyboard") or []
+
+
+def typing_actions(telegram, chat_id):
+    return [call for call in telegram.calls("sendChatAction")
+            if call.get("chat_id") == chat_id and call.get("action") == "typing"]
+
+
+def test_the_command_menu_is_registered_in_russian_at_start_up(bot, telegram):
+    bot()
+    [call] = telegram.wait_for(lambda: telegram.calls("setMyCommands"), message="setMyCommands")
+    menu = {c["command"]: c["description"] for c in call["commands"]}
+    assert list(menu) == ["start", "help", "cancel", "forget"]
+    assert "заново" in menu["start"].lower()
+    assert "человек" in menu["help"].lower()
+    assert "прервать" in menu["cancel"].lower() and "ничего не сохран" in menu["cancel"].lower()
+    assert "удалить мои данные" in menu["forget"].lower()
+
+
+def test_help_lists_the_commands_and_how_to_reach_a_person(bot, telegram):
+    bot()
+    answer = say(telegram, 2001, "/help", "/forget")
+    assert "/start" in answer and "/cancel" in answer
+    assert "менеджер" in answer
+
+
+def test_contact_button_refuses_someone_elses_contact_and_accepts_the_clients_own(bot, bot_env, telegram):
+    bot(PRIVACY_URL="https://example.ru/privacy")
+    reach_contact_step(telegram, 2002)
+    request = last_message(telegram, 2002, CONTACT_REQUEST)
+    assert button_rows(request) == [[{"text": "📱 Поделиться номером", "request_contact": True}]]
+    assert "@username" in request["text"] and "email" in request["text"]  # typing it works too
+    assert "менеджер" in request["text"] and "соглаш" in request["text"]  # purpose and consent
+    assert "https://example.ru/privacy" in request["text"]
+
+    say(telegram, 2002, {"phone": "+79990001122", "user_id": 555}, "своим номером")
+    refusal = telegram.messages(2002)[-1]
+    assert button_rows(refusal)[0][0]["request_contact"] is True  # the step goes on, button and all
+    assert read_rows(bot_env) == []
+
+    say(telegram, 2002, {"phone": "+79991234567"}, "Спасибо")
+    assert telegram.messages(2002)[-1]["reply_markup"] == REMOVE
+    [row] = read_rows(bot_env)
+    assert row["contact"].lstrip("'") == "+79991234567" and row["status"] == "new"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", row["timestamp"])  # consent given
+
+
+def test_declining_to_leave_a_contact_removes_the_keyboard(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 2003)
+    assert "Политика" not in last_message(telegram, 2003, CONTACT_REQUEST)["text"]  # PRIVACY_URL unset
+    say(telegram, 2003, "нет", "Понимаю")
+    assert telegram.messages(2003)[-1]["reply_markup"] == REMOVE
+    assert read_rows(bot_env)[0]["status"] == "rejected"
+
+
+def test_choices_come_as_buttons_and_free_text_is_accepted_too(bot, bot_env, telegram):
+    bot()
+    say(telegram, 2004, "/start", "задача")
+    timeline = say(telegram, 2004, "Сайт для пекарни", "Когда")
+    choices = [row[0]["text"] for row in button_rows(last_message(telegram, 2004, timeline))]
+    assert len(choices) >= 2 and any("месяц" in c for c in choices)
+
+    budget = say(telegram, 2004, choices[1], "бюджет")  # a button pressed
+    assert any("тыс" in row[0]["text"] for row in button_rows(last_message(telegram, 2004, budget)))
+    say(telegram, 2004, "около ста тысяч", CONTACT_REQUEST)  # free text instead of a button
+    offer = [m for m in telegram.messages(2004) if m["text"].startswith("Рекомендуем")][-1]
+    assert offer["reply_markup"] == REMOVE  # the budget buttons go away with the answer
+
+    say(telegram, 2004, "+7 999 123-45-67", "Спасибо")
+    notes = read_rows(bot_env)[0]["notes"]
+    assert choices[1] in notes and "около ста тысяч" in notes
+
+
+def test_typing_is_shown_before_the_llm_call_and_renewed_while_it_is_slow(bot, telegram, llm):
+    llm.delay = 6  # longer than the 5 s Telegram shows one typing action
+    bot(LLM_TIMEOUT="10")
+    say(telegram, 2005, "/start", "задача")
+    for answer in ANSWERS[:-1]:
+        before = len(telegram.texts(2005))
+        telegram.send_text(2005, answer)
+        telegram.wait_messages(2005, before + 1)
+    assert typing_actions(telegram, 2005) == []
+
+    telegram.send_text(2005, ANSWERS[-1])
+    wait_until(lambda: llm.requests, message="the LLM call")
+    assert len(typing_actions(telegram, 2005)) >= 1  # already there when the LLM is asked
+    telegram.wait_for(lambda: len(typing_actions(telegram, 2005)) >= 2, message="a renewed typing action")
+    assert llm.reply not in telegram.texts(2005)  # renewed while the answer was still coming
+    telegram.wait_for(lambda: llm.reply in telegram.texts(2005), message="the recommendation")
+
+
+def test_cancel_saves_nothing_and_removes_the_keyboard(bot, bot_env, telegram, llm, smtp):
+    bot()
+    reach_contact_step(telegram, 2006)
+    assert ANSWERS[0] in state_text(bot_env)
+    say(telegram, 2006, "/cancel", "ничего не сохранено")
+    assert telegram.messages(2006)[-1]["reply_markup"] == REMOVE
+    assert ANSWERS[0] not in state_text(bot_env)  # the answers are not kept on disk either
+
+    say(telegram, 2006, "+7 999 123-45-67", "Здравствуйте")  # a new dialog, not a lead
+    assert read_rows(bot_env) == [] and smtp.messages == []
+
+    assert "/forget" in say(telegram, 2007, "/cancel", "/forget")  # nothing to cancel: says what helps
+
+
+def test_first_name_from_telegram_greets_the_client_and_names_the_lead(bot, bot_env, telegram):
+    bot()
+    full_dialog(telegram, 2008, first_name="Мария")
+    assert "Здравствуйте, Мария!" in telegram.texts(2008)[0]
+    assert read_rows(bot_env)[0]["client_name"] == "Мария"
+
+
+def test_forget_removes_every_row_of_that_chat_and_keeps_the_others_byte_for_byte(bot, bot_env, telegram):
+    process = bot()
+    full_dialog(telegram, 3001, first_name="Борис")
+    only_b = leads_bytes(bot_env)
+    full_dialog(telegram, 3002, contact="+7 999 000-11-22", first_name="Аполлинария")
+    b_a = leads_bytes(bot_env)
+    full_dialog(telegram, 3003, first_name="Светлана")
+    b_a_c = leads_bytes(bot_env)
+    full_dialog(telegram, 3002, contact="apollinaria@example.ru", first_name="Аполлинария")
+    assert "Аполлинария" in state_text(bot_env)
+
+    assert "удалены" in say(telegram, 3002, "/forget", "удален")
+    assert telegram.messages(3002)[-1]["reply_markup"] == REMOVE
+    assert leads_bytes(bot_env) == only_b + b_a_c[len(b_a):]  # the other rows, byte for byte
+    assert [row["chat_id"] for row in read_rows(bot_env)] == ["3001", "3003"]
+    assert "Аполлинария" not in state_text(bot_env) and "Светлана" in state_text(bot_env)
+    assert not list(Path(bot_env["DATA_DIR"]).glob("*.tmp"))
+
+    output = process.wait_log("forgot chat 3002")
+    for personal in ("Аполлинария", "000-11-22", "apollinaria"):
+        assert personal not in output
+
+
+def test_forget_drops_the_chats_dialog_in_progress_and_undelivered_email(bot, bot_env, telegram, smtp):
+    smtp.stop()
+    bot()
+    full_dialog(telegram, 3101, contact="+7 999 555-66-77")
+    full_dialog(telegram, 3102, contact="+7 999 888-99-00")
+    outbox = Path(bot_env["DATA_DIR"]) / "outbox"
+    wait_until(lambda: len(list(outbox.glob("*.json"))) == 2, message="two emails owed")
+    say(telegram, 3101, "/start", "задача")
+    say(telegram, 3101, "Секретный проект", "Когда")
+
+    say(telegram, 3101, "/forget", "удален")
+    assert [f.name.split("-")[0] for f in outbox.glob("*.json")] == ["3102"]
+    assert "Секретный" not in state_text(bot_env)
+    say(telegram, 3101, "продолжим?", "Здравствуйте")  # begins anew instead of asking the next question
+
+    smtp.start()
+    wait_until(lambda: smtp.messages and not list(outbox.glob("*.json")), message="the owed email sent")
+    [mail] = smtp.messages
+    assert "+7 999 888-99-00" in mail.get_content()
+    assert [row["chat_id"] for row in read_rows(bot_env)] == ["3102"]
