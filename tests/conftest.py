@@ -2,7 +2,7 @@
 
 import pytest
 
-from fakes import FakeLLM, FakeSMTP, FakeTelegram, start_bot
+from fakes import FakeLLM, FakeSMTP, FakeTelegram, running, start_bot
 
 
 def pytest_configure(config):
@@ -12,23 +12,17 @@ def pytest_configure(config):
 
 @pytest.fixture
 def telegram():
-    fake = FakeTelegram()
-    yield fake
-    fake.stop()
+    yield from running(FakeTelegram())
 
 
 @pytest.fixture
 def llm():
-    fake = FakeLLM()
-    yield fake
-    fake.stop()
+    yield from running(FakeLLM())
 
 
 @pytest.fixture
 def smtp():
-    fake = FakeSMTP()
-    yield fake
-    fake.stop()
+    yield from running(FakeSMTP())
 
 
 @pytest.fixture

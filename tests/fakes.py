@@ -759,6 +759,12 @@ class BotProcess:
         return self.proc.poll() is None
 
 
+def running(fake):
+    """For a fixture: hands a started fake server to a test and stops it afterwards."""
+    yield fake
+    fake.stop()
+
+
 def start_bot(env, *args, cwd):
     """Start leadbot.py with args in the background."""
     return BotProcess(env, args, cwd)

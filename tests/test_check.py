@@ -1,7 +1,7 @@
 """python leadbot.py --check against fake servers: one ✓/✗ line per check, a fix for every ✗, no secrets."""
 import pytest
 
-from fakes import FakeSMTP, run_bot
+from fakes import FakeSMTP, run_bot, running
 
 SMTP_USER, SMTP_PASSWORD = "bot@example.com", "smtp-pass-SECRET"
 
@@ -9,9 +9,7 @@ SMTP_USER, SMTP_PASSWORD = "bot@example.com", "smtp-pass-SECRET"
 @pytest.fixture
 def smtp_login():
     """An SMTP server that wants SMTP_USER / SMTP_PASSWORD."""
-    fake = FakeSMTP(auth=(SMTP_USER, SMTP_PASSWORD))
-    yield fake
-    fake.stop()
+    yield from running(FakeSMTP(auth=(SMTP_USER, SMTP_PASSWORD)))
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """No secret and no client data in anything the bot writes, through a whole day of faults at DEBUG."""
 import pytest
 
-from fakes import FakeSMTP, FakeTelegram, reach_contact_step, run_bot, say
+from fakes import FakeSMTP, FakeTelegram, reach_contact_step, run_bot, running, say
 from leadbot import QUESTIONS, TEXTS
 
 TOKEN = "8123456789:AAF-leakTOKENsecret_Part9x"
@@ -19,16 +19,12 @@ SECRETS = [TOKEN, *TOKEN.split(":"), LLM_KEY, SMTP_PASSWORD, NAME, USERNAME, PHO
 
 @pytest.fixture
 def telegram():
-    fake = FakeTelegram(token=TOKEN)
-    yield fake
-    fake.stop()
+    yield from running(FakeTelegram(token=TOKEN))
 
 
 @pytest.fixture
 def mail_server():
-    fake = FakeSMTP(auth=("leadbot", SMTP_PASSWORD))
-    yield fake
-    fake.stop()
+    yield from running(FakeSMTP(auth=("leadbot", SMTP_PASSWORD)))
 
 
 def test_no_secret_or_client_data_reaches_stdout_stderr_or_the_log_file(
