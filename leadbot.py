@@ -1104,8 +1104,8 @@ def poll(app, tg):
                 updates = fetch_updates(app, tg, offset)
             except TelegramError as e:
                 failures += 1
-                conflict_logged = explain_poll_error(e, conflict_logged)
                 delay = e.retry_after or backoff(app.cfg, failures)
+                conflict_logged = explain_poll_error(e, conflict_logged, delay)
                 app.stopping.wait(delay)
                 continue
             failures, conflict_logged = 0, False
@@ -1155,7 +1155,7 @@ def fetch_updates(app, tg, offset):
         app.polling = False
 
 
-def explain_poll_error(e, conflict_logged):
+def explain_poll_error(e, conflict_logged, delay):
     """Logs why polling failed; a 409 is explained once, not on every retry."""
     if e.bad_token:
         raise SystemExit("Telegram rejected TELEGRAM_BOT_TOKEN (HTTP %d)" % e.error_code)
@@ -1168,8 +1168,8 @@ def explain_poll_error(e, conflict_logged):
                 log.error("another copy of this bot is polling Telegram with the same token: "
                           "stop the other copy")
         return True
-    log.warning("getUpdates failed (%s); retrying",
-                e.description if e.error_code == 0 else f"HTTP {e.error_code}")
+    log.warning("getUpdates failed (%s); retrying in %.2fs",
+                e.description if e.error_code == 0 else f"HTTP {e.error_code}", delay)
     return conflict_logged
 
 
