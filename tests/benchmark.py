@@ -354,6 +354,18 @@ def describe(run, cap):
     return text + f"; all done {max(run.done_at.values()):.1f} s"
 
 
+# --- 5. Shutdown ---------------------------------------------------------------------------------------
+
+def shutdown_seconds(fakes):
+    """Seconds from SIGTERM to exit while the bot sits in a 25-second long poll."""
+    bot = fakes.start_bot("shutdown", POLL_TIMEOUT=25)
+    time.sleep(0.3)  # into the blocking read of the long poll
+    started = time.monotonic()
+    bot.terminate()
+    code = bot.wait(30)
+    return time.monotonic() - started, code
+
+
 # --- The table ----------------------------------------------------------------------------------------
 
 def ms(seconds):
@@ -393,6 +405,9 @@ def main():
             met = p95(run.waits()) < target and run.finished() == clients if target else None
             row(f"4 burst: {clients} {'new chats' if clients == 50 else 'clients at once'}, WORKERS={workers}",
                 describe(run, cap), f"p95 < {target:g} s" if target else "(reported)", met)
+        seconds, code = shutdown_seconds(fakes)
+        row("5 shutdown: SIGTERM in a 25 s long poll", f"exit {code} after {seconds:.2f} s", "exit 0 < 2 s",
+            code == 0 and seconds < 2)
         notes.append("a run stopped at its cap counts each unanswered message with the time it had waited, "
                      "so its p50/p95 are lower bounds")
         notes.append("the bot's log suggested raising WORKERS in: " + ("; ".join(suggested) or "no run"))
