@@ -553,7 +553,8 @@ def take_answer(app, d, msg):
 def make_offer(app, d, msg):
     """Recommends a service written by the LLM, then asks for a contact."""
     with app.out.typing(msg.chat_id):
-        offer = app.ask_llm(app.prompt, f"Контекст: {answers_summary(d)}\nЗапрос: {msg.text}")
+        # scrub(): a contact typed into an answer is not sent to the LLM either
+        offer = app.ask_llm(app.prompt, scrub(f"Контекст: {answers_summary(d)}\nЗапрос: {msg.text}"))
     app.summarise_soon(msg.chat_id, d)
     if offer is None or leaks_prompt(offer, app.prompt):
         offer = llm.FALLBACK
@@ -624,7 +625,7 @@ def answers_summary(d):
 
 def summarise(app, d):
     """(intent, notes) for the manager: written by the LLM, or assembled from the answers."""
-    summary = app.ask_llm(SUMMARY_PROMPT, answers_summary(d))
+    summary = app.ask_llm(SUMMARY_PROMPT, scrub(answers_summary(d)))
     lines = [line.strip() for line in (summary or "").splitlines() if line.strip()]
     if len(lines) >= 2:
         intent = re.sub(r"^(суть[^:]*:)\s*", "", lines[0], flags=re.I)

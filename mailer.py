@@ -5,6 +5,7 @@ import email.message
 import email.utils
 import smtplib
 import ssl
+import textwrap
 
 SUBJECT = "Новая заявка (leadbot)"
 TIMEOUT = 20  # seconds, for connecting and for each SMTP reply
@@ -33,16 +34,22 @@ def lead_card(lead: dict) -> str:
     return "\n".join(["Новая заявка"] + [f"{label}: {lead[key]}" for key, label in LABELS.items()])
 
 
-def build_message(cfg, lead: dict, lead_id: str) -> email.message.EmailMessage:
-    """The e-mail for one lead; its Message-ID depends only on lead_id, so a resend can be deduplicated."""
+def build_message(cfg, lead: dict, lead_id: str, eight_bit: bool = False) -> email.message.EmailMessage:
+    """The e-mail for one lead; its Message-ID depends only on lead_id, so a resend can be deduplicated.
+
+    eight_bit: the body goes as plain UTF-8 (readable even in the raw message), for servers with
+    8BITMIME; otherwise base64 keeps it 7-bit clean."""
     message = email.message.EmailMessage()
     message["From"] = cfg.mail_from
     message["To"] = cfg.manager_email
     message["Subject"] = SUBJECT
     message["Date"] = email.utils.formatdate(localtime=True)
     message["Message-ID"] = f"<{lead_id}@leadbot>"
-    # base64 keeps the Cyrillic body 7-bit clean for servers without 8BITMIME.
-    message.set_content(lead_card(lead), charset="utf-8", cte="base64")
+    if eight_bit:  # SMTP allows at most 998 bytes a line; a long note is wrapped
+        body = "\n".join(textwrap.fill(line, 300) or line for line in lead_card(lead).splitlines())
+        message.set_content(body, charset="utf-8", cte="8bit")
+    else:
+        message.set_content(lead_card(lead), charset="utf-8", cte="base64")
     return message
 
 
@@ -53,7 +60,8 @@ def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None) -> None:
     must never be sent again, whatever happens to the connection or the process.
     """
     with _session(cfg) as smtp:
-        smtp.send_message(build_message(cfg, lead, lead_id))
+        smtp.ehlo_or_helo_if_needed()
+        smtp.send_message(build_message(cfg, lead, lead_id, smtp.has_extn("8bitmime")))
         accepted()
 
 

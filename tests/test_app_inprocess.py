@@ -52,3 +52,14 @@ def test_without_an_llm_the_offer_is_the_fallback_and_the_contact_is_asked(tmp_p
         say(app, text)
     assert "Сервис временно недоступен, давайте обменяемся контактами" in app.out.sent
     assert app.dialogs[7]["stage"] == "collecting_contact"
+
+
+def test_a_contact_typed_into_an_answer_is_not_sent_to_the_llm(tmp_path, monkeypatch):
+    app = make_app(tmp_path)
+    asked = []
+    monkeypatch.setattr(app, "ask_llm", lambda system, user: asked.append(user) or "Совет")
+    for text in ["/start", "Сайт, звоните +7 999 123-45-67", "Не срочно", "пишите на ivan@example.ru"]:
+        say(app, text)
+    app.summary_for(7, app.dialogs[7])  # the manager's notes, written in the background
+    assert len(asked) == 2
+    assert all("123-45-67" not in user and "ivan@example.ru" not in user for user in asked)

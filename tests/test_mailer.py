@@ -88,7 +88,21 @@ def test_cyrillic_card_arrives_readable(server):
     assert "Имя: Анна Петрова" in body
     for label in mailer.LABELS.values():
         assert f"{label}: " in body
-    assert server.envelopes[0].original_content.isascii()
+    raw = server.envelopes[0].original_content.decode("utf-8")  # readable without decoding the MIME
+    assert "Контакт: +7 900 123-45-67" in raw
+
+
+def test_without_8bitmime_the_body_is_7bit_clean():
+    message = mailer.build_message(make_cfg(25), {**LEAD, "notes": "Заметка " * 400}, "lead-1")
+    assert message.as_bytes().isascii()
+    assert "Контакт: +7 900 123-45-67" in message.get_content()
+
+
+def test_a_long_note_keeps_every_smtp_line_short(server):
+    mailer.send_lead(make_cfg(server.port), {**LEAD, "notes": "Заметка " * 400}, "lead-1")
+    raw = server.envelopes[0].original_content
+    assert max(len(line) for line in raw.splitlines()) <= 998
+    assert received(server.envelopes[0]).get_content().count("Заметка") == 400
 
 
 def test_lead_card_lists_fields_in_column_order():
