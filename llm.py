@@ -6,7 +6,7 @@ import requests
 
 log = logging.getLogger(__name__)
 
-FALLBACK = "Сервис временно недоступен, давайте обменяемся контактами"
+FALLBACK = "Сервис временно недоступен, давайте обменяемся контактами"  # shown when there is no answer
 
 
 class LLMError(Exception):
@@ -45,11 +45,6 @@ def ask(cfg, system: str, user: str, session: requests.Session | None = None) ->
         return _answer(response)
     except ValueError as problem:
         raise LLMError(f"answer malformed: {problem}") from None
-
-
-def recommend(cfg, system: str, user: str, session: requests.Session | None = None) -> str:
-    """The model's answer, or FALLBACK when there is none."""
-    return complete(cfg, system, user, session) or FALLBACK
 
 
 def _answer(response: requests.Response) -> str:

@@ -34,7 +34,6 @@ def api():
 def test_returns_stripped_answer(api):
     api.add(responses.POST, ENDPOINT, json=chat("  Вам подойдёт интернет-магазин.\n"))
     assert llm.complete(make_cfg(), SYSTEM, USER) == "Вам подойдёт интернет-магазин."
-    assert llm.recommend(make_cfg(), SYSTEM, USER) == "Вам подойдёт интернет-магазин."
 
 
 def test_request_body_has_model_and_two_messages(api):
@@ -74,7 +73,7 @@ def test_uses_given_session_and_timeout():
             return response
 
     session = RecordingSession()
-    assert llm.recommend(make_cfg(), SYSTEM, USER, session=session) == "ok"
+    assert llm.complete(make_cfg(), SYSTEM, USER, session=session) == "ok"
     assert session.kwargs["timeout"] == 7.5
 
 
@@ -98,14 +97,12 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("reply, logged", FAILURES.values(), ids=FAILURES.keys())
-def test_failure_gives_none_fallback_and_one_clean_log_line(api, caplog, reply, logged):
-    api.add(responses.POST, ENDPOINT, **reply)
+def test_failure_gives_none_and_one_clean_log_line(api, caplog, reply, logged):
     api.add(responses.POST, ENDPOINT, **reply)
     cfg = make_cfg(llm_api_key=KEY)
     with caplog.at_level(logging.WARNING, logger="llm"):
         assert llm.complete(cfg, SYSTEM, USER) is None
         assert [r.getMessage() for r in caplog.records] == [logged]
         assert all(r.levelno == logging.WARNING for r in caplog.records)
-        assert llm.recommend(cfg, SYSTEM, USER) == llm.FALLBACK
     for secret in (KEY, "llm.test", SYSTEM, USER, "+7900"):
         assert secret not in caplog.text
