@@ -1144,7 +1144,8 @@ def fetch_updates(app, tg, offset):
     timeout = app.cfg.poll_timeout
     due = app.outbox.next_due()
     if due is not None:
-        timeout = max(0, min(timeout, int(due - time.time()) + 1))
+        # At least 1 s: an item another thread is still sending must not make this loop spin.
+        timeout = max(1, min(timeout, int(due - time.time()) + 1))
     app.polling = True
     try:
         if app.stopping.is_set():
