@@ -46,7 +46,7 @@ def build_message(cfg, lead: dict, lead_id: str, eight_bit: bool = False) -> ema
     message["Date"] = email.utils.formatdate(localtime=True)
     message["Message-ID"] = f"<{lead_id}@leadbot>"
     if eight_bit:  # SMTP allows at most 998 bytes a line; a long note is wrapped
-        body = "\n".join(textwrap.fill(line, 300) or line for line in lead_card(lead).splitlines())
+        body = "\n".join(textwrap.fill(line, 300) for line in lead_card(lead).splitlines())
         message.set_content(body, charset="utf-8", cte="8bit")
     else:
         message.set_content(lead_card(lead), charset="utf-8", cte="base64")
