@@ -1246,8 +1246,11 @@ def start_telegram(app, tg):
     if cfg.llm_on and not cfg.llm_model:
         log.warning("LLM_MODEL is empty: most LLM servers refuse a request without a model name")
     if cfg.delete_webhook:
-        tg.call_patiently("deleteWebhook")
-        log.info("webhook deleted (DELETE_WEBHOOK=1)")
+        try:
+            tg.call_patiently("deleteWebhook")
+            log.info("webhook deleted (DELETE_WEBHOOK=1)")
+        except TelegramError as e:
+            log.warning("could not delete the webhook (%s)", e.error_code)
     try:
         tg.call("setMyCommands", commands=[{"command": c, "description": d} for c, d in COMMANDS])
     except TelegramError as e:
@@ -1314,7 +1317,6 @@ def check_telegram(cfg, report):
     try:
         me = tg.call("getMe")
         report(True, f"Telegram: the token works, the bot is @{me.get('username')}")
-        hook = tg.call("getWebhookInfo")
     except TelegramError as e:
         if e.bad_token:
             report(False, f"Telegram: the token was rejected (HTTP {e.error_code}) — copy it again from "
@@ -1325,6 +1327,11 @@ def check_telegram(cfg, report):
         else:
             report(False, f"Telegram: cannot connect ({e.description}) — check the internet connection, "
                           "a firewall or proxy (HTTPS_PROXY) and TELEGRAM_API_URL")
+        return
+    try:
+        hook = tg.call("getWebhookInfo")
+    except TelegramError as e:  # the token works, so this says nothing against the setup
+        print(f"- Telegram: could not ask whether a webhook is set ({e.description or e.error_code})")
         return
     if not hook.get("url"):
         report(True, "Telegram: no webhook is set, so polling gets the messages")

@@ -77,6 +77,14 @@ def test_a_webhook_fails_the_check_and_names_the_fix(check, telegram):
     assert code == 0 and "DELETE_WEBHOOK=1" in line(lines, "✓ Telegram: a webhook")
 
 
+def test_a_bot_api_server_without_webhook_info_does_not_fail_a_working_token(check, telegram):
+    telegram.fail("getWebhookInfo", 404, "Not Found")  # e.g. a minimal self-hosted or proxy server
+    code, lines = check()
+    assert code == 0
+    assert line(lines, "✓ Telegram: the token works")
+    assert "webhook" in line(lines, "- Telegram")
+
+
 def test_telegram_out_of_reach_fails(check, telegram):
     telegram.down()
     code, lines = check()

@@ -322,3 +322,10 @@ def test_dialogs_idle_longer_than_session_ttl_are_dropped_and_the_client_is_gree
     wait_until(lambda: "Vitrina-2001" not in state.read_text(encoding="utf-8"), 5,
                message="the idle dialog gone from the state file")
     assert list(saved_dialogs(bot_env["DATA_DIR"])) == [2002]
+
+
+def test_a_failing_delete_webhook_does_not_stop_the_bot(bot, telegram):
+    telegram.fail("deleteWebhook", 400, "Bad Request: method not supported")
+    process = bot(DELETE_WEBHOOK="1")
+    say(telegram, 1204, "/start", QUESTIONS[0][1])
+    assert "could not delete the webhook (400)" in process.output()
