@@ -9,6 +9,7 @@ Flow: update -> stage function (STAGES) -> llm / store / mailer -> reply.
 import argparse
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -360,7 +361,7 @@ class Telegram:
                 delay = e.retry_after or backoff(self.cfg, failures)
                 log.warning("Telegram %s failed (%s); retrying in %.1fs",
                             method, e.description if e.error_code == 0 else e.error_code, delay)
-                if self.stopping.wait(delay):
+                if pause(self.stopping, delay):
                     raise Stopped() from None
 
     def send(self, chat_id, text, buttons=None, contact_button=False, remove_keyboard=False):
@@ -417,6 +418,16 @@ def keyboard(buttons, contact_button, remove_keyboard):
     if remove_keyboard:
         return {"remove_keyboard": True}
     return None
+
+
+def pause(stopping, seconds):
+    """Waits seconds, or less when stopping is set (then True); in short steps, as a long wait
+    on Windows would not let Ctrl+C through."""
+    deadline = time.monotonic() + seconds
+    while not stopping.wait(min(max(deadline - time.monotonic(), 0), 0.2)):
+        if time.monotonic() >= deadline:
+            return False
+    return True
 
 
 def backoff(cfg, failures):
@@ -715,6 +726,7 @@ class App:
         self.llm_sessions = queue.SimpleQueue()
         self.summaries = {}       # chat -> (answers, Future of (intent, notes)), see summarise_soon
         self.last_queue_warning = 0.0
+        self.polling = False      # in the long poll, where a signal may interrupt the request
         self.channels = (["email"] if cfg.email_on else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
 
@@ -1107,7 +1119,7 @@ def poll(app, tg):
                 failures += 1
                 delay = e.retry_after or backoff(app.cfg, failures)
                 conflict_logged = explain_poll_error(e, conflict_logged, delay)
-                app.stopping.wait(delay)
+                pause(app.stopping, delay)
                 continue
             failures, conflict_logged = 0, False
             received_at = time.monotonic()
@@ -1139,22 +1151,40 @@ def confirm_handled(tg, offset):
             tg.call("getUpdates", http_timeout=2, offset=offset, timeout=0, limit=1)
 
 
+# Windows does not let Ctrl+C through a blocking socket read: there the long poll runs in a helper
+# thread while the main thread waits in short steps. Elsewhere the signal handler interrupts the read.
+POLL_IN_THREAD = os.name == "nt"
+
+
 def fetch_updates(app, tg, offset):
-    """getUpdates; Ctrl+C or SIGTERM interrupts only this wait, never the handling of an update."""
+    """getUpdates; Ctrl+C or SIGTERM ends this wait at once, but never the handling of an update."""
     timeout = app.cfg.poll_timeout
     due = app.outbox.next_due()
     if due is not None:
         # At least 1 s: an item another thread is still sending must not make this loop spin.
         timeout = max(1, min(timeout, int(due - time.time()) + 1))
-    app.polling = True
+    if app.stopping.is_set():
+        raise Stopped()
+    # The read timeout exceeds the long-poll timeout, or a dead connection would hang forever.
+    request = functools.partial(tg.call, "getUpdates", http_timeout=timeout + app.cfg.telegram_timeout,
+                                offset=offset, timeout=timeout, allowed_updates=["message"])
+    if POLL_IN_THREAD:
+        return wait_in_steps(app.stopping, in_background(request))
+    app.polling = True  # from here the signal handler may raise Stopped
     try:
-        if app.stopping.is_set():
-            raise Stopped()
-        # The read timeout exceeds the long-poll timeout, or a dead connection would hang forever.
-        return tg.call("getUpdates", http_timeout=timeout + app.cfg.telegram_timeout, offset=offset,
-                       timeout=timeout, allowed_updates=["message"])
+        return request()
     finally:
         app.polling = False
+
+
+def wait_in_steps(stopping, answer):
+    """The result of a Future, waited for in short steps so that stopping is noticed at once."""
+    while True:
+        try:
+            return answer.result(timeout=0.2)
+        except TimeoutError:
+            if stopping.is_set():
+                raise Stopped() from None  # the abandoned request only confirms what is handled
 
 
 def explain_poll_error(e, conflict_logged, delay):
@@ -1178,7 +1208,7 @@ def explain_poll_error(e, conflict_logged, delay):
 def install_signal_handlers(app):
     def on_signal(signum, frame):
         app.stopping.set()
-        if getattr(app, "polling", False):
+        if app.polling:
             raise Stopped()  # leaves the long poll at once; an update in hand is finished first
 
     signal.signal(signal.SIGINT, on_signal)

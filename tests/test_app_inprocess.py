@@ -1,5 +1,9 @@
 """The dialog driven in-process through App.handle, with a recording stand-in for Telegram."""
+import threading
+import types
 from contextlib import contextmanager
+
+import pytest
 
 import leadbot
 
@@ -63,3 +67,37 @@ def test_a_contact_typed_into_an_answer_is_not_sent_to_the_llm(tmp_path, monkeyp
     app.summary_for(7, app.dialogs[7])  # the manager's notes, written in the background
     assert len(asked) == 2
     assert all("123-45-67" not in user and "ivan@example.ru" not in user for user in asked)
+
+
+class BlockingTelegram:
+    """A Bot API whose getUpdates answers only when released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def call(self, method, **params):
+        self.release.wait(10)
+        return [{"update_id": 1}]
+
+
+def polling_app():
+    cfg = types.SimpleNamespace(poll_timeout=25, telegram_timeout=15)
+    outbox = types.SimpleNamespace(next_due=lambda: None)
+    return types.SimpleNamespace(cfg=cfg, outbox=outbox, stopping=threading.Event(), polling=False)
+
+
+def test_on_windows_the_long_poll_waits_in_a_thread_and_still_returns_updates(monkeypatch):
+    monkeypatch.setattr(leadbot, "POLL_IN_THREAD", True)
+    tg = BlockingTelegram()
+    threading.Timer(0.05, tg.release.set).start()
+    assert leadbot.fetch_updates(polling_app(), tg, None) == [{"update_id": 1}]
+
+
+def test_on_windows_stopping_ends_the_long_poll_while_the_request_still_hangs(monkeypatch):
+    monkeypatch.setattr(leadbot, "POLL_IN_THREAD", True)
+    app, tg = polling_app(), BlockingTelegram()
+    threading.Timer(0.05, app.stopping.set).start()
+    with pytest.raises(leadbot.Stopped):
+        leadbot.fetch_updates(app, tg, None)
+    assert not tg.release.is_set()  # the request was abandoned, not waited for
+    tg.release.set()
