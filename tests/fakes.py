@@ -6,6 +6,7 @@ the faults real services produce: error answers, resets, stalls, refused connect
 
 import asyncio
 import copy
+import csv
 import email
 import email.policy
 import itertools
@@ -809,6 +810,15 @@ def full_dialog(telegram, chat_id, contact="+7 999 123-45-67", **sender):
     """A whole dialog up to the thank-you; returns the thank-you text."""
     reach_contact_step(telegram, chat_id, **sender)
     return say(telegram, chat_id, contact, "Спасибо", **sender)
+
+
+def read_rows(env, delimiter=","):
+    """The rows of {DATA_DIR}/leads.csv as dicts, read as a spreadsheet would; none while it is missing."""
+    try:
+        with open(Path(env["DATA_DIR"]) / "leads.csv", encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f, delimiter=delimiter))
+    except (FileNotFoundError, IsADirectoryError):
+        return []
 
 
 def saved_dialogs(data_dir):

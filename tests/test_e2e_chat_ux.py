@@ -1,20 +1,11 @@
 """What a client sees in Telegram: command menu, buttons, typing…, /cancel, /help and /forget."""
-import csv
 import json
 import re
 from pathlib import Path
 
-from fakes import ANSWERS, CONTACT_REQUEST, full_dialog, reach_contact_step, say, wait_until
+from fakes import ANSWERS, CONTACT_REQUEST, full_dialog, reach_contact_step, read_rows, say, wait_until
 
 REMOVE = {"remove_keyboard": True}
-
-
-def read_rows(bot_env):
-    path = Path(bot_env["DATA_DIR"]) / "leads.csv"
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def leads_bytes(bot_env):

@@ -1,14 +1,8 @@
 """The whole bot as a real process against fake Telegram, LLM and SMTP servers."""
-import csv
 
-from fakes import ANSWERS, full_dialog, reach_contact_step, run_bot, say
+from fakes import ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say
 
 COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
-
-
-def read_rows(bot_env):
-    with open(f"{bot_env['DATA_DIR']}/leads.csv", encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_a_client_goes_from_start_to_a_saved_and_emailed_lead(bot, bot_env, telegram, llm, smtp):

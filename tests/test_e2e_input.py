@@ -1,21 +1,12 @@
 """Hostile and unusual input, floods and prompt injection, against the real bot process."""
-import csv
 import re
 
-from fakes import ANSWERS, CONTACT_REQUEST, FakeTelegram, reach_contact_step, saved_dialogs, say, wait_until
+from fakes import ANSWERS, CONTACT_REQUEST, FakeTelegram, reach_contact_step, read_rows, saved_dialogs, say, wait_until
 from leadbot import HERE, QUESTIONS, TEXTS, read_prompt
 
 GREETING = "Здравствуйте"
 FALLBACK = "Сервис временно недоступен, давайте обменяемся контактами"
 MEDIA = ["photo", "sticker", "voice", "video", "document", "location", "poll"]
-
-
-def read_rows(bot_env):
-    try:
-        with open(f"{bot_env['DATA_DIR']}/leads.csv", encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
 
 
 def confirmed(telegram, update_id):

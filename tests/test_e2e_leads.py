@@ -3,14 +3,13 @@
 After every scenario the file and the fakes are counted: exactly one row per finished dialog,
 exactly one e-mail (and manager card) per lead, and the client never told "saved" when it was not.
 """
-import csv
 import random
 import time
 from pathlib import Path
 
 import pytest
 
-from fakes import ANSWERS, FakeSMTP, full_dialog, reach_contact_step, run_bot, say, wait_until
+from fakes import ANSWERS, FakeSMTP, full_dialog, reach_contact_step, read_rows, run_bot, say, wait_until
 
 COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
 BOM = "\ufeff".encode()
@@ -22,14 +21,6 @@ MANAGER_CHAT = 5550001
 
 def leads_path(env):
     return Path(env["DATA_DIR"]) / "leads.csv"
-
-
-def read_rows(env, delimiter=","):
-    try:
-        with open(leads_path(env), encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f, delimiter=delimiter))
-    except (FileNotFoundError, IsADirectoryError):
-        return []
 
 
 def rows_of(env, chat_id, delimiter=","):

@@ -1,10 +1,9 @@
 """WORKERS > 1: many chats at once, each chat still in order, every file consistent (no timing asserts)."""
-import csv
 import json
 import re
 from pathlib import Path
 
-from fakes import CONTACT_REQUEST, wait_until
+from fakes import CONTACT_REQUEST, read_rows, wait_until
 from leadbot import QUESTIONS, TEXTS
 
 CHATS = range(4001, 4016)
@@ -51,11 +50,6 @@ def write_all_at_once(telegram, chats, messages):
 
 def qualifying(chat):
     return ["/help", "/start", task(chat), "В течение месяца", "50–200 тыс. ₽"]
-
-
-def read_rows(bot_env):
-    with open(Path(bot_env["DATA_DIR"]) / "leads.csv", encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def journal_entries(bot_env):
