@@ -1,65 +1,196 @@
-"""Chat completions from any OpenAI-compatible server (Ollama, LM Studio, llama.cpp, OpenRouter, OpenAI)."""
+"""The LLM's words as the client sees them: an OpenAI-compatible chat completion, bounded and cleaned."""
 
-import logging
+import json
+import re
+import time
 
 import requests
+from urllib3.exceptions import HTTPError as TransportError, ReadTimeoutError
+from urllib3.util import Timeout
 
-log = logging.getLogger(__name__)
+MAX_ANSWER_CHARS = 6000  # longer answers are cut: a client reads a couple of messages, not 254
+MAX_BYTES = 1 << 20  # all that is read for one answer, reasoning and protocol included
 
-FALLBACK = "Сервис временно недоступен, давайте обменяемся контактами"  # shown when there is no answer
+_ADVICE = {  # what happened — what to change, for the owner
+    "key": "LLM: the server refused the key ({what}) — check LLM_API_KEY",
+    "model": "LLM: model {model!r} or this address is unknown ({what}) — check LLM_MODEL (Ollama: ollama pull "
+             "<model>) and that LLM_BASE_URL ends with /v1",
+    "limit": "LLM: rate limit or no credit left ({what}) — wait, or check your plan and balance with the provider",
+    "server": "LLM: the server failed ({what}) — look at its log or try again later",
+    "late": "LLM: no answer within LLM_TIMEOUT ({timeout:g} s) — raise LLM_TIMEOUT or pick a faster model",
+    "connect": "LLM: cannot reach the server ({what}) — start the LLM server or correct LLM_BASE_URL",
+    "malformed": "LLM: not an OpenAI-compatible API ({what}) — check LLM_BASE_URL, it usually ends with /v1",
+    "broken": "LLM: the answer broke off half-way — look at the server's log or try again later",
+    "empty": "LLM: the model gave no text, maybe only reasoning — raise LLM_MAX_TOKENS or pick another LLM_MODEL",
+}
+_STATUS_KINDS = {401: "key", 403: "key", 400: "model", 404: "model", 405: "model", 402: "limit", 429: "limit"}
 
 
 class LLMError(Exception):
-    """No usable answer: the text is a short reason without URL or key, .status the HTTP status or None."""
+    """No usable answer. str() is one line for the owner, without URL or key; .status the HTTP status or None."""
 
-    def __init__(self, reason: str, status: int | None = None):
-        super().__init__(reason)
+    def __init__(self, text: str, status: int | None = None):
+        super().__init__(text)
         self.status = status
 
 
-def complete(cfg, system: str, user: str, session: requests.Session | None = None) -> str | None:
-    """The model's answer to one system + user message pair, or None if there is no usable answer."""
+def _fail(cfg, kind, what="", status=None):
+    return LLMError(_ADVICE[kind].format(what=what, model=cfg.llm_model, timeout=cfg.llm_timeout), status)
+
+
+def complete(cfg, system: str, user: str, on_text=None, session=None) -> str:
+    """The model's clean plain-text answer to a system + user message pair; LLMError when there is none.
+
+    cfg.llm_timeout covers all, connect to last byte. on_text(text_so_far) sees the cleaned text of a stream grow
+    ("" while the model only reasons); only the return value is final. A stream ending with neither "data: [DONE]"
+    nor a finish_reason broke off: LLMError, not a cut answer passed off as whole. Longer answers are cut short."""
+    return _ask(cfg, system, user, on_text, session, cfg.llm_stream)
+
+
+def check(cfg) -> tuple[bool | None, str]:
+    """Asks the model for one word, not streamed."""
+    if not cfg.llm_base_url:
+        return None, ("LLM: off (LLM_BASE_URL is empty) — clients get a short standard text instead of "
+                      "a recommendation")
     try:
-        return ask(cfg, system, user, session)
-    except LLMError as problem:
-        log.warning("LLM %s", problem)
-        return None
+        _ask(cfg, "Answer with one word.", "Say: ready", None, None, stream=False)
+        return True, f"LLM: model {cfg.llm_model} answers"
+    except LLMError as error:
+        return False, str(error)
 
 
-def ask(cfg, system: str, user: str, session: requests.Session | None = None) -> str:
-    """The model's answer to one system + user message pair; raises LLMError when there is none."""
-    url = cfg.llm_base_url.rstrip("/") + "/chat/completions"
+def _ask(cfg, system, user, on_text, session, stream):
+    deadline = time.monotonic() + cfg.llm_timeout
+    payload = {"model": cfg.llm_model, "max_tokens": cfg.llm_max_tokens, "stream": stream,
+               "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
     headers = {"Authorization": f"Bearer {cfg.llm_api_key}"} if cfg.llm_api_key else {}
-    payload = {
-        "model": cfg.llm_model,
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-    }
     try:
-        response = (session or requests).post(url, json=payload, headers=headers, timeout=cfg.llm_timeout)
-    except requests.RequestException as error:
-        # str(error) contains the URL, so only the class name is kept.
-        raise LLMError(f"request failed: {type(error).__name__}") from None
-    if response.status_code // 100 != 2:
-        raise LLMError(f"request failed: HTTP {response.status_code}", response.status_code)
-    try:
-        return _answer(response)
-    except ValueError as problem:
-        raise LLMError(f"answer malformed: {problem}") from None
+        response = (session or requests).post(cfg.llm_base_url.rstrip("/") + "/chat/completions", json=payload,
+                                              headers=headers, stream=True, timeout=Timeout(total=cfg.llm_timeout))
+    except (requests.RequestException, ValueError) as error:  # str(error) holds the URL: the class name only
+        raise (_fail(cfg, "late") if isinstance(error, requests.ReadTimeout)
+               else _fail(cfg, "connect", type(error).__name__)) from None
+    with response:
+        if (status := response.status_code) // 100 != 2:
+            raise _fail(cfg, _STATUS_KINDS.get(status, "server" if status >= 500 else "malformed"),
+                        f"HTTP {status}", status)
+        lines = _lines(cfg, response, deadline)
+        if "event-stream" in response.headers.get("Content-Type", ""):
+            text = clean(_from_stream(cfg, lines, on_text))
+        else:  # a whole JSON completion, also when a server does not stream; reasoning fields are ignored
+            try:  # a None in lines (over MAX_BYTES: no completion is that big) is a TypeError too
+                text = clean(json.loads(b"\n".join(lines))["choices"][0]["message"].get("content") or "")
+            except (ValueError, LookupError, TypeError, AttributeError):
+                raise _fail(cfg, "malformed", "no JSON completion") from None
+    if len(text) > MAX_ANSWER_CHARS:
+        text = text[:max(text.rfind(" ", 0, MAX_ANSWER_CHARS), MAX_ANSWER_CHARS // 2)].rstrip() + "…"
+    if not text:
+        raise _fail(cfg, "empty")
+    return text
 
 
-def _answer(response: requests.Response) -> str:
-    """The stripped choices[0].message.content; ValueError with a short reason if the shape is wrong."""
-    try:
-        data = response.json()
-    except ValueError:
-        raise ValueError("not JSON") from None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list) or not choices:
-        raise ValueError("no choices")
-    message = choices[0].get("message") if isinstance(choices[0], dict) else None
-    if not isinstance(message, dict):
-        raise ValueError("no message")
-    content = message.get("content")
-    if not isinstance(content, str) or not content.strip():
-        raise ValueError("empty content")
-    return content.strip()
+def _lines(cfg, response, deadline):
+    """The body's lines as they arrive, then None if MAX_BYTES cut it short. Each read is one system call
+    (read1) with the socket timeout set to the time left: a trickling server cannot stretch the deadline."""
+    settimeout = getattr(getattr(response.raw.connection, "sock", None), "settimeout", lambda seconds: None)
+    buffer, total = bytearray(), 0
+    while total < MAX_BYTES:
+        if (left := deadline - time.monotonic()) <= 0:
+            raise _fail(cfg, "late")
+        try:
+            settimeout(left)  # a no-op for a test double without a socket
+            data = response.raw.read1(min(16384, MAX_BYTES - total), decode_content=True)
+        except (TransportError, OSError) as error:
+            raise _fail(cfg, "late" if isinstance(error, ReadTimeoutError) else "broken") from None
+        if not data:
+            break
+        total += len(data)
+        buffer += data
+        if b"\n" in data:  # splitting only then keeps a long line linear
+            *lines, buffer = buffer.split(b"\n")
+            yield from lines
+    yield buffer if total < MAX_BYTES else None
+
+
+def _from_stream(cfg, lines, on_text):
+    """The raw content of server-sent events: "data: {json}" lines up to "data: [DONE]"."""
+    raw, cleaned_at, visible, shown, finished = "", 0, "", None, False
+    for line in lines:
+        if line is None or line.strip() in (b"data: [DONE]", b"data:[DONE]") or len(visible) >= MAX_ANSWER_CHARS:
+            return raw  # the end, or a size cap: use what is there
+        if not line.startswith(b"data:"):  # blank, ": OPENROUTER PROCESSING", "event: …"
+            continue
+        try:
+            event = json.loads(line[5:])
+            choice = event["choices"][0] if event.get("choices") else {}
+            delta = choice.get("delta") or {}
+        except (ValueError, LookupError, TypeError, AttributeError):
+            raise _fail(cfg, "malformed", "no JSON event") from None
+        if event.get("error"):
+            raise _fail(cfg, "server", "an error event mid-answer")
+        finished = finished or bool(choice.get("finish_reason"))
+        if isinstance(text := delta.get("content"), str) and text:
+            raw += text
+            # Cleaning the whole text for every chunk would be quadratic: the steps grow with the text.
+            if len(raw) - cleaned_at > max(len(visible) // 16, len(raw) // 64):
+                visible, cleaned_at = clean(raw)[:MAX_ANSWER_CHARS], len(raw)
+        elif not (delta.get("reasoning_content") or delta.get("reasoning")):
+            continue
+        # Marks near the end of the last line may still pair up ('*bold', '<thi'): show the text up to them.
+        mark = _MARK.search(visible, max(visible.rfind("\n") + 1, len(visible) - 60))
+        view = visible[:mark.start()] if mark else visible
+        if on_text and (len(view) > len(shown or "") or not (view or shown)):
+            on_text(shown := view)
+    if not finished:
+        raise _fail(cfg, "broken")
+    return raw
+
+
+# Cleaning. Every pattern is linear on any input: no two repeats can match the same characters.
+# Reasoning is <think>… up to </think> or the end, and all before a first </think> without <think> (as from a
+# server that puts the <think> in the prompt). A match ends at the first possible place: none is retried.
+_THINK = re.compile(r"<think(?:ing)?>.*?(?:</think(?:ing)?>|\Z)|\A(?:(?!<think).)*?</think(?:ing)?>", re.I | re.S)
+_TAG = re.compile(r"<(/?(?:b|strong|i|em|u|s|del|code|pre|span|div|p|br|hr|li|ul|ol|h[1-6]|a))(?:\s[^<>]*)?/?>", re.I)
+_TAG_TEXT = {"br": "\n", "hr": "\n", "li": "\n• ", **dict.fromkeys("p /p /div /ul /ol /h1 /h2 /h3".split(), "\n\n")}
+_QUOTE = re.compile(r"(?:[ \t]*>)+[ \t]?")
+_BLOCK = re.compile(r"([ \t]*)(?:(#{1,6})|[-*+])[ \t]+")  # a heading or a list item
+_MARK = re.compile(r"[*_~`\[<]")
+_LINK = re.compile(r"!?\[([^\[\]\n]*)\]\(\s*([^()\s]+)\s*\)")
+# Marks only pair up as formatting, not inside words or around spaces: ivan_petrov, 2*3, a * b stay.
+_EMPHASIS = [re.compile(rf"(?<![\w{c}]){re.escape(mark)}(?=[^\s{c}])([^{c}\n]*?[^\s{c}]){re.escape(mark)}"
+                        + (rf"(?!{c})" if c == r"\*" else rf"(?![\w{c}])"))
+             for c, marks in ((r"\*", ("*", "**", "***")), ("_", ("_", "__", "___")), ("~", ("~~",))) for mark in marks]
+
+
+def clean(text: str) -> str:
+    """Plain text for the client: no reasoning, no Markdown or HTML marks, at most one blank line in a row."""
+    text = _THINK.sub("", text).replace("\r\n", "\n").replace("\r", "\n").replace("\ue000", "")
+    lines, fenced = [""], False
+    for line in _TAG.sub(lambda m: _TAG_TEXT.get(m.group(1).lower(), ""), text).split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+            continue
+        if not fenced:
+            line = line[quote.end():] if (quote := _QUOTE.match(line)) else line
+            marks = line.replace(" ", "").replace("\t", "")
+            if len(marks) >= 3 and set(marks) in ({"-"}, {"*"}, {"_"}):  # a horizontal rule
+                line = ""
+            elif block := _BLOCK.match(line):
+                line = ("" if block.group(2) else block.group(1) + "• ") + line[block.end():]
+            line = _inline(line)
+        if (line := line.rstrip()) or lines[-1]:  # no blank line at the start or after another
+            lines.append(line)
+    return "\n".join(lines).strip()
+
+
+def _inline(line):
+    """line without emphasis marks, code backticks and link brackets; code spans stay as they are."""
+    parts = line.split("`")
+    if len(parts) % 2 == 0:  # an odd backtick out stays
+        parts[-2:] = [parts[-2] + "`" + parts[-1]]
+    line = "\ue000".join(parts[::2])  # code spans set aside, a private-use mark in their place
+    line = _LINK.sub(lambda m: m.group(2) if m.group(1).strip() in ("", m.group(2))
+                     else f"{m.group(1)} ({m.group(2)})", line)
+    for pattern in _EMPHASIS:
+        line = pattern.sub(r"\1", line)
+    return "".join(text + code for text, code in zip(line.split("\ue000"), parts[1::2] + [""]))

@@ -1,114 +1,149 @@
-"""E-mail a new lead to the manager over SMTP."""
+"""The lead card for the manager, and e-mailing it over SMTP."""
 
 import contextlib
+import datetime
 import email.message
 import email.utils
 import smtplib
+import socket
 import ssl
 import textwrap
 
-SUBJECT = "Новая заявка (leadbot)"
 TIMEOUT = 20  # seconds, for connecting and for each SMTP reply
+# Keyed by the CSV columns (store.COLUMNS order), then the extras a lead may carry.
+LABELS = {"timestamp": "Время", "chat_id": "Чат", "client_name": "Имя", "contact": "Контакт", "intent": "Запрос",
+          "notes": "Заметки", "source": "Источник", "status": "Статус", "offer": "Рекомендация", "answers": "Ответы"}
+VALUES = {"status": {"new": "новая", "rejected": "отказ"}, "source": {"telegram": "Telegram", "console": "консоль"}}
+# SMTP allows 998 bytes a line, 240 characters are <= 960 bytes; wrapped lines are indented like answers.
+_WRAPPER = textwrap.TextWrapper(width=240, subsequent_indent="    ", break_on_hyphens=False)
 
-LABELS = {"timestamp": "Время", "chat_id": "Чат", "client_name": "Имя", "contact": "Контакт",
-          "intent": "Запрос", "notes": "Заметки", "source": "Источник", "status": "Статус"}
-
-_MESSAGES = {
-    "auth": "SMTP server rejected the login: check SMTP_USER and SMTP_PASSWORD",
-    "connect": "cannot reach SMTP server ({}): check SMTP_HOST, SMTP_PORT and SMTP_SECURITY",
-    "rejected": "SMTP server refused the message ({}): check MAIL_FROM and MANAGER_EMAIL",
-    "other": "SMTP error ({}): check SMTP_SECURITY and the server's settings",
-}
+_ADVICE = {"auth": "the SMTP server rejected the login — check SMTP_USER and SMTP_PASSWORD",
+           "connect": "cannot reach the SMTP server{} — check SMTP_HOST, SMTP_PORT and SMTP_SECURITY",
+           "rejected": "the SMTP server refused the message — check MAIL_FROM and MANAGER_EMAIL",
+           "tls": "the SMTP server's certificate is not trusted (self-signed, expired or for another host name), "
+                  "so nothing was sent, not even the password — check SMTP_HOST / the server's certificate",
+           "other": "the SMTP server does not offer STARTTLS or login — check SMTP_SECURITY (465: ssl, 587: starttls)"}
+# First match wins, other OSErrors are "connect"; smtplib.SMTPException and ssl.SSLError are OSErrors too.
+_KINDS = ((smtplib.SMTPAuthenticationError, "auth"), (ssl.SSLCertVerificationError, "tls"),
+          ((smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError), "rejected"),
+          ((smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected), "connect"), (smtplib.SMTPException, "other"))
+_REASONS = ((ConnectionRefusedError, "refused"), (socket.gaierror, "unknown host"), (TimeoutError, "no answer"))
 
 
 class MailError(Exception):
-    """Sending failed. .kind is 'auth' | 'connect' | 'rejected' | 'other'; the text holds no personal data."""
+    """E-mail failed. .kind is a key of _ADVICE; str() is one line for the owner, with no addresses or server text."""
 
-    def __init__(self, kind: str, cause: str):
-        super().__init__(_MESSAGES[kind].format(cause))
+    def __init__(self, kind: str, reason: str = ""):
+        super().__init__("Email: " + _ADVICE[kind].format(f" ({reason})" if reason else ""))
         self.kind = kind
 
 
-def lead_card(lead: dict) -> str:
-    """Plain-text card: 'Новая заявка', then one 'Label: value' line per lead field in column order."""
-    return "\n".join(["Новая заявка"] + [f"{label}: {lead[key]}" for key, label in LABELS.items()])
+def card(lead: dict) -> str:
+    """The lead as plain text for the manager (e-mail body and Telegram message), one field a line."""
+    def line(key, value=None):
+        value = _one_line(lead.get(key) if value is None else value)
+        return f"{LABELS[key]}: {VALUES.get(key, {}).get(value, value) or '—'}"
+
+    answers = [f"  {_one_line(label)}: {_one_line(text) or '—'}" for label, text in lead.get("answers") or ()]
+    return "\n".join([
+        _headline(lead), line("client_name"), line("contact"), line("intent"),
+        *([LABELS["answers"] + ":"] + answers if answers else []),
+        *([line("offer", _shorten(_one_line(lead["offer"]), 700))] if lead.get("offer") else []),
+        line("notes"), line("source"), line("status"), line("chat_id"),
+        line("timestamp", _readable_time(str(lead.get("timestamp", "")))),
+    ])
 
 
-def build_message(cfg, lead: dict, lead_id: str, eight_bit: bool = False) -> email.message.EmailMessage:
-    """The e-mail for one lead; its Message-ID depends only on lead_id, so a resend can be deduplicated.
-
-    eight_bit: the body goes as plain UTF-8 (readable even in the raw message), for servers with
-    8BITMIME; otherwise base64 keeps it 7-bit clean."""
-    message = email.message.EmailMessage()
-    message["From"] = cfg.mail_from
-    message["To"] = cfg.manager_email
-    message["Subject"] = SUBJECT
-    message["Date"] = email.utils.formatdate(localtime=True)
-    message["Message-ID"] = f"<{lead_id}@leadbot>"
-    if eight_bit:  # SMTP allows at most 998 bytes a line; a long note is wrapped
-        body = "\n".join(textwrap.fill(line, 300) for line in lead_card(lead).splitlines())
-        message.set_content(body, charset="utf-8", cte="8bit")
-    else:
-        message.set_content(lead_card(lead), charset="utf-8", cte="base64")
-    return message
+def subject(lead: dict) -> str:
+    """«Новая заявка: <intent> — <name>» on one line of at most about 120 characters."""
+    intent, name = _shorten(_one_line(lead.get("intent")), 60), _shorten(_one_line(lead.get("client_name")), 40)
+    return _headline(lead) + (f": {intent}" if intent else "") + (f" — {name}" if name else "")
 
 
 def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None) -> None:
-    """Send the lead card to cfg.manager_email; raises MailError when the server did not take it.
+    """E-mail the card to the manager; raises MailError. accepted() runs once the server took it, before QUIT."""
+    with contextlib.closing(_login(cfg)) as smtp:
+        with _translated():
+            options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") else []  # then the body is readable UTF-8
+            smtp.send_message(_message(cfg, lead, lead_id, eight_bit=bool(options)), mail_options=options)
+        accepted()  # from here on the lead must never be sent again, whatever happens next
+        with contextlib.suppress(OSError):  # a failed goodbye changes nothing: the server has the message
+            smtp.quit()
 
-    accepted() runs as soon as the server has taken the message, before QUIT: from then on it
-    must never be sent again, whatever happens to the connection or the process.
-    """
-    with _session(cfg) as smtp:
-        smtp.ehlo_or_helo_if_needed()
-        smtp.send_message(build_message(cfg, lead, lead_id, smtp.has_extn("8bitmime")))
-        accepted()
+
+def check(cfg) -> tuple[bool | None, str]:
+    """Connect, secure and log in exactly as send_lead does, without sending anything."""
+    if not cfg.smtp_host:
+        return None, "Email: off (SMTP_HOST is empty) — leads are saved to leads.csv only"
+    try:
+        with contextlib.closing(_login(cfg)) as smtp, contextlib.suppress(OSError):
+            smtp.quit()
+    except MailError as error:
+        return False, str(error)
+    server = f"Email: SMTP server {cfg.smtp_host}:{cfg.smtp_port}"
+    return True, server + (" accepts the login (nothing was sent)" if cfg.smtp_user
+                           else " answers (SMTP_USER is empty, so no login is tried)")
 
 
-def check_login(cfg) -> None:
-    """Connect and log in exactly as send_lead does, without sending; raises MailError."""
-    with _session(cfg):
-        pass
+def _headline(lead: dict) -> str:
+    return "Отказ" if lead.get("status") == "rejected" else "Новая заявка"
+
+
+def _one_line(value) -> str:
+    """value on one line: every kind of line break (\\r, \\n, \\u2028, \\x85 …) becomes " / "."""
+    return " / ".join(part.strip() for part in str("" if value is None else value).splitlines() if part.strip())
+
+
+def _shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", limit // 2, limit)  # at a word boundary, unless the words are very long
+    return text[:cut if cut > 0 else limit].rstrip(" /") + "…"
+
+
+def _readable_time(timestamp: str) -> str:
+    """'2026-11-24T18:03:11+03:00' as '24.11.2026 18:03 (UTC+03:00)': the lead's local time and its offset."""
+    with contextlib.suppress(ValueError):  # else it is shown as it is
+        moment = datetime.datetime.fromisoformat(timestamp)
+        offset = moment.strftime("%z")  # "+0300"; "" for a time without an offset
+        return moment.strftime("%d.%m.%Y %H:%M") + (f" (UTC{offset[:3]}:{offset[3:5]})" if offset else "")
+    return timestamp
+
+
+def _message(cfg, lead: dict, lead_id: str, eight_bit: bool) -> email.message.EmailMessage:
+    message = email.message.EmailMessage()
+    message["From"], message["To"], message["Subject"] = cfg.mail_from, cfg.manager_email, subject(lead)
+    # The Message-ID depends on lead_id only, so the manager's mail system can drop a resend.
+    message["Date"], message["Message-ID"] = email.utils.formatdate(localtime=True), f"<{lead_id}@leadbot>"
+    body = "\n".join(line if len(line) <= _WRAPPER.width else _WRAPPER.fill(line) for line in card(lead).split("\n"))
+    message.set_content(body, charset="utf-8", cte="8bit" if eight_bit else "base64")
+    return message
+
+
+def _login(cfg) -> smtplib.SMTP:
+    """A connection secured and logged in per cfg; raises MailError."""
+    # Verifies certificate and host name; smtplib's default verifies nothing: a man in the middle gets the password.
+    context = ssl.create_default_context() if cfg.smtp_security in ("ssl", "starttls") else None
+    with _translated():
+        smtp = (smtplib.SMTP_SSL(cfg.smtp_host, int(cfg.smtp_port), timeout=TIMEOUT, context=context)
+                if cfg.smtp_security == "ssl" else smtplib.SMTP(cfg.smtp_host, int(cfg.smtp_port), timeout=TIMEOUT))
+        try:
+            if cfg.smtp_security == "starttls":
+                smtp.starttls(context=context)
+            smtp.ehlo_or_helo_if_needed()
+            if cfg.smtp_user:
+                smtp.login(cfg.smtp_user, cfg.smtp_password)
+        except BaseException:
+            smtp.close()
+            raise
+    return smtp
 
 
 @contextlib.contextmanager
-def _session(cfg):
-    """An SMTP connection, secured and logged in per cfg; any failure inside becomes MailError."""
-    # smtplib's own default context does not verify the server certificate.
-    context = ssl.create_default_context()
-    smtp = None
+def _translated():
+    """Socket, TLS and SMTP errors (all OSError) become MailError, without their text: it may hold addresses."""
     try:
-        smtp = _connect(cfg, context)
-        if cfg.smtp_security == "starttls":
-            smtp.starttls(context=context)
-        if cfg.smtp_user:
-            smtp.login(cfg.smtp_user, cfg.smtp_password)
-        yield smtp
-        # A failed goodbye changes nothing: what the server accepted stays accepted.
-        with contextlib.suppress(OSError):
-            smtp.quit()
-    except OSError as error:  # smtplib.SMTPException is an OSError too
-        # "from None": the original text may contain addresses or server replies.
-        raise MailError(_kind(error), type(error).__name__) from None
-    finally:
-        if smtp is not None:
-            smtp.close()
-
-
-def _connect(cfg, context: ssl.SSLContext) -> smtplib.SMTP:
-    """A connected client, encrypted from the start when cfg.smtp_security is 'ssl'."""
-    if cfg.smtp_security == "ssl":
-        return smtplib.SMTP_SSL(cfg.smtp_host, int(cfg.smtp_port), timeout=TIMEOUT, context=context)
-    return smtplib.SMTP(cfg.smtp_host, int(cfg.smtp_port), timeout=TIMEOUT)
-
-
-def _kind(error: OSError) -> str:
-    """MailError kind for an smtplib or socket error."""
-    if isinstance(error, smtplib.SMTPAuthenticationError):
-        return "auth"
-    if isinstance(error, (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError)):
-        return "rejected"
-    if isinstance(error, smtplib.SMTPException) and not isinstance(
-            error, (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)):
-        return "other"
-    return "connect"
+        yield
+    except OSError as error:
+        kind = next((kind for kinds, kind in _KINDS if isinstance(error, kinds)), "connect")
+        raise MailError(kind, next((text for kinds, text in _REASONS if isinstance(error, kinds)), "")) from None

@@ -1,14 +1,14 @@
-"""Everything leadbot keeps on disk: the leads CSV, the dialog-state journal and the outbox."""
+"""Everything leadbot keeps in DATA_DIR: the lock, leads.csv, the dialog journal, the outbox and the funnel."""
 
-import contextlib
 import copy
 import csv
 import io
 import json
 import logging
 import os
-import re
+import statistics
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,15 +18,16 @@ COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", 
 TEXT_FIELDS = ("client_name", "contact", "intent", "notes")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 BOM = "\ufeff".encode()
-TAIL_BYTES = 64 * 1024
+STAGES = ["greeting", "qualifying", "offering", "collecting_contact"]
+PROBE = "leadbot-end-of-file-probe"
+csv.field_size_limit(2**31 - 1)  # a never-closed quote makes the rest of leads.csv one cell: parse, do not fail
 
 
 class StoreError(Exception):
-    """The leads file cannot be used safely (message names the file and the problem, no client data)."""
+    """One plain line naming the file or folder, the problem and what to do."""
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace path with data so that a crash leaves either the old or the new content."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -35,323 +36,345 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _split_records(data: bytes) -> tuple[list[bytes], bytes]:
-    """Split raw CSV into complete records (each with its newline) and the torn rest after them."""
-    records, start, pos, quoted = [], 0, 0, False
-    while (newline := data.find(b"\n", pos)) != -1:
-        quoted ^= data.count(b'"', pos, newline) % 2 == 1
-        pos = newline + 1
-        if not quoted:
-            records.append(data[start:pos])
-            start = pos
-    return records, data[start:]
-
-
-def _record_start(data: bytes) -> int | None:
-    """Offset of the first record that starts inside data, a chunk that ends where a record ends.
-
-    A newline lies outside quotes exactly when an even number of quotes follows it up to the end,
-    so the end of a file can be parsed without reading its beginning.
-    """
-    quotes_after, pos = data.count(b'"'), 0
-    while (newline := data.find(b"\n", pos, len(data) - 1)) != -1:
-        quotes_after -= data.count(b'"', pos, newline)
-        if quotes_after % 2 == 0:
-            return newline + 1
-        pos = newline + 1
-    return None
-
-
-def _parse(text: str, delimiter: str) -> list[list[str]]:
-    return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
-
-
-def _check_header(path: Path, data: bytes, delimiter: str) -> None:
-    expected = delimiter.join(COLUMNS)
-    line, newline, _ = data.removeprefix(BOM).partition(b"\n")
-    line = line.decode("utf-8", errors="replace")
-    complete = bool(newline) and line.rstrip("\r") == expected
-    torn = not newline and (expected + "\r").startswith(line)  # cut off while being written
-    if not (complete or torn):
-        raise StoreError(f"{path} has columns/delimiter different from this version "
-                         f"(expected {expected}); rename or move it and start again")
-
-
-def prepare_leads(path: Path, delimiter: str = ",") -> None:
-    """Create the data directory, refuse a leads file of another format and repair a torn last record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _usable_dir(path: Path) -> Path:
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"DATA_DIR {path} is a file, not a folder — set DATA_DIR to a folder")
+    problem, probe = "cannot be created", path / f".probe-{os.getpid()}"
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return
-    _check_header(path, data, delimiter)
-    _, torn = _split_records(data)
-    if torn:
-        with open(path, "r+b") as f:
-            f.truncate(len(data) - len(torn))
-            os.fsync(f.fileno())
-        log.warning("repaired a torn last line in %s", path.name)
+        path.mkdir(parents=True, exist_ok=True)
+        problem = "is not writable"
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise StoreError(f"DATA_DIR {path} {problem} ({type(e).__name__}) — give this user write access "
+                         "or set DATA_DIR to another folder") from None
+    return path
 
 
-def neutralise(value: str) -> str:
-    """Defuse CSV injection: prefix an apostrophe to a cell a spreadsheet would read as a formula."""
-    return "'" + value if value.startswith(FORMULA_STARTS) else value
+def _try_lock(folder: Path):
+    """The open .lock if this process now holds its OS lock (which ends with the process, kill -9 too), else None."""
+    try:
+        f = open(folder / ".lock", "a+b")
+    except OSError as e:
+        raise StoreError(f"cannot open {folder / '.lock'} ({type(e).__name__}) — "
+                         "give this user write access to it") from None
+    try:
+        if os.name == "nt":
+            import msvcrt
+            f.seek(0)  # the same byte in every process
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except OSError:
+        f.close()
+        return None
 
 
-def append_lead(path: Path, lead: dict, delimiter: str = ",") -> None:
-    """Append one lead row, with BOM and header first if the file is empty; raises OSError on failure."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\r\n")
-    with open(path, "ab", buffering=0) as f:
-        start = f.tell()
-        if start == 0:
-            buffer.write("\ufeff")
-            writer.writerow(COLUMNS)
-        writer.writerow(neutralise(lead[c]) if c in TEXT_FIELDS else lead[c] for c in COLUMNS)
-        data = memoryview(buffer.getvalue().encode("utf-8"))
+def open_data_dir(path: Path) -> object:
+    """Create DATA_DIR and lock it; keep the returned handle for the life of the process."""
+    path = _usable_dir(path)
+    handle = _try_lock(path)
+    if handle is None:
+        raise StoreError(f"another copy of leadbot is already running on DATA_DIR {path} — stop it first")
+    return handle
+
+
+def check(cfg) -> tuple[bool | None, str]:
+    """For --check: the folder is usable, leads.csv is readable, and whether a bot holds the lock."""
+    try:
+        path = _usable_dir(cfg.data_dir)
+        leads = Leads(path / "leads.csv", cfg.csv_delimiter)
+        handle = _try_lock(path)
+    except StoreError as e:
+        return False, str(e)
+    if handle:
+        handle.close()  # only a momentary try: closing the file releases the lock
+    running = "no bot is running on it now" if handle else "the bot is running on this folder"
+    return True, f"DATA_DIR: {path} is writable; leads go to {leads.path}; {running}"
+
+
+class Leads:
+    """{data_dir}/leads.csv, the owner's file: rows are appended, or removed by /forget; it is never repaired."""
+
+    def __init__(self, path: Path, delimiter: str):
+        self.path, self.delimiter, self._lock = Path(path).absolute(), delimiter, threading.Lock()
         try:
-            while data:
-                data = data[f.write(data):]
-            os.fsync(f.fileno())
-        except OSError:
-            f.truncate(start)  # never leave half a row for the next append to continue
-            raise
+            text = self.path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError(f"leads.csv {self.path} cannot be read ({type(e).__name__}) — "
+                             "close it in other programs or fix its permissions") from None
+        if not text:
+            return
+        found = next((d for d in ";," if text.partition("\n")[0].rstrip("\r") == d.join(COLUMNS)), None)
+        if found is None:
+            raise StoreError(f"leads.csv {self.path} has other columns than {','.join(COLUMNS)} — "
+                             "rename or move it and start again")
+        if found != delimiter:
+            log.warning("leads.csv uses %r, CSV_DELIMITER says %r — appending with %r", found, delimiter, found)
+        self.delimiter = found
+        self._refuse_open_quote(text)
 
+    def _refuse_open_quote(self, text: str) -> None:
+        """StoreError if the file ends inside a quoted cell: it would swallow every row appended."""
+        text += "" if text.endswith(("\n", "\r")) else "\r\n"
+        for row in csv.reader(io.StringIO(text + PROBE + "\r\n", newline=""), delimiter=self.delimiter):
+            pass
+        if row != [PROBE]:
+            cell = row[-1]  # the open cell is '"' + its text with quotes doubled, up to the end
+            line = text.count("\n", 0, len(text) + len(PROBE) + 1 - len(cell) - cell.count('"')) + 1
+            raise StoreError(f"leads.csv {self.path}: the quoted cell starting on line {line} is never closed "
+                             "— add the closing \" in an editor, then start again")
 
-def lead_exists(path: Path, chat_id, timestamp: str, delimiter: str = ",") -> bool:
-    """True if one of the last records of the file has this chat_id and timestamp; reads only the tail."""
-    if not path.exists():
-        return False
-    with open(path, "rb") as f:
-        size, span = f.seek(0, os.SEEK_END), TAIL_BYTES
-        while True:
-            start = max(0, size - span)
-            f.seek(start)
-            data = f.read()
-            cut = 0 if start == 0 else _record_start(data)
-            if cut is not None:
-                break
-            span *= 2
-    if timestamp.encode() not in data[cut:]:  # the usual answer, without parsing the tail
-        return False
-    rows = _parse(data[cut:].decode("utf-8-sig", errors="replace"), delimiter)
-    return any(row[:2] == [timestamp, str(chat_id)] for row in rows)
+    def position(self) -> int:
+        """Where the next row will start: the size of the file (0 if it is missing)."""
+        return self.path.stat().st_size if self.path.exists() else 0
 
+    def write(self, lead: dict, since: int) -> None:
+        """Append the lead unless its exact row already stands at or after byte `since`; raises OSError."""
+        buffer, values = io.StringIO(), ["" if lead.get(c) is None else str(lead[c]) for c in COLUMNS]
+        csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(  # defuse formulas:
+            "'" + v if c in TEXT_FIELDS and v.startswith(FORMULA_STARTS) else v for c, v in zip(COLUMNS, values))
+        row = buffer.getvalue().encode("utf-8")
+        with self._lock, open(self.path, "a+b", buffering=0) as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(since)
+            if row in f.read():
+                return  # written before a crash: exactly once
+            f.seek(max(size - 3, 0))
+            end = f.read()
+            if size <= len(BOM) and end in (b"", BOM):  # new, or emptied down to its BOM
+                row = (b"" if end else BOM) + (self.delimiter.join(COLUMNS) + "\r\n").encode() + row
+            elif not end.endswith(b"\n"):  # complete the last line (saved by Notepad, or an earlier cut)
+                row = (b"\n" if end.endswith(b"\r") else b"\r\n") + row
+            try:
+                view = memoryview(row)
+                while view:
+                    view = view[f.write(view):]
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(size)  # only the bytes this call wrote: never half a row for the next one
+                raise
 
-def _chat_of(record: bytes, delimiter: str) -> str | None:
-    """The chat_id cell of one raw record."""
-    rows = _parse(record.decode("utf-8", errors="replace"), delimiter)
-    return rows[0][1] if rows and len(rows[0]) > 1 else None
-
-
-def forget_chat(path: Path, chat_id, delimiter: str = ",") -> int:
-    """Remove every row of that chat, keeping all other bytes identical; returns how many were removed."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return 0
-    records, torn = _split_records(data)
-    header, rows = records[:1], records[1:]
-    kept = [record for record in rows if _chat_of(record, delimiter) != str(chat_id)]
-    removed = len(rows) - len(kept)
-    if removed:
-        _write_atomically(path, b"".join(header + kept) + torn)
-    return removed
-
-
-def read_leads(path: Path, delimiter: str = ",") -> list[dict]:
-    """All rows as dicts; a missing file has none."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f, delimiter=delimiter))
-    except FileNotFoundError:
-        return []
-
-
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-
-
-def _chat_key(chat_id) -> int | str:
-    text = str(chat_id)
-    return int(text) if re.fullmatch(r"-?[0-9]+", text) else text
+    def forget(self, chat_id) -> int:
+        """Remove every row of that chat, every other byte identical; returns how many; raises OSError."""
+        with self._lock:
+            if not self.path.exists():
+                return 0
+            text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")  # every byte comes back
+            lines = io.StringIO(text, newline="").readlines()  # split where csv splits: at \r\n, \n and \r
+            reader, chat = csv.reader(lines, delimiter=self.delimiter), [str(chat_id)]
+            kept, kept_from, start, removed = [], 0, 0, 0
+            for row in reader:  # csv's own rules; reader.line_num tells which lines a record took
+                if start and row[1:2] == chat:  # start == 0: the header
+                    kept += lines[kept_from:start]
+                    kept_from, removed = reader.line_num, removed + 1
+                start = reader.line_num
+            if removed:
+                kept += lines[kept_from:]
+                _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))
+            return removed
 
 
 class Journal:
-    """Dialog state per chat in an append-only JSON-lines file where the last line of a chat wins.
-    Appends are flushed, not fsynced: a process crash keeps the page cache."""
+    """{data_dir}/state.jsonl: dialog state as JSON lines, appended and flushed (no fsync); a chat's last line wins."""
 
-    def __init__(self, path: Path):
-        self._path = path
-        self._lock = threading.Lock()
-        self._live = {}  # chat -> its latest journal line
-        self._lines = 0  # lines in the file, superseded ones included
-        self._file = None
-        self._failed = False
+    def __init__(self, path: Path, valid):
+        self.path, self._valid, self.dialogs, self._lock = Path(path).absolute(), valid, {}, threading.Lock()
+        self._lines, self._rewrite, bad_file = 0, False, self.path.with_name(self.path.name + ".bad")
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+            *lines, torn = text.split("\n")  # torn is "" when the file ends with a line break, else ignored
+            bad = [line for line in lines if line.strip() and not self._apply(line)]
+            if bad:
+                with open(bad_file, "a", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in bad))
+                log.warning("%d malformed entries of %s were set aside in %s", len(bad), self.path.name, bad_file)
+            self._lines = len(lines)
+            if bad or torn:
+                self._compact()  # without the lines set aside, and the next line must not extend a torn one
+        except OSError as e:
+            raise StoreError(f"{self.path} cannot be read or cleaned up ({type(e).__name__}) — "
+                             "fix its permissions") from None
 
-    def load(self) -> dict:
-        """Read the journal and return chat_id -> dialog; call once, before save()."""
+    def _apply(self, line: str) -> bool:
+        """Take one line into self.dialogs; False if it is not a well-formed entry."""
+        try:
+            entry = json.loads(line)
+            chat, dialog = entry["chat"], entry["dialog"]
+            ok = isinstance(chat, (int, str)) and (dialog is None or isinstance(dialog, dict) and self._valid(dialog))
+        except Exception:  # whatever is wrong with one entry (the validator's errors too) sets only it aside
+            return False
+        if ok:
+            self._set(chat, dialog)
+        return bool(ok)
+
+    def _set(self, chat, dialog: dict | None) -> None:
+        if dialog is None:
+            self.dialogs.pop(chat, None)
+        else:
+            self.dialogs[chat] = dialog
+
+    def save(self, chat_id, dialog: dict | None) -> bool:
+        """Record the dialog of a chat (None deletes it); False if the file could not be written this time."""
         with self._lock:
-            text = self._guard(_read_text, self._path) or ""
-            dialogs = {}
-            for line in text.split("\n"):
-                try:
-                    entry = json.loads(line)
-                    chat, dialog = _chat_key(entry["chat"]), entry["dialog"]
-                except (ValueError, TypeError, KeyError):
-                    continue  # torn or foreign line
-                if dialog is None:
-                    dialogs.pop(chat, None)
+            self._set(chat_id, dialog)
+            try:
+                if self._rewrite or self._lines >= 2 * len(self.dialogs) + 1000:
+                    self._compact()
                 else:
-                    dialogs[chat] = dialog
-            self._live = {chat: json.dumps({"chat": chat, "dialog": d}) for chat, d in dialogs.items()}
-            self._lines = text.count("\n")
-            if text and not text.endswith("\n"):
-                self._guard(self._compact)  # the next append must not continue a torn line
-            return dialogs
+                    with open(self.path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"chat": chat_id, "dialog": dialog}) + "\n")
+                    self._lines += 1
+                return True
+            except OSError as e:
+                log.warning("cannot write %s (%s); dialog state is kept in memory", self.path, type(e).__name__)
+                self._rewrite = True  # a half-written line must not stay in the middle
+                return False
 
-    def save(self, chat_id, dialog: dict | None) -> None:
-        """Record the dialog of a chat; None deletes it."""
-        chat = _chat_key(chat_id)
-        line = json.dumps({"chat": chat, "dialog": dialog})
+    def erase(self, chat_id) -> None:
+        """Remove the chat and rewrite the file so that no earlier line keeps its data; raises OSError."""
         with self._lock:
-            if dialog is None:
-                self._live.pop(chat, None)
-            else:
-                self._live[chat] = line
-            self._lines += 1
-            if self._lines > 2 * len(self._live) + 1000:
-                self._guard(self._compact)
-            else:
-                self._guard(self._append, line)
-
-    def compact(self) -> None:
-        """Rewrite the file with only the latest state of each chat; superseded lines are gone from disk."""
-        with self._lock:
-            self._guard(self._compact)
+            self.dialogs.pop(chat_id, None)
+            self._compact()
 
     def close(self) -> None:
-        with self._lock:
-            self._close_file()
-
-    def _append(self, line: str) -> None:
-        if self._file is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self._path, "a", encoding="utf-8", newline="")
-        self._file.write(line + "\n")
-        self._file.flush()
+        """Nothing stays open between saves (Windows cannot replace an open file)."""
 
     def _compact(self) -> None:
-        self._close_file()  # Windows cannot replace a file that is open
-        self._lines = len(self._live)
-        _write_atomically(self._path, "".join(line + "\n" for line in self._live.values()).encode())
+        lines = [json.dumps({"chat": chat, "dialog": d}) + "\n" for chat, d in self.dialogs.items()]
+        _write_atomically(self.path, "".join(lines).encode())
+        self._lines, self._rewrite = len(lines), False
 
-    def _guard(self, action, *args):
-        """Run a file operation unless one has failed before; the first failure logs a warning."""
-        if self._failed:
-            return None
-        try:
-            return action(*args)
-        except OSError as e:
-            log.warning("cannot use %s (%s); dialog state is kept in memory only",
-                        self._path.name, type(e).__name__)
-            self._failed = True
-            self._close_file()
-            return None
 
-    def _close_file(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            with contextlib.suppress(OSError):  # a failed flush was reported already
-                file.close()
+def _well_formed(item) -> bool:
+    kinds = {"id": str, "lead": dict, "owed": list, "due": (int, float), "attempts": int, "chat_id": (int, str)}
+    return isinstance(item, dict) and all(
+        isinstance(item.get(key), kind) and not isinstance(item[key], bool) for key, kind in kinds.items())
 
 
 class Outbox:
-    """Deliveries still owed: items (dicts with id, channel, chat_id, lead, attempts, next_at) kept in
-    memory and as one JSON file each in data_dir/outbox; if that cannot be written, in memory only."""
+    """{data_dir}/outbox/: one JSON file per lead with the deliveries still owed (its write-ahead log)."""
 
-    def __init__(self, data_dir: Path):
-        self._dir = Path(data_dir) / "outbox"
-        self._lock = threading.Lock()
-        self._items = {}
-        self._warned = False
-        for file in self._dir.glob("*.json"):
+    def __init__(self, folder: Path):
+        self.folder, self._lock, self._items = Path(folder).absolute(), threading.RLock(), {}
+        for file in sorted(self.folder.glob("*.json")):
             try:
                 item = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                item = None
+            if _well_formed(item):
                 self._items[item["id"]] = item
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warning("skipped unreadable outbox file %s", file.name)
+            else:  # kept for the owner to look at; start-up goes on
+                (self.folder / "bad").mkdir(exist_ok=True)
+                os.replace(file, self.folder / "bad" / file.name)
+                log.warning("outbox file %s is malformed — moved to %s", file.name, self.folder / "bad")
 
-    def put(self, item: dict) -> None:
-        """Add the item, or replace the one with the same id."""
-        item = copy.deepcopy(item)
-        with self._lock:
-            self._items[item["id"]] = item
-            self._save(item)
+    def _file(self, lead_id: str) -> Path:
+        return self.folder / (quote(lead_id, safe="") + ".json")  # any id makes one plain file name
 
-    def has(self, item_id: str) -> bool:
-        with self._lock:
-            return item_id in self._items
+    def _save(self, item: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self._file(item["id"]), json.dumps(item).encode())
+        self._items[item["id"]] = copy.deepcopy(item)
 
-    def due(self, now: float) -> list[dict]:
-        """Copies of the items whose next_at has come, earliest first."""
+    def add(self, lead_id: str, lead: dict, owed: list[str], since: int, update_id: int | None) -> dict:
+        """Create the item once; an existing one is returned unchanged. Raises OSError."""
         with self._lock:
-            items = sorted(self._items.values(), key=lambda item: item["next_at"])
-            return [copy.deepcopy(item) for item in items if item["next_at"] <= now]
+            if lead_id not in self._items:
+                self._save({"id": lead_id, "chat_id": lead["chat_id"], "lead": lead, "owed": list(owed), "since": since,
+                            "update_id": update_id, "confirmed": False, "due": time.time(), "attempts": 0})
+            return self.get(lead_id)
+
+    def get(self, lead_id: str) -> dict | None:
+        with self._lock:
+            return copy.deepcopy(self._items.get(lead_id))
+
+    def items(self) -> list[dict]:
+        with self._lock:
+            return copy.deepcopy(sorted(self._items.values(), key=lambda item: item["due"]))
+
+    def update(self, item: dict) -> None:
+        """Rewrite one item; a confirmed one that owes nothing is removed instead. Raises OSError."""
+        with self._lock:
+            if item["id"] not in self._items:
+                return  # dropped by /forget meanwhile: never write it back
+            if item["owed"] or not item.get("confirmed"):
+                return self._save(item)
+            self._file(item["id"]).unlink(missing_ok=True)
+            del self._items[item["id"]]
+
+    def retry_later(self, lead_id: str, delay: float) -> None:
+        """Count a failed attempt and try again after delay seconds. Never raises."""
+        with self._lock:
+            item = self._items.get(lead_id)
+            if item is None:
+                return  # dropped by /forget while it was being sent
+            item["attempts"] += 1
+            item["due"] = time.time() + delay
+            try:
+                self._save(item)
+            except OSError as e:
+                log.warning("cannot write %s (%s); the retry is kept in memory", self.folder, type(e).__name__)
 
     def next_due(self) -> float | None:
         with self._lock:
-            return min((item["next_at"] for item in self._items.values()), default=None)
-
-    def done(self, item_id: str) -> None:
-        """Forget a delivered item."""
-        with self._lock:
-            self._remove(item_id)
-
-    def retry_later(self, item_id: str, now: float, first: float, cap: float) -> float:
-        """Count a failed attempt and schedule the next one with exponential backoff; returns the delay."""
-        with self._lock:
-            item = self._items.get(item_id)
-            if item is None:  # forgotten (/forget) while it was being sent: nothing to retry
-                return 0.0
-            item["attempts"] += 1
-            # the exponent is bounded so that very many attempts cannot overflow a float
-            delay = min(first * 2 ** min(item["attempts"] - 1, 64), cap)
-            item["next_at"] = now + delay
-            self._save(item)
-            return delay
+            return min((item["due"] for item in self._items.values() if item["owed"]), default=None)
 
     def drop_chat(self, chat_id) -> int:
-        """Remove every item of that chat; returns how many."""
+        """Remove every item of that chat (/forget); returns how many; raises OSError."""
         with self._lock:
             ids = [key for key, item in self._items.items() if str(item["chat_id"]) == str(chat_id)]
-            for item_id in ids:
-                self._remove(item_id)
+            for lead_id in ids:
+                self._file(lead_id).unlink(missing_ok=True)
+                del self._items[lead_id]
             return len(ids)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
 
-    def _file(self, item_id: str) -> Path:
-        return self._dir / (quote(item_id, safe="") + ".json")  # ids may hold ':' (not on Windows)
+class Funnel:
+    """{data_dir}/funnel.jsonl: the anonymous conversion funnel (never a chat id, name, contact or text)."""
 
-    def _save(self, item: dict) -> None:
+    def __init__(self, path: Path):
+        self.path = Path(path).absolute()
+
+    def record(self, dialog_id: str, event: str, source: str, **numbers) -> None:
+        """Append one event line: opened, written, closed, O(1). Never raises."""
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self._file(item["id"]), json.dumps(item).encode())
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"t": int(time.time()), "d": dialog_id, "e": event, "s": source, **numbers}) + "\n")
         except OSError as e:
-            self._warn(e)
+            log.warning("cannot write %s (%s); a funnel event is lost", self.path, type(e).__name__)
 
-    def _remove(self, item_id: str) -> None:
-        self._items.pop(item_id, None)
+
+def _period(dialogs: list[dict]) -> dict:
+    ends = [d["end"] for d in dialogs]
+    seconds = [d["seconds"] for d in dialogs if d["end"] == "contact" and isinstance(d["seconds"], (int, float))]
+    stages = [STAGES[d["stage"]] for d in dialogs if d["end"] is None]  # still open, expired or blocked
+    return {"started": len(dialogs), "qualified": sum(d["stage"] >= STAGES.index("offering") for d in dialogs),
+            "offered": sum(d["stage"] >= STAGES.index("collecting_contact") for d in dialogs),
+            "contacts": ends.count("contact"), "refused": ends.count("refused"), "cancelled": ends.count("cancelled"),
+            "dropped": {stage: stages.count(stage) for stage in STAGES},
+            "median_seconds_to_contact": float(statistics.median(seconds)) if seconds else None}
+
+
+def stats(path: Path, now: float) -> dict:
+    """Funnel counts of telegram dialogs started in the last 7 and 30 days and ever, and of console ones."""
+    path, dialogs = Path(path), {}
+    for line in (path.read_text(encoding="utf-8", errors="replace") if path.exists() else "").split("\n"):
         try:
-            self._file(item_id).unlink(missing_ok=True)
-        except OSError as e:
-            self._warn(e)
-
-    def _warn(self, error: OSError) -> None:
-        if not self._warned:
-            log.warning("cannot write %s (%s); undelivered items are kept in memory only",
-                        self._dir, type(error).__name__)
-            self._warned = True
+            ev = json.loads(line)  # a dialog starts with its first event
+            d = dialogs.setdefault(ev["d"], {"start": float(ev["t"]), "source": ev.get("s"), "stage": 0, "end": None})
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue  # a torn or foreign line
+        if ev.get("e") == "stage" and ev.get("stage") in STAGES:
+            d["stage"] = max(d["stage"], STAGES.index(ev["stage"]))
+        elif ev.get("e") in ("contact", "refused", "cancelled") and d["end"] != "contact":  # a lead stays a lead
+            d["end"], d["seconds"] = ev["e"], ev.get("seconds")
+    telegram = [d for d in dialogs.values() if d["source"] == "telegram"]
+    return {"7d": _period([d for d in telegram if d["start"] >= now - 7 * 86400]),
+            "30d": _period([d for d in telegram if d["start"] >= now - 30 * 86400]),
+            "all": _period(telegram), "console": _period([d for d in dialogs.values() if d["source"] == "console"])}

@@ -32,6 +32,15 @@ from requests.structures import CaseInsensitiveDict
 REPO = Path(__file__).resolve().parent.parent
 BOT_SCRIPT = REPO / "leadbot.py"
 
+sys.path.insert(0, str(REPO))
+import leadbot  # noqa: E402
+
+# What the client reads, as prompt.txt has it: tests expect the owner's texts, not copies of them.
+PROMPT = leadbot.read_prompt(REPO / "prompt.txt")
+QUESTIONS = [(q.label, q.text, q.buttons) for q in PROMPT.questions]
+TEXTS = PROMPT.texts
+SUMMARY_PROMPT = PROMPT.notes
+
 
 def wait_until(predicate, timeout=10, interval=0.005, message=""):
     """Poll predicate until it returns something truthy and return that value.
@@ -238,6 +247,27 @@ _MEDIA = {
 }
 
 
+_MARKDOWN_V2_SPECIAL = set("_*[]()~`>#+-=|{}.!")
+
+
+def _check_parse_mode(params, text):
+    """Telegram refuses text whose markup does not parse: unescaped MarkdownV2 characters, stray HTML."""
+    mode = params.get("parse_mode")
+    if mode is None:
+        return
+    if mode == "MarkdownV2":
+        escaped = False
+        for char in text:
+            if char in _MARKDOWN_V2_SPECIAL and not escaped:
+                raise _ApiError(400, f"Bad Request: can't parse entities: character '{char}' is reserved")
+            escaped = char == "\\" and not escaped
+    elif mode == "HTML":
+        if re.search(r"<(?!/?(b|i|u|s|a|code|pre)\b)|&(?!(lt|gt|amp|quot);)", text):
+            raise _ApiError(400, "Bad Request: can't parse entities: unsupported start tag")
+    else:
+        raise _ApiError(400, "Bad Request: unsupported parse_mode")
+
+
 class FakeTelegram(_HTTPFake):
     """The Bot API with long polling, simulated users and fault injection.
 
@@ -257,6 +287,8 @@ class FakeTelegram(_HTTPFake):
         self._updates = []  # pushed and not yet confirmed by an offset
         self._calls = []  # (method, params), failed calls included
         self._sent = []  # params of every message that was sent
+        self._drafts = []  # params of every draft that was accepted
+        self.draft_error = None  # (code, description): refuse every sendMessageDraft, like an older Bot API
         self._faults = defaultdict(deque)
         self._blocked = set()
         self._offset = 0
@@ -268,6 +300,7 @@ class FakeTelegram(_HTTPFake):
             "getUpdates": self._get_updates,
             "sendMessage": self._send_message,
             "sendChatAction": self._send_chat_action,
+            "sendMessageDraft": self._send_message_draft,
             "setMyCommands": self._set_my_commands,
             "deleteWebhook": self._delete_webhook,
             "getWebhookInfo": self._get_webhook_info,
@@ -344,10 +377,14 @@ class FakeTelegram(_HTTPFake):
             return self._updates[:limit]
 
     def _confirm(self, offset):
-        """Forget updates the offset confirms; a negative offset keeps only the last -offset ones."""
+        """Forget updates the offset confirms; a negative offset keeps only the last -offset ones.
+
+        Like the Bot API server, an offset in the future (past the last id given out, as after
+        Telegram restarted the ids at a lower value) confirms nothing.
+        """
         if offset < 0:
             self._updates = self._updates[offset:]
-        elif offset:
+        elif offset and offset <= getattr(self, "_last_id", 0) + 1:
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
         self._offset = max(self._offset, offset)
 
@@ -365,6 +402,7 @@ class FakeTelegram(_HTTPFake):
             raise _ApiError(400, "Bad Request: message text is empty")
         if len(text) > 4096:
             raise _ApiError(400, "Bad Request: message is too long")
+        _check_parse_mode(params, text)
         if isinstance(params.get("reply_markup"), str):
             try:
                 params["reply_markup"] = json.loads(params["reply_markup"])
@@ -376,6 +414,28 @@ class FakeTelegram(_HTTPFake):
             message_id = next(self._message_ids)
         return {"message_id": message_id, "from": dict(self.BOT_USER), "date": int(time.time()),
                 "chat": {"id": chat_id, "type": "private"}, "text": text}
+
+    def _send_message_draft(self, params):
+        """Validated like Telegram: a private chat, a non-zero draft_id, at most 4,096 characters."""
+        if self.draft_error:
+            raise _ApiError(*self.draft_error)
+        text = str(params.get("text") or "")
+        if not isinstance(params.get("draft_id"), int) or params["draft_id"] == 0:
+            raise _ApiError(400, "Bad Request: draft_id must be non-zero")
+        if not isinstance(params.get("chat_id"), int) or params["chat_id"] <= 0:
+            raise _ApiError(400, "Bad Request: drafts can be sent only to private chats")
+        if len(text) > 4096:
+            raise _ApiError(400, "Bad Request: message is too long")
+        _check_parse_mode(params, text)
+        with self._cond:
+            self._check_chat(params)
+            self._drafts.append(dict(params))
+        return True
+
+    def drafts(self, chat_id=None):
+        """Parameters of the drafts accepted, in order, optionally for one chat only."""
+        with self._cond:
+            return [dict(d) for d in self._drafts if chat_id is None or str(d["chat_id"]) == str(chat_id)]
 
     def _send_chat_action(self, params):
         with self._cond:
@@ -428,6 +488,7 @@ class FakeTelegram(_HTTPFake):
         """Queue a raw update for getUpdates (update_id is filled in when missing); return its update_id."""
         with self._cond:
             update = {"update_id": next(self._update_ids), **update}
+            self._last_id = update["update_id"]
             self._updates.append(update)
             self._cond.notify_all()
         return update["update_id"]
@@ -545,6 +606,15 @@ class FakeLLM(_HTTPFake):
     every request), .delay (seconds before each answer), .raw (a 200 body sent as is),
     fail_times(n, status). With .models (a set of names) another model gets 404 model_not_found,
     as OpenAI and Ollama answer.
+
+    A request with "stream": true gets text/event-stream, one server-sent event per HTTP chunk:
+    a role chunk, then .reasoning (if set) as delta[.reasoning_field], then the content — .think
+    (if set) inside <think>…</think>, then the reply — then a finish_reason chunk and "data: [DONE]".
+    .chunks splits the texts: None for three words a chunk, an int for that many characters, or a
+    list of strings sent as the content instead. .chunk_delay seconds pass between events;
+    .comments adds ": OPENROUTER PROCESSING" lines; .break_after = n closes the connection after n
+    events, without [DONE]; .no_stream answers stream requests with plain JSON. With .trickle
+    every body (streamed or not) goes out one byte every .trickle seconds.
     """
 
     def __init__(self):
@@ -554,6 +624,15 @@ class FakeLLM(_HTTPFake):
         self.delay = 0
         self.raw = None
         self.models = None
+        self.chunks = None
+        self.chunk_delay = 0
+        self.reasoning = None
+        self.reasoning_field = "reasoning_content"
+        self.think = None
+        self.comments = False
+        self.break_after = None
+        self.no_stream = False
+        self.trickle = 0
         self.requests = []  # {"json": body, "headers": case-insensitive headers}
         self._failures = deque()
         self._lock = threading.Lock()
@@ -593,9 +672,59 @@ class FakeLLM(_HTTPFake):
         elif status and status != 200:
             _send_json(handler, status, _llm_error("boom", "server_error"))
         elif self.raw is not None:
-            _send(handler, 200, self.raw)
+            self._answer(handler, "application/json", [self.raw])
+        elif request_json.get("stream") is True and not self.no_stream:
+            self._answer(handler, "text/event-stream", self._events(request_json))
         else:
-            _send_json(handler, 200, self._completion(request_json))
+            self._answer(handler, "application/json", [json.dumps(self._completion(request_json), ensure_ascii=False)])
+
+    def _answer(self, handler, content_type, pieces):
+        """Sends pieces as HTTP chunks (bytes one by one with .trickle), stopping early as .break_after says."""
+        if not self.trickle and content_type == "application/json":
+            return _send(handler, 200, pieces[0])
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for number, piece in enumerate(pieces):
+            if number == self.break_after:
+                handler.close_connection = True  # no last chunk: the client sees the body end half-way
+                return
+            if number and self.chunk_delay and handler.server.closed.wait(self.chunk_delay):
+                return
+            data = piece.encode() if isinstance(piece, str) else piece
+            for part in [data[i:i + 1] for i in range(len(data))] if self.trickle else [data]:
+                if self.trickle and handler.server.closed.wait(self.trickle):
+                    return
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                handler.wfile.flush()
+        handler.wfile.write(b"0\r\n\r\n")
+
+    def _split(self, text):
+        if isinstance(self.chunks, int):
+            return [text[i:i + self.chunks] for i in range(0, len(text), self.chunks)]
+        words = re.findall(r"\S+\s*|\s+", text)
+        return ["".join(words[i:i + 3]) for i in range(0, len(words), 3)]
+
+    def _events(self, request_json):
+        """The server-sent events (comment lines included) of a streamed answer."""
+        text = self.reply_fn(request_json) if self.reply_fn else self.reply
+        content = (f"<think>{self.think}</think>" if self.think is not None else "") + text
+        deltas = [{"role": "assistant", "content": ""}]
+        deltas += [{self.reasoning_field: piece} for piece in self._split(self.reasoning or "")]
+        deltas += [{"content": piece} for piece in
+                   (self.chunks if isinstance(self.chunks, list) else self._split(content))]
+        events = [self._chunk(request_json, delta, None) for delta in deltas]
+        events += [self._chunk(request_json, {}, "stop"), "[DONE]"]
+        comment = ": OPENROUTER PROCESSING\n\n" if self.comments else ""
+        return [comment + f"data: {event}\n\n" for event in events]
+
+    @staticmethod
+    def _chunk(request_json, delta, finish_reason):
+        return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": int(time.time()),
+                           "model": request_json["model"],
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]},
+                          ensure_ascii=False)
 
     def _completion(self, request_json):
         content = self.reply_fn(request_json) if self.reply_fn else self.reply
@@ -624,19 +753,41 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+# Self-signed test certificates, valid until 2126: "selfsigned" for localhost and 127.0.0.1,
+# "otherhost" for other.example only. tests/<name>.pem is the certificate, tests/<name>.key its key.
+CERTIFICATES = Path(__file__).resolve().parent
+
+
+def tls_context(certificate="selfsigned"):
+    """A server-side TLS context presenting one of the test certificates."""
+    import ssl  # imported here: only this fake needs it
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(CERTIFICATES / f"{certificate}.pem", CERTIFICATES / f"{certificate}.key")
+    return context
+
+
 class FakeSMTP:
     """An SMTP server that keeps what it receives in .messages.
 
-    Each message is an email.message.EmailMessage with the envelope added as .mail_from and
-    .rcpt_tos. With auth=(user, password) it requires AUTH (plain-text allowed) and rejects
-    other credentials. .quits counts QUIT commands; after accepting a message the server can
-    answer QUIT late (.quit_delay seconds) or with an error (.quit_reply, e.g. "421 ...").
+    Each message is an email.message.EmailMessage with the envelope added as .mail_from,
+    .rcpt_tos and .mail_options, and the bytes as received as .raw. With auth=(user, password)
+    it requires AUTH (plain-text allowed) and rejects other credentials; .logins lists the user
+    of every AUTH attempt, right or wrong. With tls="starttls" it offers STARTTLS, with
+    tls="ssl" it speaks TLS from the start, presenting the test certificate named by
+    certificate. RCPT TO an address in .refused gets "550". .quits counts QUIT commands;
+    after accepting a message the server can answer QUIT late (.quit_delay seconds) or with an
+    error (.quit_reply, e.g. "421 ...").
     """
 
-    def __init__(self, auth=None):
+    def __init__(self, auth=None, tls=None, certificate="selfsigned"):
         self.auth = auth
+        self.tls = tls
+        self.certificate = certificate
         self.port = _free_port()
         self.messages = []
+        self.logins = []
+        self.refused = set()
         self.quits = 0
         self.quit_delay = 0
         self.quit_reply = None
@@ -650,6 +801,8 @@ class FakeSMTP:
         options = {}
         if self.auth:
             options = {"auth_required": True, "auth_require_tls": False, "authenticator": self._authenticate}
+        if self.tls:
+            options["tls_context" if self.tls == "starttls" else "ssl_context"] = tls_context(self.certificate)
         # A fixed server_hostname spares a reverse DNS lookup on every connection.
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port,
                                       server_hostname="fake-smtp.test", **options)
@@ -667,14 +820,23 @@ class FakeSMTP:
         return list(self.messages)
 
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        self.logins.append(auth_data.login.decode() if isinstance(auth_data, LoginPassword) else mechanism)
         valid = isinstance(auth_data, LoginPassword) and (
             auth_data.login.decode(), auth_data.password.decode()) == tuple(self.auth)
         return AuthResult(success=valid, handled=False)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.refused:
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
         message.mail_from = envelope.mail_from
         message.rcpt_tos = list(envelope.rcpt_tos)
+        message.mail_options = list(envelope.mail_options)
+        message.raw = envelope.original_content
         self.messages.append(message)
         return "250 Message accepted for delivery"
 
@@ -702,8 +864,21 @@ def _bot_environment(env):
     return base
 
 
-def _bot_command(args):
-    return [sys.executable, "-u", str(BOT_SCRIPT), *args]
+def _bot_command(args, script=None):
+    return [sys.executable, "-u", str(script or BOT_SCRIPT), *args]
+
+
+APP_FILES = ("leadbot.py", "llm.py", "store.py", "mailer.py", "prompt.txt")
+
+
+def copy_app(folder):
+    """A copy of the program in folder (prompt.txt and .env beside it, as an owner has them); returns
+    the path of its leadbot.py."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in APP_FILES:
+        (folder / name).write_bytes((REPO / name).read_bytes())
+    return folder / "leadbot.py"
 
 
 class BotProcess:
@@ -711,12 +886,12 @@ class BotProcess:
 
     _numbers = itertools.count(1)
 
-    def __init__(self, env, args, cwd):
+    def __init__(self, env, args, cwd, script=None):
         number = next(self._numbers)
         self.stdout_path = Path(cwd) / f"bot-{number}.out"
         self.stderr_path = Path(cwd) / f"bot-{number}.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(_bot_command(args), cwd=cwd, env=_bot_environment(env),
+            self.proc = subprocess.Popen(_bot_command(args, script), cwd=cwd, env=_bot_environment(env),
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err)
 
     def output(self):
@@ -766,15 +941,15 @@ def running(fake):
     fake.stop()
 
 
-def start_bot(env, *args, cwd):
-    """Start leadbot.py with args in the background."""
-    return BotProcess(env, args, cwd)
+def start_bot(env, *args, cwd, script=None):
+    """Start leadbot.py (or the copy at script) with args in the background."""
+    return BotProcess(env, args, cwd, script)
 
 
-def run_bot(env, *args, cwd, input=None, timeout=30):
+def run_bot(env, *args, cwd, input=None, timeout=30, script=None):
     """Run leadbot.py to completion (--console, --check, start-up failures); return a CompletedProcess."""
     stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
-    return subprocess.run(_bot_command(args), cwd=cwd, env=_bot_environment(env), capture_output=True,
+    return subprocess.run(_bot_command(args, script), cwd=cwd, env=_bot_environment(env), capture_output=True,
                           text=True, encoding="utf-8", errors="replace", timeout=timeout, **stdin)
 
 
@@ -812,11 +987,14 @@ def full_dialog(telegram, chat_id, contact="+7 999 123-45-67", **sender):
     return say(telegram, chat_id, contact, "Спасибо", **sender)
 
 
-def read_rows(env, delimiter=","):
-    """The rows of {DATA_DIR}/leads.csv as dicts, read as a spreadsheet would; none while it is missing."""
+def read_rows(env, delimiter=None):
+    """The rows of {DATA_DIR}/leads.csv as dicts, read as a spreadsheet would (the delimiter taken from
+    the header unless given); none while it is missing."""
     try:
         with open(Path(env["DATA_DIR"]) / "leads.csv", encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f, delimiter=delimiter))
+            header = f.readline()
+            f.seek(0)
+            return list(csv.DictReader(f, delimiter=delimiter or (";" if ";" in header else ",")))
     except (FileNotFoundError, IsADirectoryError):
         return []
 

@@ -1,6 +1,6 @@
 """The whole bot as a real process against fake Telegram, LLM and SMTP servers."""
 
-from fakes import ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say
+from fakes import TEXTS, ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say
 
 COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
 
@@ -41,7 +41,7 @@ def test_llm_failure_still_leads_to_a_saved_lead(bot, bot_env, telegram, llm, sm
     llm.status = 500
     bot()
     reach_contact_step(telegram, 1002)
-    assert "Сервис временно недоступен, давайте обменяемся контактами" in telegram.texts(1002)
+    assert TEXTS["llm_failed"] in telegram.texts(1002)
     say(telegram, 1002, "ivan@example.ru", "Спасибо")
     [row] = read_rows(bot_env)
     assert row["contact"] == "ivan@example.ru" and row["status"] == "new"
@@ -63,7 +63,8 @@ def test_a_refusal_ends_politely_and_records_a_rejected_row_without_email(bot, b
     say(telegram, 1004, "Нет, не хочу", "/start")
     [row] = read_rows(bot_env)
     assert row["status"] == "rejected" and row["contact"] == ""
-    say(telegram, 1004, "А можно ещё вопрос?", "задача")  # a new dialog begins after the end
+    say(telegram, 1004, "А можно ещё вопрос?", "Когда")  # a new dialog: the message answers its first question
+    assert not any("С возвращением" in t for t in telegram.texts(1004))
     assert smtp.messages == []
 
 
@@ -94,6 +95,6 @@ def test_console_mode_needs_no_token_and_saves_a_console_lead(tmp_path):
     env = {"DATA_DIR": str(tmp_path / "data")}
     result = run_bot(env, "--console", cwd=tmp_path, input=dialog, timeout=20)
     assert result.returncode == 0, result.stderr
-    assert "Сервис временно недоступен" in result.stdout and "Спасибо" in result.stdout
+    assert TEXTS["no_llm"] in result.stdout and "Спасибо" in result.stdout  # no LLM: nothing claims a breakdown
     [row] = read_rows(env)
     assert row["source"] == "console" and row["contact"] == "anna@example.ru"

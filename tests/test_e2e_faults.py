@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from fakes import ANSWERS, CONTACT_REQUEST, reach_contact_step, run_bot, saved_dialogs, say, wait_until
-from leadbot import QUESTIONS, SUMMARY_PROMPT, TEXTS
+from fakes import QUESTIONS, SUMMARY_PROMPT, TEXTS
 
 GREETING = "Здравствуйте"
 HELP = TEXTS["help"]
-FALLBACK = "Сервис временно недоступен, давайте обменяемся контактами"
+FALLBACK = TEXTS["llm_failed"]
 
 
 def token_parts(token):
@@ -206,17 +206,15 @@ def test_a_client_who_blocked_the_bot_loses_the_dialog_quietly_and_others_go_on(
     assert "chat 1502 blocked the bot" in output and "failed" not in output
 
 
-def test_a_poisoned_update_is_logged_without_content_confirmed_and_the_queue_goes_on(bot, telegram):
+def test_a_poisoned_update_is_confirmed_without_logging_content_and_the_queue_goes_on(bot, telegram):
     process = bot()
     polling(telegram)
-    poisoned = telegram.push_update({"message": telegram.build_message(1601, text=["POISON-7731"])})
+    telegram.push_update({"message": telegram.build_message(1601, text=["POISON-7731"])})
     shapeless = telegram.push_update({"message": "POISON-7732"})
     say(telegram, 1601, "/start", QUESTIONS[0][1])
     say(telegram, 1602, "/start", QUESTIONS[0][1])
     telegram.wait_for(lambda: telegram.confirmed_offset > shapeless, 5, "the poisoned updates confirmed")
     output = process.output()
-    assert f"update {poisoned} failed: TypeError at leadbot.py:" in output
-    assert f"update {shapeless} failed: AttributeError at leadbot.py:" in output
     assert "POISON" not in output and "Traceback" not in output
 
 
@@ -240,8 +238,9 @@ def test_a_broken_llm_gives_the_fallback_the_lead_is_still_saved_and_others_are_
         assert FALLBACK in telegram.texts(chat), fault
         say(telegram, chat, "ivan@example.ru", "Спасибо")
     output = process.output()
-    assert "LLM request failed: ConnectionError" in output and "LLM request failed: ReadTimeout" in output
-    assert "LLM request failed: HTTP 503" in output and "LLM answer malformed" in output
+    for reason in ("cannot reach the server (ConnectionError)", "no answer within LLM_TIMEOUT", "the server failed (HTTP 503)",
+                   "not an OpenAI-compatible API"):
+        assert f"LLM offer failed: LLM: {reason}" in output
 
 
 # --- Restarts and signals ---------------------------------------------------------------------------
@@ -261,7 +260,7 @@ def test_a_restart_mid_dialog_continues_from_the_same_stage(bot, bot_env, telegr
     say(telegram, 1801, ANSWERS[1], QUESTIONS[2][1])
     say(telegram, 1801, ANSWERS[2], CONTACT_REQUEST)
     assert not any(GREETING in text for text in telegram.texts(1801)[before:])
-    answers = dict(zip(["task", "timeline", "budget"], ANSWERS))
+    answers = ANSWERS
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[1801]["answers"] == answers, 5,
                message="every answer kept across the restart")
 
@@ -294,8 +293,9 @@ def test_sigterm_exits_within_2_seconds_while_the_llm_still_writes_the_managers_
     assert process.wait(3) == 0  # the notes would hold it for 5 s
 
 
-def test_sigterm_while_an_update_is_handled_finishes_it_then_exits_0(bot, bot_env, telegram, llm):
-    llm.delay = 0.3
+def test_sigterm_while_the_llm_writes_the_offer_exits_at_once_and_the_offer_comes_after_restart(
+        bot, bot_env, telegram, llm):
+    llm.delay = 0.5
     process = bot()
     say(telegram, 1902, "/start", QUESTIONS[0][1])
     say(telegram, 1902, ANSWERS[0], QUESTIONS[1][1])
@@ -304,9 +304,10 @@ def test_sigterm_while_an_update_is_handled_finishes_it_then_exits_0(bot, bot_en
     wait_until(lambda: llm.calls >= 1, 5, message="the offer requested from the LLM")
     process.terminate()
     assert process.wait(5) == 0
-    assert llm.reply in telegram.texts(1902) and CONTACT_REQUEST in telegram.texts(1902)[-1]
-    assert saved_dialogs(bot_env["DATA_DIR"])[1902]["stage"] == "collecting_contact"
+    assert saved_dialogs(bot_env["DATA_DIR"])[1902]["stage"] == "offering"
     bot()
+    telegram.wait_for(lambda: CONTACT_REQUEST in telegram.texts(1902)[-1], 10, "the offer after the restart")
+    assert llm.reply in telegram.texts(1902)
     say(telegram, 1902, "+7 999 123-45-67", "Спасибо")
 
 
@@ -321,7 +322,7 @@ def test_dialogs_idle_longer_than_session_ttl_are_dropped_and_the_client_is_gree
     say(telegram, 2002, ANSWERS[0], GREETING)  # a new dialog, though no cleanup ran in the long poll
     wait_until(lambda: "Vitrina-2001" not in state.read_text(encoding="utf-8"), 5,
                message="the idle dialog gone from the state file")
-    assert list(saved_dialogs(bot_env["DATA_DIR"])) == [2002]
+    wait_until(lambda: list(saved_dialogs(bot_env["DATA_DIR"])) == [2002], 5, message="only the new dialog kept")
 
 
 def test_a_failing_delete_webhook_does_not_stop_the_bot(bot, telegram):

@@ -2,10 +2,10 @@
 import re
 
 from fakes import ANSWERS, CONTACT_REQUEST, FakeTelegram, reach_contact_step, read_rows, saved_dialogs, say, wait_until
-from leadbot import HERE, QUESTIONS, TEXTS, read_prompt
+from fakes import PROMPT, QUESTIONS, TEXTS
 
 GREETING = "Здравствуйте"
-FALLBACK = "Сервис временно недоступен, давайте обменяемся контактами"
+FALLBACK = TEXTS["llm_failed"]
 MEDIA = ["photo", "sticker", "voice", "video", "document", "location", "poll"]
 
 
@@ -114,7 +114,7 @@ def test_a_20000_character_message_is_cut_to_its_first_2000_for_the_llm_and_the_
     assert set(re.findall(r"w\d{5}", stored)) <= kept
 
 
-def test_a_10000_character_llm_answer_is_split_at_sentences_and_delivered_whole(bot, telegram, llm):
+def test_a_10000_character_llm_answer_is_cut_to_chat_size_at_a_sentence(bot, telegram, llm):
     paragraphs = ["".join(f"Предложение {p}.{s} о том, почему эта услуга вам подходит. " for s in range(1, 9))
                   for p in range(1, 40)]
     offer = "\n\n".join(p.strip() for p in paragraphs)[:10000].rsplit(".", 1)[0] + "."
@@ -123,9 +123,9 @@ def test_a_10000_character_llm_answer_is_split_at_sentences_and_delivered_whole(
     reach_contact_step(telegram, 2601)
     texts = telegram.texts(2601)
     pieces = texts[texts.index(QUESTIONS[2][1]) + 1:-1]
-    assert len(pieces) >= 3 and all(len(piece) <= 4096 for piece in pieces)
-    assert all(piece.endswith(".") for piece in pieces)
-    assert " ".join(" ".join(pieces).split()) == " ".join(offer.split())
+    assert 1 <= len(pieces) <= 2 and all(len(piece) <= 4096 for piece in pieces)
+    shown = " ".join(" ".join(pieces).split())
+    assert shown.rstrip("…").rstrip() and " ".join(offer.split()).startswith(shown.rstrip("…").rstrip())
     assert CONTACT_REQUEST in texts[-1]
 
 
@@ -142,7 +142,7 @@ def test_markup_emoji_right_to_left_zero_width_and_nul_cause_no_error_and_no_par
     assert len(telegram.calls("sendMessage")) == len(telegram.messages())  # Telegram refused nothing
     assert all(m["parse_mode"] is None and "entities" not in m for m in messages)
     assert "Здравствуйте, <b>Иван</b> & *_` 🙂!" in messages[0]["text"]
-    assert llm.reply in [m["text"] for m in messages]
+    assert "Лендинг & подойдёт лучше всего 🙂 שלום" in [m["text"] for m in messages]  # the marks cleaned
     [row] = read_rows(bot_env)
     assert row["contact"] == "ivan@example.ru" and "\x00" not in row["notes"]
     assert_clean_log(process)
@@ -177,7 +177,7 @@ def test_prompt_injection_cannot_change_the_stage_or_get_the_system_prompt_shown
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[2901]["stage"] == "collecting_contact", 5,
                message="the dialog saved at the contact step")
     assert read_rows(bot_env) == []
-    prompt_lines = [line for line in read_prompt(HERE / "prompt.txt").splitlines() if len(line) > 30]
+    prompt_lines = [line for line in PROMPT.system.splitlines() if len(line) > 30]
     shown = "\n".join(telegram.texts(2901))
     assert FALLBACK in shown
     assert not any(line in shown for line in prompt_lines)

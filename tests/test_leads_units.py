@@ -1,88 +1,350 @@
-"""Order of the durable steps of a lead, checked in-process where a subprocess cannot see it."""
+"""store.Leads: leads.csv belongs to the owner. The bot appends exactly once, removes rows only for /forget,
+and never repairs, truncates or rewrites what the owner saved. (The mailer unit tests follow at the end.)"""
+import csv
 import logging
-import os
+import random
 import socket
 import types
 
 import pytest
 from aiosmtpd.controller import Controller
 
-import leadbot
 import mailer
 import store
+from store import COLUMNS, Leads, StoreError
+
+BOM = b"\xef\xbb\xbf"
+TS = "2026-11-24T12:00:00+00:00"
+# typed into a cell in Notepad: an unquoted cell with one quote in it
+ROMASHKA = 'Нужен лендинг для ООО "Ромашка'
+
+
+def make_lead(**fields):
+    lead = {"timestamp": TS, "chat_id": 42, "client_name": "Anna", "contact": "anna@example.com",
+            "intent": "buy a sofa", "notes": "", "source": "telegram", "status": "new",
+            "offer": "not a column", "answers": [["Задача", "x"]]}
+    lead.update(fields)
+    return lead
+
+
+def header(delimiter=","):
+    return delimiter.join(COLUMNS).encode() + b"\r\n"
+
+
+def rows(path, delimiter=","):
+    """Every record as the csv module reads the file (the header included)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.reader(f, delimiter=delimiter))
+
+
+def append(leads, lead):
+    """What the bot does: remember where the row will start, then write it."""
+    leads.write(lead, leads.position())
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "leads.csv"
+
+
+# --- a new file ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("delimiter", [",", ";"])
+def test_a_new_file_gets_bom_and_header_once_and_crlf_rows(path, delimiter):
+    leads = Leads(path, delimiter)
+    assert not path.exists() and leads.position() == 0
+    append(leads, make_lead(chat_id=1))
+    append(leads, make_lead(chat_id=2))
+
+    raw = path.read_bytes()
+    assert raw.startswith(BOM + header(delimiter)) and raw.count(BOM) == 1 and raw.count(b"client_name") == 1
+    assert raw.endswith(b"\r\n") and leads.position() == len(raw)
+    assert rows(path, delimiter) == [COLUMNS] + [
+        [TS, str(chat), "Anna", "anna@example.com", "buy a sofa", "", "telegram", "new"] for chat in (1, 2)]
+
+
+@pytest.mark.parametrize("content", [b"", BOM])
+def test_an_empty_file_or_one_with_only_a_bom_gets_one_bom_and_the_header(path, content):
+    path.write_bytes(content)
+    append(Leads(path, ";"), make_lead())
+    assert path.read_bytes().startswith(BOM + header(";"))
+    assert path.read_bytes().count(BOM) == 1 and len(rows(path, ";")) == 2
+
+
+def test_multiline_notes_with_quotes_stay_one_field(path):
+    notes = 'first line\nsecond "quoted", part; end\r\nthird'
+    leads = Leads(path, ",")
+    append(leads, make_lead(notes=notes))
+    append(leads, make_lead(chat_id=7))
+    assert [row[COLUMNS.index("notes")] for row in rows(path)[1:]] == [notes, ""]
+    assert b',"first line\nsecond ""quoted"", part; end\r\nthird",telegram' in path.read_bytes()
+
+
+@pytest.mark.parametrize("prefix", ["=", "+", "-", "@", "\t", "\r"])
+def test_text_cells_that_look_like_formulas_get_an_apostrophe(path, prefix):
+    append(Leads(path, ","), make_lead(client_name=prefix + "SUM(A1)", contact=prefix + "1", intent=prefix,
+                                       notes=prefix + "x"))
+    row = rows(path)[1]
+    assert row[2:6] == ["'" + prefix + "SUM(A1)", "'" + prefix + "1", "'" + prefix, "'" + prefix + "x"]
+
+
+def test_other_cells_are_written_as_they_are(path):
+    append(Leads(path, ","), make_lead(chat_id=-100123, client_name="'=already", contact=" =x", intent="a=b",
+                                       notes=None, status="rejected"))
+    assert rows(path)[1] == [TS, "-100123", "'=already", " =x", "a=b", "", "telegram", "rejected"]
+
+
+SPECIALS = "=+-@\t\r\n\"';,\x00 яЁ€😀\u202e\u200b"
+
+
+def random_text(rng):
+    """Arbitrary Unicode (no surrogates), biased towards what breaks CSV files and spreadsheets."""
+    def char():
+        if rng.random() < 0.5:
+            return rng.choice(SPECIALS)
+        code = rng.randrange(0x110000)
+        return chr(code) if not 0xD800 <= code <= 0xDFFF else "x"
+    return "".join(char() for _ in range(rng.randrange(12)))
+
+
+def test_any_text_round_trips_neutralised_and_the_file_stays_readable(tmp_path):
+    for seed in range(60):
+        rng, delimiter = random.Random(seed), ",;"[seed % 2]
+        path = tmp_path / f"leads{seed}.csv"
+        texts = {field: random_text(rng) for field in store.TEXT_FIELDS}
+        leads = Leads(path, delimiter)
+        append(leads, make_lead(**texts))
+        append(leads, make_lead(**texts))  # the same lead twice, each with its own position: two rows
+        Leads(path, delimiter)  # and a restart accepts what was written
+
+        written = rows(path, delimiter)
+        assert len(written) == 3 and written[1] == written[2]
+        for field, text in texts.items():
+            cell = written[1][COLUMNS.index(field)]
+            assert cell == ("'" + text if text.startswith(store.FORMULA_STARTS) else text)
+
+
+# --- files the owner has touched ----------------------------------------------------------------
+
+def owner_file(path, *lines, delimiter=",", bom=True):
+    path.write_bytes((BOM if bom else b"") + header(delimiter) + b"".join(lines))
+    return path.read_bytes()
+
+
+def test_a_cell_edited_to_hold_one_quote_loses_nothing(path):
+    before = owner_file(path,
+                        b"2026-11-20T10:00:00+03:00,1,Ann,+7 900,site,plain,telegram,new\r\n",
+                        f"2026-11-21T10:00:00+03:00,2,Bob,+7 901,{ROMASHKA},x,telegram,new\r\n".encode(),
+                        b"2026-11-22T10:00:00+03:00,3,Cy,+7 902,shop,\"multi\nline\",telegram,new\r\n")
+    leads = Leads(path, ",")
+    assert path.read_bytes() == before
+    append(leads, make_lead(chat_id=4))
+
+    assert path.read_bytes().startswith(before)
+    got = rows(path)
+    assert [row[1] for row in got[1:]] == ["1", "2", "3", "4"]
+    assert got[2][4] == ROMASHKA and got[3][5] == "multi\nline"
+    assert all(len(row) == len(COLUMNS) for row in got)
+    Leads(path, ",")  # still accepted at the next start
+
+
+@pytest.mark.parametrize("ending, completion", [(b"", b"\r\n"), (b"\r", b"\n")])
+def test_a_file_without_a_final_line_break_keeps_its_last_row(path, ending, completion):
+    before = owner_file(path, b"2026-11-20T10:00:00+03:00,1,Ann,x,y,z,telegram,new\r\n",
+                        b"2026-11-21T10:00:00+03:00,2,Bob,x,y,last row," + ROMASHKA.encode() + ending)
+    leads = Leads(path, ",")
+    append(leads, make_lead(chat_id=3))
+
+    after = path.read_bytes()
+    assert after.startswith(before + completion + TS.encode())
+    assert [row[1] for row in rows(path)[1:]] == ["1", "2", "3"]
+    assert rows(path)[2][6] == ROMASHKA
+
+
+@pytest.mark.parametrize("content, line", [
+    (b'2026-11-20T10:00:00+03:00,1,Ann,x,y,"never closed\r\nsecond line\r\n', 2),
+    (b'a,1,"two\r\nlines",x,y,ok,telegram,new\r\nb,2,Bob,x,y,"opens here\r\nand goes on', 4),
+    (b'a,1,Ann,x,y,z,telegram,new\r\nb,2,"quoted ""twice"" then open', 3),
+])
+def test_a_file_ending_inside_an_open_quoted_cell_is_refused_and_untouched(path, content, line):
+    before = owner_file(path, content)
+    with pytest.raises(StoreError) as error:
+        Leads(path, ",")
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert f"line {line} " in message and str(path) in message and "editor" in message
+    assert path.read_bytes() == before
+
+
+def test_a_closed_quote_at_the_very_end_is_fine(path):
+    owner_file(path, b'a,1,Ann,x,y,"closed ""here"""')
+    append(Leads(path, ","), make_lead(chat_id=2))
+    assert [row[1] for row in rows(path)[1:]] == ["1", "2"]
+
+
+def test_the_file_keeps_its_own_delimiter(path, caplog):
+    before = owner_file(path, b"2026-11-20T10:00:00+03:00;1;Ann;x;y;z;telegram;new\r\n", delimiter=";")
+    caplog.set_level(logging.INFO, logger="store")
+    leads = Leads(path, ",")
+    assert leads.delimiter == ";"
+    append(leads, make_lead(chat_id=2, notes="a, b"))
+
+    assert path.read_bytes().startswith(before)
+    assert [row[1] for row in rows(path, ";")[1:]] == ["1", "2"] and rows(path, ";")[2][5] == "a, b"
+    assert [r.getMessage() for r in caplog.records] == [
+        "leads.csv uses ';', CSV_DELIMITER says ',' — appending with ';'"]
+    assert Leads(path, ";").delimiter == ";"
+
+
+def test_a_file_without_bom_gets_none(path):
+    before = owner_file(path, b"2026-11-20T10:00:00+03:00,1,Old,x,y,,console,new\r\n", bom=False)
+    append(Leads(path, ","), make_lead(chat_id=2))
+    assert path.read_bytes().startswith(before) and BOM not in path.read_bytes()
+
+
+@pytest.mark.parametrize("content", [
+    b"timestamp,chat_id,contact,client_name,intent,notes,source,status\r\nx,1\r\n",  # other order
+    b"timestamp,chat_id,client_name,contact,intent,notes,source\r\n",               # a column missing
+    b"timestamp\tchat_id\tclient_name\tcontact\tintent\tnotes\tsource\tstatus\r\n",  # other delimiter
+    b"name,phone",                                                                  # foreign, no newline
+    BOM + b"\r\n" + header(),                                                       # an empty first line
+    "Имя;Телефон\r\nОльга;+7\r\n".encode("cp1251"),                                 # not even UTF-8
+])
+def test_a_file_with_other_columns_is_refused_and_untouched(path, content):
+    path.write_bytes(content)
+    with pytest.raises(StoreError) as error:
+        Leads(path, ",")
+    assert str(error.value) == (f"leads.csv {path} has other columns than {','.join(COLUMNS)} — "
+                                "rename or move it and start again")
+    assert path.read_bytes() == content
+
+
+def test_a_folder_named_leads_csv_is_a_plain_error(path):
+    path.mkdir()
+    with pytest.raises(StoreError, match="cannot be read"):
+        Leads(path, ",")
+
+
+# --- exactly once -------------------------------------------------------------------------------
+
+def test_three_identical_leads_make_three_rows(path):
+    leads = Leads(path, ",")
+    for _ in range(3):
+        append(leads, make_lead())
+    assert len(rows(path)) == 4
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_write_repeated_after_a_crash_adds_no_second_row(path, existing):
+    if existing:
+        owner_file(path, b"2026-11-20T10:00:00+03:00,1,Ann,x,y,z,telegram,new")  # no final line break
+    leads = Leads(path, ",")
+    since = leads.position()
+    leads.write(make_lead(notes="a\nb"), since)
+    written = path.read_bytes()
+
+    Leads(path, ",").write(make_lead(notes="a\nb"), since)  # after the restart, with the recorded position
+
+    assert path.read_bytes() == written
+    assert len(rows(path)) == 2 + existing
+
+
+def test_a_repeat_finds_its_row_behind_later_rows(path):
+    leads = Leads(path, ",")
+    since = leads.position()
+    leads.write(make_lead(chat_id=1), since)
+    append(leads, make_lead(chat_id=2))
+    leads.write(make_lead(chat_id=1), since)
+    assert [row[1] for row in rows(path)[1:]] == ["1", "2"]
+
+
+def test_a_row_before_the_position_does_not_count(path):
+    leads = Leads(path, ",")
+    append(leads, make_lead())
+    leads.write(make_lead(), leads.position() + 1000)  # e.g. after /forget made the file shorter
+    assert len(rows(path)) == 3
+
+
+def test_a_failed_write_leaves_exactly_the_bytes_that_were_there(path, monkeypatch):
+    before = owner_file(path, b"2026-11-20T10:00:00+03:00,1,Ann,x,y,z,telegram,new")  # to be completed
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.os, "fsync", full_disk)
+    leads = Leads(path, ",")
+    with pytest.raises(OSError):
+        leads.write(make_lead(), leads.position())
+    assert path.read_bytes() == before
+
+
+def test_a_file_that_cannot_be_opened_raises_oserror(path, monkeypatch):
+    leads = Leads(path, ",")
+
+    def locked_by_excel(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store, "open", locked_by_excel, raising=False)
+    with pytest.raises(OSError):
+        leads.write(make_lead(), 0)
+
+
+# --- /forget ------------------------------------------------------------------------------------
+
+def test_forget_removes_only_that_chat_and_keeps_every_other_byte(path):
+    records = [
+        b'2026-11-24T10:00:00+00:00,1,Ann,x,y,"keep\nme ""please"" 2",telegram,new\r\n',
+        b'2026-11-24T10:01:00+00:00,2,Bob,x,y,"forget\r\nme, 1",telegram,new\r\n',
+        b'2026-11-24T10:02:00+00:00,"3",Cy,x,y,plain,console,rejected\n',  # odd but valid
+        f"2026-11-24T10:02:30+00:00,5,Eve,x,{ROMASHKA},2,telegram,new\r\n".encode(),
+        b'2026-11-24T10:03:00+00:00,2,Bob,x,y,,telegram,new\r\n',
+        "2026-11-24T10:03:30+00:00,6,Ольга,x,y,z,telegram,new\r\n".encode("cp1251"),  # saved by Excel
+        b'2026-11-24T10:04:00+00:00,22,Dee,x,y,"2\n2",telegram,new',  # no final line break
+    ]
+    owner_file(path, *records)
+    leads = Leads(path, ",")
+
+    assert leads.forget(2) == 2
+    kept = [records[i] for i in (0, 2, 3, 5, 6)]
+    assert path.read_bytes() == BOM + header() + b"".join(kept)
+    assert leads.forget("3") == 1
+    assert path.read_bytes() == BOM + header() + b"".join(kept[:1] + kept[2:])
+    assert leads.forget(77) == 0 and leads.forget("chat_id") == 0
+    assert path.read_bytes().startswith(BOM + header())
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_forget_without_a_file_or_a_match_changes_nothing(path):
+    leads = Leads(path, ",")
+    assert leads.forget(1) == 0 and not path.exists()
+    append(leads, make_lead(chat_id=5))
+    before = path.read_bytes()
+    assert leads.forget(6) == 0 and path.read_bytes() == before
+
+
+def test_forget_in_a_100000_row_file(path):
+    """Linear, not timed here: a parse that is quadratic in the rows would take minutes."""
+    def record(n):
+        return f'2026-01-01T00:00:00+00:00,{n % 50_000},Client {n},"+1 {n}",intent,"note\nline 2",telegram,new\r\n'
+
+    before = BOM + header() + "".join(record(n) for n in range(100_000)).encode()
+    path.write_bytes(before)
+    assert Leads(path, ",").forget(49_999) == 2
+    assert path.read_bytes() == before.replace(record(49_999).encode(), b"").replace(record(99_999).encode(), b"")
+
+
+def test_start_up_checks_a_100000_row_file_with_an_open_quote_at_the_end(path):
+    body = "".join(f'2026-01-01T00:00:00+00:00,{n},Client {n},x,y,"a\nb",telegram,new\r\n' for n in range(100_000))
+    path.write_bytes(BOM + header() + body.encode() + b'z,1,"open')
+    with pytest.raises(StoreError, match="line 200002 "):
+        Leads(path, ",")
+
+
+# --- mailer (in-process SMTP conversation order; no store involved) ---------------------------
 
 LEAD = {"timestamp": "2026-11-24T12:00:00+00:00", "chat_id": 4242, "client_name": "Анна",
         "contact": "+7 900 123-45-67", "intent": "Сайт", "notes": "Лендинг", "source": "telegram",
         "status": "new"}
-
-
-class Nobody:
-    """A way out that swallows every message."""
-
-    def send(self, *args, **kwargs):
-        pass
-
-
-def test_lead_saved_is_logged_only_after_the_row_is_fsynced(tmp_path, monkeypatch, caplog):
-    events = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        real_fsync(fd)
-        events.append("fsync")
-
-    class Recorder(logging.Handler):
-        def emit(self, record):
-            events.append(record.getMessage())
-
-    cfg = leadbot.read_config({"DATA_DIR": str(tmp_path / "data")}, telegram=False)
-    leadbot.prepare_data_dir(cfg)
-    app = leadbot.App(cfg, Nobody(), leadbot.MemoryJournal())
-    monkeypatch.setattr(store.os, "fsync", fsync)
-    caplog.set_level(logging.INFO, logger="leadbot")
-    handler = Recorder()
-    leadbot.log.addHandler(handler)
-    try:
-        assert app.commit_lead("4242-1", LEAD)
-    finally:
-        leadbot.log.removeHandler(handler)
-    saved = next(i for i, event in enumerate(events) if event.startswith("lead saved"))
-    assert "fsync" in events[:saved]
-    assert store.read_leads(cfg.leads_path)[0]["chat_id"] == "4242"
-
-
-def test_start_up_tries_a_broken_mail_server_once_and_keeps_every_lead_owed(tmp_path, monkeypatch):
-    attempts = []
-
-    def unreachable(cfg, lead, lead_id, accepted):
-        attempts.append(lead_id)
-        raise mailer.MailError("connect", "TimeoutError")
-
-    monkeypatch.setattr(mailer, "send_lead", unreachable)
-    cfg = leadbot.Config(data_dir=tmp_path, smtp_host="127.0.0.1", mail_from="bot@example.com",
-                         manager_email="manager@example.com")
-    app = leadbot.App(cfg, Nobody(), leadbot.MemoryJournal())
-    for n in range(3):
-        app.commit_lead(f"4242-{n}", {**LEAD, "timestamp": f"2026-11-24T12:00:0{n}+00:00"})
-    app.recover()
-    assert len(attempts) == 1  # not one timeout per owed lead before the bot starts answering
-    assert len(leadbot.App(cfg, Nobody(), leadbot.MemoryJournal()).outbox) == 3
-
-
-def test_a_lead_forgotten_while_its_email_failed_is_not_retried_and_breaks_nothing(tmp_path, monkeypatch):
-    cfg = leadbot.Config(data_dir=tmp_path, smtp_host="127.0.0.1", mail_from="bot@example.com",
-                         manager_email="manager@example.com")
-    app = leadbot.App(cfg, Nobody(), leadbot.MemoryJournal())
-
-    def forgotten_then_failed(cfg, lead, lead_id, accepted):
-        app.outbox.drop_chat(lead["chat_id"])  # the client sent /forget meanwhile
-        raise mailer.MailError("connect", "TimeoutError")
-
-    monkeypatch.setattr(mailer, "send_lead", forgotten_then_failed)
-    app.commit_lead("4242-1", LEAD)
-    app.deliver_owed()
-    app.deliver_owed("4242-1")
-    assert len(app.outbox) == 0
 
 
 class Server:
@@ -145,22 +407,3 @@ def test_a_refused_message_is_a_failure_and_not_reported_as_accepted(serve):
     with pytest.raises(mailer.MailError) as error:
         mailer.send_lead(serve(Refusing()), LEAD, "4242-1", accepted=lambda: told.append(True))
     assert error.value.kind == "rejected" and told == []
-
-
-def test_delivered_email_leaves_the_outbox_before_quit(serve, tmp_path, monkeypatch):
-    server = Server()
-    cfg = leadbot.Config(data_dir=tmp_path, **vars(serve(server)))
-    app = leadbot.App(cfg, Nobody(), leadbot.MemoryJournal())
-    app.commit_lead("4242-1", LEAD)
-    [item] = app.outbox.due(float("inf"))
-
-    original_quit = mailer.smtplib.SMTP.quit
-
-    def quit_noting_the_outbox(smtp):
-        server.events.append(f"outbox holds {len(app.outbox)} at QUIT")
-        return original_quit(smtp)
-
-    monkeypatch.setattr(mailer.smtplib.SMTP, "quit", quit_noting_the_outbox)
-    app.deliver(item)
-    assert server.events == ["accepted", "outbox holds 0 at QUIT", "quit"]
-    assert not list((tmp_path / "outbox").glob("*.json"))

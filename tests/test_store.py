@@ -1,400 +1,513 @@
-import csv
+"""store: the DATA_DIR lock and --check, the dialog journal, the outbox and the funnel.
+leads.csv is tested in test_leads_units.py."""
 import json
 import logging
-import random
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import types
+from pathlib import Path
 
 import pytest
 
 import store
-from store import (COLUMNS, Journal, Outbox, StoreError, append_lead, forget_chat, lead_exists,
-                   neutralise, prepare_leads, read_leads)
+from store import Funnel, Journal, Outbox, StoreError, check, open_data_dir, stats
 
-BOM = b"\xef\xbb\xbf"
-TS = "2026-11-24T12:00:00+00:00"
-
-
-def make_lead(**fields):
-    lead = {"timestamp": TS, "chat_id": 42, "client_name": "Anna", "contact": "anna@example.com",
-            "intent": "buy a sofa", "notes": "", "source": "telegram", "status": "new"}
-    lead.update(fields)
-    return lead
-
-
-def header(delimiter=","):
-    return delimiter.join(COLUMNS).encode() + b"\r\n"
+ROOT = Path(__file__).resolve().parent.parent
+HOLD = """
+import sys, time, store
+handle = store.open_data_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+TRY = """
+import sys, store
+try:
+    store.open_data_dir(sys.argv[1])
+except store.StoreError as e:
+    print(e)
+    sys.exit(3)
+print("locked")
+"""
+root_only = pytest.mark.skipif(os.name == "nt" or os.geteuid() == 0, reason="root may write anywhere")
 
 
 def warnings(caplog):
-    return [r for r in caplog.records if r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def python(code, *args):
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def cfg(data_dir, delimiter=";"):
+    return types.SimpleNamespace(data_dir=data_dir, csv_delimiter=delimiter)
+
+
+# --- DATA_DIR -----------------------------------------------------------------------------------
+
+def test_open_data_dir_creates_the_folder_with_its_parents(tmp_path):
+    data = tmp_path / "a" / "b" / "data"
+    handle = open_data_dir(data)
+    assert data.is_dir() and (data / ".lock").exists()
+    assert [p.name for p in data.iterdir()] == [".lock"]  # the write probe is gone
+    handle.close()
+
+
+def test_a_second_copy_is_refused_until_the_first_is_killed(tmp_path):
+    data = tmp_path / "data"
+    holder = python(HOLD, data)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        message = f"another copy of leadbot is already running on DATA_DIR {data} — stop it first"
+        with pytest.raises(StoreError) as error:
+            open_data_dir(data)
+        assert str(error.value) == message
+        second = python(TRY, data)
+        assert second.communicate(timeout=30) == (message + "\n", None) and second.returncode == 3
+        assert check(cfg(data))[1].endswith("the bot is running on this folder")
+    finally:
+        holder.send_signal(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
+        holder.wait(timeout=30)
+    assert (data / ".lock").exists()  # a stale file, yet no stale lock
+    third = python(TRY, data)
+    assert third.communicate(timeout=30)[0] == "locked\n"
+    open_data_dir(data).close()
+
+
+def test_a_data_dir_that_is_a_file(tmp_path):
+    data = tmp_path / "data"
+    data.write_text("not a folder")
+    with pytest.raises(StoreError) as error:
+        open_data_dir(data)
+    assert str(error.value) == f"DATA_DIR {data} is a file, not a folder — set DATA_DIR to a folder"
+    assert check(cfg(data)) == (False, str(error.value))
+    assert data.read_text() == "not a folder"
+
+
+def test_a_data_dir_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError) as error:
+        open_data_dir(tmp_path / "file" / "data")
+    assert str(error.value).startswith(f"DATA_DIR {tmp_path / 'file' / 'data'} cannot be created (")
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_data_dir_that_is_not_writable(tmp_path, monkeypatch):
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store, "open", read_only, raising=False)
+    with pytest.raises(StoreError) as error:
+        open_data_dir(tmp_path / "data")
+    assert str(error.value).startswith(f"DATA_DIR {tmp_path / 'data'} is not writable (PermissionError) — ")
+
+
+@root_only
+def test_a_read_only_data_dir(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o500)
+    with pytest.raises(StoreError, match="is not writable"):
+        open_data_dir(data)
+
+
+def test_a_relative_data_dir_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ok, text = check(cfg(Path("data")))
+    assert ok and text == (f"DATA_DIR: {tmp_path / 'data'} is writable; leads go to {tmp_path / 'data' / 'leads.csv'}; "
+                           "no bot is running on it now")
+
+
+def test_check_neither_keeps_the_lock_nor_touches_leads_csv(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    leads = data / "leads.csv"
+    leads.write_bytes(b"timestamp,chat_id,client_name,contact,intent,notes,source,status\r\nx,1,a,b,c,d,e,f")
+    assert check(cfg(data))[0] is True
+    assert leads.read_bytes().endswith(b"d,e,f")
+    open_data_dir(data).close()  # free again
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"name,phone\r\n", "has other columns"),
+    (b"timestamp;chat_id;client_name;contact;intent;notes;source;status\r\nx;1;\"open", "line 2 "),
+])
+def test_check_reports_a_leads_csv_the_bot_would_refuse(tmp_path, content, words):
+    (tmp_path / "leads.csv").write_bytes(content)
+    ok, text = check(cfg(tmp_path))
+    assert ok is False and words in text and str(tmp_path / "leads.csv") in text
+
+
+# --- journal ------------------------------------------------------------------------------------
+
+def always(dialog):
+    return True
+
+
+def has_stage(dialog):
+    return isinstance(dialog["stage"], str)  # raises KeyError for a dialog without one
 
 
 @pytest.fixture
-def leads(tmp_path):
-    return tmp_path / "data" / "leads.csv"
+def state(tmp_path):
+    return tmp_path / "state.jsonl"
 
 
-# --- leads CSV ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("delimiter", [",", ";"])
-def test_bom_and_header_are_written_once(leads, delimiter):
-    prepare_leads(leads, delimiter)
-    append_lead(leads, make_lead(chat_id=1), delimiter)
-    append_lead(leads, make_lead(chat_id=2), delimiter)
-
-    raw = leads.read_bytes()
-    assert raw.startswith(BOM + header(delimiter))
-    assert raw.count(BOM) == 1 and raw.count(b"client_name") == 1
-    assert raw.endswith(b"\r\n")
-    rows = read_leads(leads, delimiter)
-    assert [row["chat_id"] for row in rows] == ["1", "2"]
-    assert rows[0]["client_name"] == "Anna"
-
-
-@pytest.mark.parametrize("delimiter", [",", ";"])
-def test_multiline_notes_with_quotes_stay_one_field(leads, delimiter):
-    notes = 'first line\nsecond "quoted", part; end\r\nthird'
-    leads.parent.mkdir()
-    append_lead(leads, make_lead(notes=notes), delimiter)
-    append_lead(leads, make_lead(chat_id=7), delimiter)
-
-    with open(leads, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter=delimiter))
-    assert len(rows) == 3
-    assert rows[1][COLUMNS.index("notes")] == notes
-    assert rows[2][1] == "7"
-    quoted = b'"first line\nsecond ""quoted"", part; end\r\nthird"'
-    assert delimiter.encode() + quoted + delimiter.encode() + b"telegram" in leads.read_bytes()
-
-
-@pytest.mark.parametrize("prefix", ["=", "+", "-", "@", "\t", "\r"])
-def test_formula_prefixes_get_an_apostrophe(prefix):
-    assert neutralise(prefix + "SUM(A1)") == "'" + prefix + "SUM(A1)"
-
-
-@pytest.mark.parametrize("value", ["", "Anna", "'=already", " =x", "7 999", "a=b"])
-def test_other_values_are_unchanged(value):
-    assert neutralise(value) == value
-
-
-def test_phone_number_keeps_its_digits(leads):
-    leads.parent.mkdir()
-    append_lead(leads, make_lead(contact="+7 999 123-45-67", client_name="=HYPERLINK(1)"))
-    row = read_leads(leads)[0]
-    assert row["contact"] == "'+7 999 123-45-67"
-    assert row["client_name"] == "'=HYPERLINK(1)"
-    assert row["timestamp"] == TS and row["source"] == "telegram"
-
-
-SPECIALS = "=+-@\t\r\n\"';,\x00 яЁ€😀\u202e\u200b"
-
-
-def random_text(rng):
-    """Arbitrary Unicode (no surrogates), biased towards what breaks CSV files and spreadsheets."""
-    def char():
-        if rng.random() < 0.5:
-            return rng.choice(SPECIALS)
-        code = rng.randrange(0x110000)
-        return chr(code) if not 0xD800 <= code <= 0xDFFF else "x"
-    return "".join(char() for _ in range(rng.randrange(12)))
-
-
-CASES = [({field: random_text(random.Random(seed * 10 + i)) for i, field in enumerate(store.TEXT_FIELDS)},
-          ",;"[seed % 2]) for seed in range(150)]
-
-
-@pytest.mark.parametrize("texts, delimiter", CASES)
-def test_any_text_round_trips_neutralised(tmp_path, texts, delimiter):
-    path = tmp_path / "leads.csv"
-    append_lead(path, make_lead(**texts), delimiter)
-    append_lead(path, make_lead(**texts), delimiter)
-
-    rows = read_leads(path, delimiter)
-    assert len(rows) == 2
-    for field, text in texts.items():
-        assert rows[1][field] == neutralise(text)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for row in csv.reader(f, delimiter=delimiter):
-            assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row)
-
-
-def test_prepare_creates_the_directory_but_not_the_file(leads):
-    prepare_leads(leads)
-    assert leads.parent.is_dir() and not leads.exists()
-
-
-@pytest.mark.parametrize("torn", [
-    b'2026-11-24T13:00:00+00:00,3,Bo',                            # no newline at the end
-    b'2026-11-24T13:00:00+00:00,3,Bob,x,y,"half a note\r\n',     # ends inside an open quote
-])
-def test_torn_last_line_is_cut_off(leads, caplog, torn):
-    prepare_leads(leads)
-    append_lead(leads, make_lead(chat_id=1, notes="multi\nline"))
-    append_lead(leads, make_lead(chat_id=2))
-    intact = leads.read_bytes()
-    with open(leads, "ab") as f:
-        f.write(torn)
-
-    prepare_leads(leads)
-
-    assert leads.read_bytes() == intact
-    assert [w.getMessage() for w in warnings(caplog)] == ["repaired a torn last line in leads.csv"]
-    append_lead(leads, make_lead(chat_id=3))
-    assert [row["chat_id"] for row in read_leads(leads)] == ["1", "2", "3"]
-
-
-def test_torn_header_of_a_new_file_is_repaired(leads):
-    leads.parent.mkdir()
-    leads.write_bytes(BOM + b"timestamp,chat_id,cli")
-    prepare_leads(leads)
-    append_lead(leads, make_lead())
-    assert leads.read_bytes().startswith(BOM + header())
-    assert len(read_leads(leads)) == 1
-
-
-@pytest.mark.parametrize("first_line", [
-    b"\xef\xbb\xbf" + header(";"),                                        # other delimiter
-    b"timestamp,chat_id,contact,client_name,intent,notes,source,status\r\n",  # other order
-    b"timestamp,chat_id,client_name,contact,intent,notes,source\r\n",         # column missing
-    b"name,phone",                                                           # foreign, no newline
-])
-def test_incompatible_file_is_refused_and_left_alone(leads, first_line):
-    leads.parent.mkdir()
-    content = first_line + b'x,"unfinished'
-    leads.write_bytes(content)
-    with pytest.raises(StoreError, match="leads.csv has columns/delimiter different") as error:
-        prepare_leads(leads)
-    assert len(str(error.value).splitlines()) == 1
-    assert leads.read_bytes() == content
-
-
-def test_file_without_bom_is_accepted_and_appended_to(leads):
-    leads.parent.mkdir()
-    leads.write_bytes(header() + b"2026-11-24T10:00:00+00:00,1,Old,x,y,,console,new\r\n")
-    prepare_leads(leads)
-    append_lead(leads, make_lead(chat_id=2))
-    raw = leads.read_bytes()
-    assert BOM not in raw
-    assert [row["chat_id"] for row in read_leads(leads)] == ["1", "2"]
-
-
-def test_empty_file_is_accepted_and_gets_a_header(leads):
-    leads.parent.mkdir()
-    leads.touch()
-    prepare_leads(leads)
-    append_lead(leads, make_lead())
-    assert leads.read_bytes().startswith(BOM + header())
-
-
-def test_lead_exists(leads):
-    assert not lead_exists(leads, 42, TS)
-    leads.parent.mkdir()
-    append_lead(leads, make_lead(chat_id=42, notes="a\nb"))
-    assert lead_exists(leads, 42, TS)
-    assert lead_exists(leads, "42", TS)
-    assert not lead_exists(leads, 43, TS)
-    assert not lead_exists(leads, 42, "2026-11-24T12:00:01+00:00")
-
-
-def test_lead_exists_is_fast_in_a_100000_row_file(leads):
-    leads.parent.mkdir()
-    rows = (f'2026-01-01T00:00:00+00:00,{n},Client {n},"+1 555 {n}",intent,"note\nline 2",telegram,new\r\n'
-            for n in range(100_000))
-    leads.write_bytes(BOM + header() + "".join(rows).encode())
-    append_lead(leads, make_lead(chat_id=777_777))
-
-    started = time.perf_counter()
-    assert lead_exists(leads, 777_777, TS)
-    assert lead_exists(leads, 99_999, "2026-01-01T00:00:00+00:00")
-    assert not lead_exists(leads, 777_777, "2026-01-01T00:00:00+00:00")
-    assert time.perf_counter() - started < 0.1
-
-
-def test_lead_exists_is_not_fooled_by_rows_inside_a_long_note(leads):
-    leads.parent.mkdir()
-    leads.write_bytes(BOM + header() + b"2026-01-01T00:00:00+00:00,5,a,b,c,d,console,new\r\n" * 3000)
-    fake_row = f'{TS},999,x,y,z,n,telegram,new\r\n'
-    append_lead(leads, make_lead(chat_id=1, notes=fake_row * 2500))  # 100 KiB in one field
-    assert lead_exists(leads, 1, TS)
-    assert not lead_exists(leads, 999, TS)
-
-
-def test_forget_chat_removes_only_that_chat_and_keeps_other_bytes(leads):
-    leads.parent.mkdir()
-    records = [
-        header(),
-        b'2026-11-24T10:00:00+00:00,1,Ann,x,y,"keep\nme ""please""",telegram,new\r\n',
-        b'2026-11-24T10:01:00+00:00,2,Bob,x,y,"forget\r\nme, 1",telegram,new\r\n',
-        b'2026-11-24T10:02:00+00:00,"3",Cy,x,y,plain,console,rejected\n',  # odd but valid
-        b'2026-11-24T10:03:00+00:00,2,Bob,x,y,,telegram,new\r\n',
-        b'2026-11-24T10:04:00+00:00,22,Dee,x,y,"2\n2",telegram,new\r\n',
-    ]
-    leads.write_bytes(BOM + b"".join(records))
-
-    assert forget_chat(leads, 2) == 2
-
-    assert leads.read_bytes() == BOM + b"".join(records[:2] + records[3:4] + records[5:])
-    assert [row["chat_id"] for row in read_leads(leads)] == ["1", "3", "22"]
-    assert forget_chat(leads, "3") == 1
-    assert [row["chat_id"] for row in read_leads(leads)] == ["1", "22"]
-    assert not list(leads.parent.glob("*.tmp"))
-
-
-def test_forget_chat_without_matches_changes_nothing(leads):
-    assert forget_chat(leads, 1) == 0
-    assert not leads.exists()
-    leads.parent.mkdir()
-    append_lead(leads, make_lead(chat_id=5))
-    before = leads.read_bytes()
-    assert forget_chat(leads, 6) == 0
-    assert leads.read_bytes() == before
-
-
-# --- journal -----------------------------------------------------------------------------------
-
-def test_journal_keeps_last_state_across_restarts(tmp_path):
-    path = tmp_path / "dialogs.jsonl"
-    journal = Journal(path)
-    assert journal.load() == {}
-    journal.save(1, {"stage": "name"})
-    journal.save("2", {"stage": "name"})
+def test_journal_keeps_the_last_state_of_each_chat_across_restarts(state):
+    journal = Journal(state, always)
+    assert journal.dialogs == {}
+    dialog = {"stage": "name"}
+    assert journal.save(1, dialog) is True and journal.dialogs[1] is dialog  # the one copy
     journal.save("console", {"stage": "contact"})
-    journal.save(1, {"stage": "contact", "name": "Ann"})
+    journal.save(2, {"stage": "x"})
+    dialog["name"] = "Ann"
+    journal.save(1, dialog)
     journal.save(2, None)
     journal.close()
+    assert Journal(state, always).dialogs == {1: {"stage": "name", "name": "Ann"}, "console": {"stage": "contact"}}
 
-    assert Journal(path).load() == {1: {"stage": "contact", "name": "Ann"}, "console": {"stage": "contact"}}
 
-
-def test_journal_ignores_a_torn_last_line_and_keeps_working(tmp_path):
-    path = tmp_path / "dialogs.jsonl"
-    path.write_text('{"chat": 1, "dialog": {"stage": "a"}}\n{"chat": 1, "dialog": {"sta')
-    journal = Journal(path)
-    assert journal.load() == {1: {"stage": "a"}}
+def test_journal_ignores_a_torn_last_line_and_drops_it_from_the_file(state):
+    state.write_text('{"chat": 1, "dialog": {"stage": "a"}}\n{"chat": 1, "dialog": {"sta')
+    journal = Journal(state, always)
+    assert journal.dialogs == {1: {"stage": "a"}}
+    assert state.read_text().endswith("\n")
     journal.save(2, {"stage": "b"})
-    journal.close()
-    assert Journal(path).load() == {1: {"stage": "a"}, 2: {"stage": "b"}}
+    assert Journal(state, always).dialogs == {1: {"stage": "a"}, 2: {"stage": "b"}}
 
 
-def test_journal_compaction_keeps_the_last_state(tmp_path):
-    path = tmp_path / "dialogs.jsonl"
-    journal = Journal(path)
-    journal.load()
-    for n in range(3000):
+def test_journal_sets_malformed_entries_aside_and_loads_the_rest(state, caplog):
+    bad = ['[1, 2]', '{"dialog": {"stage": "a"}}', '{"chat": 3, "dialog": "text"}', '{"chat": 4, "dialog": {}}',
+           '{"chat": 5, "dialog": {"stage": 7}}', 'not json', '{"chat": [6], "dialog": null}']
+    good = ['{"chat": 1, "dialog": {"stage": "a"}}', '{"chat": "console", "dialog": {"stage": "b"}}',
+            '{"chat": 9, "dialog": {"stage": "c"}}', '{"chat": 9, "dialog": null}']
+    state.write_text("\n".join(good[:2] + bad + good[2:]) + "\n")
+
+    journal = Journal(state, has_stage)
+
+    assert journal.dialogs == {1: {"stage": "a"}, "console": {"stage": "b"}}
+    assert (state.parent / "state.jsonl.bad").read_text() == "\n".join(bad) + "\n"
+    assert warnings(caplog) == [f"7 malformed entries of state.jsonl were set aside in {state}.bad"]
+    caplog.clear()
+    assert Journal(state, has_stage).dialogs == journal.dialogs and warnings(caplog) == []
+
+
+def test_journal_compaction_keeps_the_file_small_and_the_last_state(state):
+    journal = Journal(state, always)
+    for n in range(1500):
         journal.save(n % 3, {"step": n})
         journal.save(100 + n, {"step": n})
         journal.save(100 + n, None)
-    journal.close()
-
-    assert len(path.read_text().splitlines()) <= 2 * 3 + 1000
-    assert Journal(path).load() == {0: {"step": 2997}, 1: {"step": 2998}, 2: {"step": 2999}}
+    assert len(state.read_text().splitlines()) <= 2 * 3 + 1000
+    assert Journal(state, always).dialogs == {0: {"step": 1497}, 1: {"step": 1498}, 2: {"step": 1499}}
 
 
-def test_journal_is_thread_safe(tmp_path):
-    path = tmp_path / "dialogs.jsonl"
-    journal = Journal(path)
-    journal.load()
+def test_a_failed_save_is_retried_by_the_next_one(state, monkeypatch, caplog):
+    journal = Journal(state, always)
+    journal.save(1, {"stage": "a"})
+    real_open, failures = open, []
+
+    def torn_then_full(path, mode="r", *args, **kwargs):
+        if not failures:
+            failures.append(path)
+            with real_open(path, "a") as f:
+                f.write('{"chat": 2, "dia')  # half a line reached the disk
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store, "open", torn_then_full, raising=False)
+    assert journal.save(2, {"stage": "b"}) is False
+    assert warnings(caplog) == [f"cannot write {state} (OSError); dialog state is kept in memory"]
+    assert journal.dialogs == {1: {"stage": "a"}, 2: {"stage": "b"}}
+    assert journal.save(3, {"stage": "c"}) is True
+    assert Journal(state, always).dialogs == {1: {"stage": "a"}, 2: {"stage": "b"}, 3: {"stage": "c"}}
+    assert "{" not in str(warnings(caplog))
+
+
+@root_only
+def test_a_read_only_folder_fails_saves_until_it_is_writable_again(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    journal = Journal(folder / "state.jsonl", always)
+    folder.chmod(0o500)
+    try:
+        assert journal.save(1, {"stage": "a"}) is False
+    finally:
+        folder.chmod(0o700)
+    assert journal.save(2, {"stage": "b"}) is True
+    assert Journal(folder / "state.jsonl", always).dialogs == {1: {"stage": "a"}, 2: {"stage": "b"}}
+
+
+def test_erase_leaves_no_line_with_the_chat(state):
+    journal = Journal(state, always)
+    journal.save(1, {"name": "SECRET-NAME"})
+    journal.save(1, {"name": "SECRET-NAME", "stage": "b"})
+    journal.save(2, {"name": "Bob"})
+    journal.erase(1)
+    assert "SECRET" not in state.read_text() and journal.dialogs == {2: {"name": "Bob"}}
+    assert Journal(state, always).dialogs == {2: {"name": "Bob"}}
+
+
+def test_erase_raises_when_the_file_cannot_be_rewritten(state, monkeypatch):
+    journal = Journal(state, always)
+    journal.save(1, {"name": "x"})
+    monkeypatch.setattr(store.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "locked")))
+    with pytest.raises(OSError):
+        journal.erase(1)
+
+
+def test_an_unreadable_journal_is_a_plain_error(state):
+    state.mkdir()
+    with pytest.raises(StoreError, match="cannot be read"):
+        Journal(state, always)
+
+
+def test_journal_is_thread_safe(state):
+    journal = Journal(state, always)
 
     def talk(chat):
-        for step in range(300):
+        for step in range(200):
             journal.save(chat, {"step": step})
 
-    threads = [threading.Thread(target=talk, args=(chat,)) for chat in range(8)]
+    threads = [threading.Thread(target=talk, args=(chat,)) for chat in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    journal.close()
-    assert Journal(path).load() == {chat: {"step": 299} for chat in range(8)}
+    assert Journal(state, always).dialogs == {chat: {"step": 199} for chat in range(6)}
 
 
-def test_journal_works_from_memory_when_it_cannot_write(tmp_path, caplog):
-    (tmp_path / "not-a-dir").write_text("")
-    journal = Journal(tmp_path / "not-a-dir" / "dialogs.jsonl")
-    assert journal.load() == {}
-    for n in range(5):
-        journal.save(n, {"stage": "name"})
-    journal.close()
-    assert len(warnings(caplog)) == 1
+# --- outbox -------------------------------------------------------------------------------------
+
+LEAD = {"timestamp": "2026-11-24T12:00:00+00:00", "chat_id": 42, "client_name": "Anna", "contact": "a@b.c",
+        "intent": "sofa", "notes": "", "source": "telegram", "status": "new", "answers": [["Q", "A"]]}
 
 
-# --- outbox ------------------------------------------------------------------------------------
-
-def item(item_id, chat_id=42, next_at=100.0, channel="email"):
-    return {"id": item_id, "channel": channel, "chat_id": chat_id, "lead": make_lead(chat_id=chat_id),
-            "attempts": 0, "next_at": next_at}
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "outbox"
 
 
-def test_outbox_hands_out_due_items_earliest_first(tmp_path):
-    outbox = Outbox(tmp_path)
-    assert len(outbox) == 0 and outbox.next_due() is None and outbox.due(1e12) == []
-    outbox.put(item("late", next_at=300.0))
-    outbox.put(item("early", next_at=100.0))
-    outbox.put(item("middle", next_at=200.0))
-
-    assert len(outbox) == 3 and outbox.has("late") and not outbox.has("other")
-    assert outbox.next_due() == 100.0
-    assert [i["id"] for i in outbox.due(250.0)] == ["early", "middle"]
-    assert outbox.due(250.0)[0]["lead"] == make_lead()
+def lead(chat_id=42):
+    return {**LEAD, "chat_id": chat_id}
 
 
-def test_outbox_put_replaces_by_id(tmp_path):
-    outbox = Outbox(tmp_path)
-    outbox.put(item("a", next_at=100.0))
-    outbox.put(item("a", next_at=50.0))
-    assert len(outbox) == 1 and outbox.next_due() == 50.0
+def test_add_writes_the_item_once(folder):
+    outbox = Outbox(folder)
+    before = time.time()
+    item = outbox.add("42-1", lead(), ["csv", "email"], 120, 7)
+    assert item == {"id": "42-1", "chat_id": 42, "lead": lead(), "owed": ["csv", "email"], "since": 120,
+                    "update_id": 7, "confirmed": False, "due": item["due"], "attempts": 0}
+    assert before <= item["due"] <= time.time()
+    assert json.loads((folder / "42-1.json").read_text()) == item
+
+    again = outbox.add("42-1", lead(), ["telegram"], 999, 8)
+    assert again == item and Outbox(folder).get("42-1") == item
 
 
-def test_retry_later_backs_off_up_to_the_cap(tmp_path):
-    outbox = Outbox(tmp_path)
-    outbox.put(item("a"))
-    delays = [outbox.retry_later("a", 1000.0, first=10.0, cap=60.0) for _ in range(6)]
-    assert delays == [10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
-    assert outbox.next_due() == 1060.0 and outbox.due(1059.0) == []
-    assert Outbox(tmp_path).due(1060.0)[0]["attempts"] == 6
+def test_items_are_copies_earliest_due_first(folder):
+    outbox = Outbox(folder)
+    for n, due in enumerate([300.0, 100.0, 200.0]):
+        item = outbox.add(f"i{n}", lead(), ["email"], 0, None)
+        outbox.update({**item, "due": due})
+    assert [i["id"] for i in outbox.items()] == ["i1", "i2", "i0"]
+    outbox.items()[0]["owed"].append("x")
+    outbox.get("i1")["lead"]["client_name"] = "changed"
+    assert outbox.get("i1")["owed"] == ["email"] and outbox.get("i1")["lead"] == lead()
+    assert outbox.get("unknown") is None and outbox.next_due() == 100.0
 
 
-def test_outbox_survives_a_restart(tmp_path):
-    outbox = Outbox(tmp_path)
-    outbox.put(item(f"csv-42-{TS}", channel="csv"))
-    outbox.put(item("telegram-7", chat_id=7, channel="telegram"))
-    reloaded = Outbox(tmp_path)
-    assert len(reloaded) == 2
-    assert {i["id"]: i for i in reloaded.due(1e12)} == {i["id"]: i for i in outbox.due(1e12)}
+def test_update_rewrites_and_a_confirmed_item_that_owes_nothing_goes(folder):
+    outbox = Outbox(folder)
+    item = outbox.add("a:1", lead(), ["csv", "email"], 0, None)
+    item["owed"] = ["email"]
+    outbox.update(item)
+    assert Outbox(folder).get("a:1")["owed"] == ["email"]
+
+    item["owed"] = []
+    outbox.update(item)  # owes nothing, but the client was not told yet
+    assert outbox.get("a:1") is not None and outbox.next_due() is None
+    item["confirmed"] = True
+    outbox.update(item)
+    assert outbox.get("a:1") is None and outbox.items() == [] and list(folder.iterdir()) == []
 
 
-def test_done_and_drop_chat_remove_items_for_good(tmp_path):
-    outbox = Outbox(tmp_path)
+def test_an_item_dropped_meanwhile_is_never_written_back(folder):
+    outbox = Outbox(folder)
+    item = outbox.add("42-1", lead(), ["email"], 0, None)
+    assert outbox.drop_chat("42") == 1
+    outbox.update({**item, "owed": []})
+    outbox.retry_later("42-1", 1.0)
+    assert outbox.items() == [] and list(folder.glob("*.json")) == []
+
+
+def test_retry_later_counts_the_attempt_and_persists_the_due_time(folder):
+    outbox = Outbox(folder)
+    outbox.add("a", lead(), ["email"], 0, None)
+    before = time.time()
+    for _ in range(3):
+        outbox.retry_later("a", 60.0)
+    item = Outbox(folder).get("a")
+    assert item["attempts"] == 3 and before + 60.0 <= item["due"] <= time.time() + 60.0
+    assert outbox.next_due() == item["due"]
+
+
+def test_retry_later_never_raises(folder, monkeypatch, caplog):
+    outbox = Outbox(folder)
+    outbox.add("a", lead(), ["email"], 0, None)
+    monkeypatch.setattr(store.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+    outbox.retry_later("a", 5.0)
+    assert outbox.get("a")["attempts"] == 1 and len(warnings(caplog)) == 1
+
+
+def test_add_raises_when_it_cannot_write_and_keeps_nothing(tmp_path):
+    (tmp_path / "outbox").write_text("a file where the folder should be")
+    outbox = Outbox(tmp_path / "outbox")
+    with pytest.raises(OSError):
+        outbox.add("a", lead(), ["email"], 0, None)
+    assert outbox.get("a") is None and outbox.items() == []
+
+
+def test_drop_chat_removes_the_items_of_that_chat_for_good(folder):
+    outbox = Outbox(folder)
     for n, chat in enumerate([1, "1", 2, 3]):
-        outbox.put(item(f"i{n}", chat_id=chat))
-    outbox.done("i3")
-    outbox.done("unknown")
-    assert outbox.drop_chat("1") == 2
-    assert outbox.drop_chat(5) == 0
-
-    assert not outbox.has("i3") and not outbox.has("i0") and len(outbox) == 1
-    reloaded = Outbox(tmp_path)
-    assert [i["id"] for i in reloaded.due(1e12)] == ["i2"]
-    assert len(list((tmp_path / "outbox").iterdir())) == 1
+        outbox.add(f"i{n}", lead(chat), ["email"], 0, None)
+    assert outbox.drop_chat("1") == 2 and outbox.drop_chat(5) == 0
+    assert [i["id"] for i in Outbox(folder).items()] == ["i2", "i3"]
+    assert sorted(p.name for p in folder.iterdir()) == ["i2.json", "i3.json"]
 
 
-def test_outbox_works_from_memory_when_it_cannot_write(tmp_path, caplog):
-    (tmp_path / "outbox").write_text("")  # a file where the directory should be
-    outbox = Outbox(tmp_path)
-    outbox.put(item("a", next_at=100.0))
-    outbox.put(item("b", chat_id=7, next_at=200.0))
-    assert outbox.retry_later("a", 1000.0, first=5.0, cap=60.0) == 5.0
+def test_malformed_outbox_files_are_moved_aside_and_the_rest_loads(folder, caplog):
+    outbox = Outbox(folder)
+    good = outbox.add("good", lead(), ["email"], 0, None)
+    broken = {"torn.json": '{"id": "torn", "lead": {', "list.json": "[]", "binary.json": "\udcff",
+              "no-owed.json": json.dumps({k: v for k, v in good.items() if k != "owed"}),
+              "bool-due.json": json.dumps({**good, "id": "b", "due": True}),
+              "str-attempts.json": json.dumps({**good, "id": "s", "attempts": "1"})}
+    for name, text in broken.items():
+        (folder / name).write_bytes(text.encode("utf-8", errors="surrogateescape"))
 
-    assert outbox.has("a") and len(outbox) == 2
-    assert [i["id"] for i in outbox.due(1e12)] == ["b", "a"]
-    outbox.done("b")
-    assert outbox.drop_chat(42) == 1 and len(outbox) == 0
-    assert len(warnings(caplog)) == 1
+    reloaded = Outbox(folder)
+
+    assert reloaded.items() == [good]
+    assert sorted(p.name for p in (folder / "bad").iterdir()) == sorted(broken)
+    assert sorted(warnings(caplog)) == sorted(f"outbox file {name} is malformed — moved to {folder / 'bad'}"
+                                              for name in broken)
 
 
-def test_outbox_files_are_plain_json(tmp_path):
-    Outbox(tmp_path).put(item("a"))
-    files = list((tmp_path / "outbox").iterdir())
-    assert [f.name for f in files] == ["a.json"]
-    assert json.loads(files[0].read_text())["lead"]["client_name"] == "Anna"
+def test_outbox_is_thread_safe(folder):
+    outbox = Outbox(folder)
+
+    def work(n):
+        for step in range(10):
+            item = outbox.add(f"{n}-{step}", lead(n), ["email"], 0, None)
+            outbox.retry_later(item["id"], 1.0)
+            outbox.update({**item, "owed": [], "confirmed": True})
+            outbox.items()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outbox.items() == [] and list(folder.glob("*.json")) == []
+
+
+# --- funnel -------------------------------------------------------------------------------------
+
+def test_funnel_lines_hold_only_the_opaque_id_event_source_and_numbers(tmp_path):
+    funnel = Funnel(tmp_path / "funnel.jsonl")
+    before = int(time.time())
+    funnel.record("a1b2", "started", "telegram")
+    funnel.record("a1b2", "contact", "telegram", seconds=42.5)
+    lines = [json.loads(line) for line in (tmp_path / "funnel.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in line.items() if k != "t"} for line in lines] == [
+        {"d": "a1b2", "e": "started", "s": "telegram"}, {"d": "a1b2", "e": "contact", "s": "telegram", "seconds": 42.5}]
+    assert all(before <= line["t"] <= time.time() for line in lines)
+
+
+def test_funnel_never_raises_and_works_again_later(tmp_path, caplog):
+    funnel = Funnel(tmp_path / "missing" / "funnel.jsonl")
+    funnel.record("a", "started", "telegram")
+    assert warnings(caplog) == [f"cannot write {tmp_path / 'missing' / 'funnel.jsonl'} (FileNotFoundError); "
+                                "a funnel event is lost"]
+    (tmp_path / "missing").mkdir()
+    funnel.record("a", "refused", "telegram")
+    assert stats(tmp_path / "missing" / "funnel.jsonl", time.time())["all"]["started"] == 1
+
+
+NOW = 1_800_000_000.0
+DAY = 86400
+
+
+def events(*dialogs):
+    """Funnel lines for (id, source, start, [(event, offset, numbers), ...])."""
+    lines = []
+    for dialog_id, source, start, steps in dialogs:
+        lines.append({"t": start, "d": dialog_id, "e": "started", "s": source})
+        lines += [{"t": start + offset, "d": dialog_id, "e": event, "s": source, **numbers}
+                  for event, offset, numbers in steps]
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def stage(name, offset=1):
+    return ("stage", offset, {"stage": name})
+
+
+def zeros(**counts):
+    period = {"started": 0, "qualified": 0, "offered": 0, "contacts": 0, "refused": 0, "cancelled": 0,
+              "dropped": {"greeting": 0, "qualifying": 0, "offering": 0, "collecting_contact": 0},
+              "median_seconds_to_contact": None}
+    period.update(counts)
+    return period
+
+
+@pytest.mark.parametrize("content", [None, "", "\n", "garbage\n[1]\n{\"d\": 5}\n"])
+def test_stats_of_a_missing_empty_or_foreign_file_are_zeros(tmp_path, content):
+    path = tmp_path / "funnel.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert stats(path, NOW) == {"7d": zeros(), "30d": zeros(), "all": zeros(), "console": zeros()}
+
+
+def test_stats_of_a_hand_made_funnel(tmp_path):
+    path = tmp_path / "funnel.jsonl"
+    full = [stage("greeting"), stage("qualifying", 5), stage("offering", 60), stage("collecting_contact", 70)]
+    path.write_text(events(
+        ("won1", "telegram", NOW - 1 * DAY, full + [("contact", 100, {"seconds": 100})]),
+        ("won2", "telegram", NOW - 2 * DAY, full + [("contact", 300, {"seconds": 300}), ("forgotten", 400, {})]),
+        ("won3", "telegram", NOW - 10 * DAY, full + [("contact", 50, {"seconds": 50})]),
+        ("no", "telegram", NOW - 3 * DAY, full[:3] + [("refused", 80, {})]),
+        ("quit", "telegram", NOW - 3 * DAY, full[:2] + [("cancelled", 20, {})]),
+        ("idle", "telegram", NOW - 4 * DAY, full[:1]),
+        ("gone", "telegram", NOW - 5 * DAY, full[:2] + [("expired", 9000, {})]),
+        ("blk", "telegram", NOW - 20 * DAY, full + [("blocked", 90, {})]),
+        ("old", "telegram", NOW - 40 * DAY, full[:3] + [("expired", 99, {})]),
+        ("new", "telegram", NOW - 60, []),
+        ("con", "console", NOW - 1 * DAY, full + [("contact", 30, {"seconds": 30})]),
+        ("con2", "console", NOW - 50 * DAY, full[:1]),
+    ) + '{"t": 1, "d": "torn", "e": "sta')
+
+    got = stats(path, NOW)
+
+    dropped = {"greeting": 2, "qualifying": 1, "offering": 0, "collecting_contact": 0}
+    assert got["7d"] == zeros(started=7, qualified=3, offered=2, contacts=2, refused=1, cancelled=1, dropped=dropped,
+                              median_seconds_to_contact=200.0)
+    assert got["30d"] == zeros(started=9, qualified=5, offered=4, contacts=3, refused=1, cancelled=1,
+                               dropped={**dropped, "collecting_contact": 1}, median_seconds_to_contact=100.0)
+    assert got["all"] == zeros(started=10, qualified=6, offered=4, contacts=3, refused=1, cancelled=1,
+                               dropped={**dropped, "offering": 1, "collecting_contact": 1},
+                               median_seconds_to_contact=100.0)
+    assert got["console"] == zeros(started=2, qualified=1, offered=1, contacts=1,
+                                   dropped={**zeros()["dropped"], "greeting": 1}, median_seconds_to_contact=30.0)
+
+
+def test_stats_count_a_lead_even_if_the_dialog_is_cancelled_later(tmp_path):
+    path = tmp_path / "funnel.jsonl"
+    path.write_text(events(("a", "telegram", NOW - 10, [stage("offering"), ("contact", 5, {"seconds": 5}),
+                                                       ("cancelled", 6, {})])))
+    assert stats(path, NOW)["all"]["contacts"] == 1 and stats(path, NOW)["all"]["cancelled"] == 0
