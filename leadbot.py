@@ -1,15 +1,14 @@
 """leadbot: a Telegram assistant that qualifies prospective clients and hands leads to a manager.
 
-    python leadbot.py            talk to clients in Telegram (long polling)
-    python leadbot.py --console  the same dialog in this terminal, no Telegram needed
-    python leadbot.py --check    check every configured part and say what to fix
-    python leadbot.py --stats    the funnel: how far clients got (add --json for a machine)
+    python leadbot.py [--console | --check | --stats [--json]]     (see README.md)
 
 This file reads in the order a message flows: the stage table and its functions, the dispatcher that
 runs one message through them and saves the dialog, the loop that feeds the dispatcher, the lead's
 way to the manager, then the plumbing (the client's words, the Bot API, prompt.txt, settings, start-up).
 """
 import argparse
+import collections
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -24,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -282,9 +281,6 @@ def drop_idle(bot):
     """Forgets dialogs silent longer than SESSION_TTL_HOURS, finished ones too, and old rate counters."""
     gone = [chat for chat, dialog in bot.journal.dialogs.items() if expired(bot, dialog) and not dialog["busy"]]
     for chat_id in gone:
-        dialog = bot.journal.dialogs[chat_id]
-        if dialog["stage"] != "done":
-            bot.funnel.record(dialog["id"], "expired", dialog.get("source", bot.source))
         bot.journal.save(chat_id, None)
     if gone:
         try:
@@ -305,13 +301,16 @@ def run(bot):
     last_cleanup = time.monotonic()
     while not bot.stopping.is_set():
         try:
-            handle_event(bot, bot.inbox.get(timeout=0.2))  # short steps: a stop is noticed at once on any OS
+            handle_event(bot, bot.inbox.get(timeout=0.05))  # short steps: a stop is noticed at once on any OS
+            bot.inbox.task_done()
         except queue.Empty:
             pass
         if time.monotonic() - last_cleanup > min(60, bot.cfg.session_ttl_hours * 3600):
             drop_idle(bot)
             last_cleanup = time.monotonic()
-    confirm_handled(bot)
+    if bot.offset is not None:  # tells Telegram what is handled, so that after a restart none comes twice
+        with contextlib.suppress(TelegramError):
+            bot.out.call("getUpdates", http_timeout=2, offset=bot.offset, timeout=0, limit=1)
 
 
 def handle_event(bot, event):
@@ -326,26 +325,29 @@ def handle_event(bot, event):
         log.info("chat %s blocked the bot; dialog ended", gone.args[0])
         end_dialog(bot, gone.args[0], "blocked")
     except Exception as e:  # noqa: BLE001 - one poisoned update must not block the others
-        frame = e.__traceback__
-        while frame.tb_next:
-            frame = frame.tb_next
-        log.error("update %s failed: %s at %s:%d", getattr(event, "get", {}.get)("update_id"), type(e).__name__,
-                  Path(frame.tb_frame.f_code.co_filename).name, frame.tb_lineno)
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        log.error("update failed: %s at %s:%d", type(e).__name__, Path(where.filename).name, where.lineno)
     finally:
         if isinstance(event, dict):
-            bot.intake.done(event["update_id"])
+            bot.offset = event["update_id"] + 1
 
 
 def poll_telegram(bot):
-    """The poller thread: getUpdates in a loop, each new update into the inbox."""
+    """The poller thread: getUpdates, each update into the inbox; the next call's offset confirms the
+    batch only once all of it is handled, so a crash loses none (ids need not grow: Telegram restarts
+    them after a quiet week)."""
     failures = 0
     while not bot.stopping.is_set():
         try:
             updates = bot.out.call("getUpdates", http_timeout=bot.cfg.poll_timeout + bot.cfg.telegram_timeout,
-                                   offset=bot.intake.offset(), timeout=bot.cfg.poll_timeout,
-                                   allowed_updates=["message"])
+                                   offset=bot.offset, timeout=bot.cfg.poll_timeout, allowed_updates=["message"])
             if not isinstance(updates, list):
                 raise TelegramError(0, "getUpdates answer is not a list")
+            good = [u for u in updates if isinstance(u, dict) and type(u.get("update_id")) is int]
+            if len(good) < len(updates):
+                log.warning("skipped %d malformed updates from Telegram", len(updates) - len(good))
+                if not good:
+                    raise TelegramError(0, "only malformed updates")
         except TelegramError as e:
             failures += 1
             if e.error_code in (401, 404):
@@ -356,7 +358,9 @@ def poll_telegram(bot):
             pause(bot.stopping, delay)
             continue
         failures = 0
-        bot.intake.take(updates, bot.inbox)
+        for update in good:
+            bot.inbox.put(update)
+        bot.inbox.join()
 
 
 def explain_poll_error(bot, e, failures, delay):
@@ -370,59 +374,9 @@ def explain_poll_error(bot, e, failures, delay):
         log.warning("getUpdates failed (%s); retrying in %.2fs", e.reason, delay)
 
 
-class Intake:
-    """Which updates are in the inbox and not yet handled: the getUpdates offset never passes them,
-    so a crash loses none, and an update Telegram sends again is not queued twice."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.queued, self.handled, self.next = set(), {}, None
-
-    def offset(self):
-        with self.lock:
-            return min(self.queued, default=self.next)
-
-    def take(self, updates, inbox):
-        ids = []
-        for update in updates:
-            if not (isinstance(update, dict) and type(update.get("update_id")) is int):
-                log.warning("skipped a malformed update from Telegram")
-                continue
-            ids.append(update["update_id"])
-            with self.lock:
-                if update["update_id"] in self.queued or update["update_id"] in self.handled:
-                    continue
-                self.queued.add(update["update_id"])
-            inbox.put(update)
-        with self.lock:  # ids need not grow: Telegram restarts them after a quiet week
-            self.next = max(ids) + 1 if ids else self.next
-
-    def done(self, update_id):
-        with self.lock:
-            self.queued.discard(update_id)
-            self.handled[update_id] = None
-            if len(self.handled) > 1000:
-                del self.handled[next(iter(self.handled))]
-
-
-def confirm_handled(bot):
-    """Tells Telegram which updates are handled, so that after a restart none comes twice."""
-    if bot.source == "telegram" and bot.intake.offset() is not None:
-        try:
-            bot.out.call("getUpdates", http_timeout=2, offset=bot.intake.offset(), timeout=0, limit=1)
-        except TelegramError:
-            pass
-
-
-@dataclasses.dataclass
-class Written:
-    """What an LLM job hands back to the dispatcher: the offer first, then the notes."""
-    chat_id: int
-    dialog_id: str
-    offer: str | None = None
-    intent: str = ""
-    notes: str = ""
-    update_id: None = None
+# What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
+Written = collections.namedtuple("Written", "chat_id dialog_id offer intent notes update_id",
+                                 defaults=(None, "", "", None))
 
 
 def start_offer(bot, chat_id, dialog):
@@ -447,8 +401,9 @@ def ask_offer(bot, chat_id, answers):
     if not bot.cfg.llm_base_url:
         return bot.text("no_llm")
     draft = Draft(bot, chat_id)
-    with bot.out.typing(chat_id, until=draft.live):
-        offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show)
+    threading.Thread(target=bot.out.typing, args=(chat_id, draft.live), daemon=True).start()
+    offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show)
+    draft.live.set()  # a draft is up or the answer is complete: no more 'typing…'
     return bot.text("llm_failed") if not offer or leaks_prompt(offer, bot.prompt.system) else offer
 
 
@@ -516,15 +471,10 @@ def commit_lead(bot, dialog, msg, contact, status):
             "notes": dialog.get("notes") or scrub(answers_text(bot, dialog))[:MAX_TEXT], "source": bot.source,
             "status": status, "offer": dialog.get("offer", ""),
             "answers": [[q.label, a] for q, a in zip(bot.prompt.questions, dialog["answers"])]}
-    owed = ["csv"] + (bot.channels if status == "new" else [])
+    channels = bot.channels if status == "new" else []
     lead_id = f"{msg.chat_id}-{msg.update_id}" if msg.update_id is not None else secrets.token_hex(8)
-    item = {"id": lead_id, "chat_id": msg.chat_id, "lead": lead, "owed": owed,
-            "since": bot.leads.position(), "update_id": msg.update_id, "confirmed": False}
-    try:
-        item = bot.outbox.add(lead_id, lead, owed, item["since"], msg.update_id)
-    except OSError as e:
-        log.error("could not write the outbox (%s)", type(e).__name__)
-    taken = deliver(bot, item, ["csv"]) or deliver(bot, item, bot.channels if status == "new" else [])
+    item = bot.outbox.add(lead_id, lead, ["csv"] + channels, bot.leads.position(), msg.update_id)
+    taken = deliver(bot, item, ["csv"]) or deliver(bot, item, channels)
     if not taken and status == "new":  # nothing took it: the client sends it again, nothing is owed
         update_item(bot, {**item, "owed": [], "confirmed": True})
         return []
@@ -705,16 +655,13 @@ def incoming_from(bot, update):
     message = update.get("message")
     if not isinstance(message, dict) or not isinstance(message.get("from"), dict) or message["from"].get("is_bot"):
         return None
-    sender, chat = message["from"], message.get("chat") or {}
-    if chat.get("type") in ("group", "supergroup") and command_of(str(message.get("text", ""))) == "start":
-        if chat["id"] not in bot.invited:
-            bot.invited.add(chat["id"])
-            bot.say(chat["id"], bot.text("private_only"))
+    sender, chat, text = message["from"], message.get("chat") or {}, clean_text(message.get("text"))
+    if chat.get("type") in ("group", "supergroup") and command_of(text) == "start" and chat["id"] not in bot.invited:
+        bot.invited.add(chat["id"])
+        bot.say(chat["id"], bot.text("private_only"))
     if chat.get("type") != "private" or type(chat.get("id")) is not int:
         return None
-    text = message.get("text") if isinstance(message.get("text"), str) else ""
-    msg = Incoming(chat_id=chat["id"], first_name=clean_text(sender.get("first_name"))[:64],
-                   update_id=update["update_id"], text=clean_text(text))
+    msg = Incoming(chat["id"], text, first_name=clean_text(sender.get("first_name"))[:64], update_id=update["update_id"])
     if isinstance(message.get("contact"), dict):
         msg.shared = clean_text(message["contact"].get("phone_number"))[:32]
         msg.own_contact = message["contact"].get("user_id") == sender.get("id")
@@ -802,24 +749,12 @@ class Telegram:
                     raise
                 log.warning("Telegram refused a message (400) for chat %s; skipped", chat_id)
 
-    @contextmanager
-    def typing(self, chat_id, until):
-        """Shows 'typing…' until the block ends or `until` is set, renewed every 4.5 s (Telegram shows 5 s)."""
-        done = threading.Event()
-
-        def renew():
-            while not until.is_set():
-                try:
-                    self.call("sendChatAction", http_timeout=5, chat_id=chat_id, action="typing")
-                except TelegramError:
-                    pass  # a missing indicator is not worth a retry
-                if done.wait(4.5):
-                    return
-        threading.Thread(target=renew, daemon=True).start()
-        try:
-            yield
-        finally:
-            done.set()
+    def typing(self, chat_id, until, every=4.5):
+        """Shows 'typing…' until `until` is set, renewed every 4.5 s (Telegram shows it for 5 s)."""
+        while not until.is_set():
+            with contextlib.suppress(TelegramError):  # a missing indicator is not worth a retry
+                self.call("sendChatAction", http_timeout=5, chat_id=chat_id, action="typing")
+            until.wait(every)
 
 
 def keyboard(texts, buttons, contact_button, remove_keyboard):
@@ -882,9 +817,8 @@ class Console:
             print(("Бот: " if not self.streamed else "") + text[len(self.streamed):], end="", flush=True)
             self.streamed = text
 
-    @contextmanager
     def typing(self, chat_id, until):
-        yield
+        """The terminal shows no 'typing…'."""
 
 
 # --- prompt.txt: everything the client reads ----------------------------------------------------
@@ -896,19 +830,8 @@ TEXT_KEYS = ("greeting", "returning", "no_llm", "llm_failed", "contact_request",
              "menu_cancel", "menu_forget")
 
 
-@dataclasses.dataclass
-class Question:
-    label: str
-    text: str
-    buttons: list
-
-
-@dataclasses.dataclass
-class Prompt:
-    system: str
-    notes: str
-    questions: list
-    texts: dict
+Question = collections.namedtuple("Question", "label text buttons")  # label: what the manager sees
+Prompt = collections.namedtuple("Prompt", "system notes questions texts")
 
 
 class PromptError(Exception):
@@ -986,10 +909,6 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def text_value(raw):
-    return raw.strip()
-
-
 def url_value(raw):
     value = raw.strip().rstrip("/")
     if value and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
@@ -999,13 +918,10 @@ def url_value(raw):
 
 def number_value(minimum, cast=float):
     def parse(raw):
-        try:
-            value = cast(raw.strip())
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise ValueError(f"must be a number >= {minimum:g}, got {raw.strip()!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if cast(raw) >= minimum:
+                return cast(raw)
+        raise ValueError(f"must be a number >= {minimum:g}, got {raw.strip()!r}")
     return parse
 
 
@@ -1042,15 +958,15 @@ SETTINGS = {  # name: (default, parser); cfg has each as an attribute, lower-cas
     "DELETE_WEBHOOK": ("0", flag_value),
     "MANAGER_CHAT_ID": ("", pattern_value(r"-?\d+|@\w{5,}", "must be a numeric chat id (or @channelname)")),
     "LLM_BASE_URL": ("", url_value),
-    "LLM_API_KEY": ("", text_value),
-    "LLM_MODEL": ("", text_value),
+    "LLM_API_KEY": ("", str.strip),
+    "LLM_MODEL": ("", str.strip),
     "LLM_TIMEOUT": ("30", number_value(1)),
     "LLM_STREAM": ("1", flag_value),
     "LLM_MAX_TOKENS": ("400", number_value(16, int)),
-    "SMTP_HOST": ("", text_value),
+    "SMTP_HOST": ("", str.strip),
     "SMTP_PORT": ("", lambda raw: number_value(1, int)(raw) if raw.strip() else None),
-    "SMTP_USER": ("", text_value),
-    "SMTP_PASSWORD": ("", lambda raw: raw),
+    "SMTP_USER": ("", str.strip),
+    "SMTP_PASSWORD": ("", str),
     "SMTP_SECURITY": ("starttls", choice_value("ssl", "starttls", "none")),
     "MAIL_FROM": ("", pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "is not an email address")),
     "MANAGER_EMAIL": ("", pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "is not an email address")),
@@ -1183,7 +1099,7 @@ class Bot:
         self.leads = store.Leads(data / "leads.csv", cfg.csv_delimiter)
         self.journal = store.Journal(data / "state.jsonl", valid_dialog) if source == "telegram" else MemoryJournal()
         self.outbox, self.funnel = store.Outbox(data / "outbox"), store.Funnel(data / "funnel.jsonl")
-        self.inbox, self.intake = queue.Queue(), Intake()
+        self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
         self.unconfirmed, self.recent, self.invited = [], {}, set()
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
@@ -1203,7 +1119,7 @@ def run_telegram(cfg):
         signal.signal(signum, lambda *_: bot.stopping.set())
     try:
         me = bot.out.call_patiently("getMe")
-    except TelegramError as e:
+    except TelegramError:
         if bot.stopping.is_set():
             return 0
         raise ConfigError(["Telegram rejected TELEGRAM_BOT_TOKEN"]) from None

@@ -242,9 +242,6 @@ class Journal:
             self.dialogs.pop(chat_id, None)
             self._compact()
 
-    def close(self) -> None:
-        """Nothing stays open between saves (Windows cannot replace an open file)."""
-
     def _compact(self) -> None:
         lines = [json.dumps({"chat": chat, "dialog": d}) + "\n" for chat, d in self.dialogs.items()]
         _write_atomically(self.path, "".join(lines).encode())
@@ -283,11 +280,16 @@ class Outbox:
         self._items[item["id"]] = copy.deepcopy(item)
 
     def add(self, lead_id: str, lead: dict, owed: list[str], since: int, update_id: int | None) -> dict:
-        """Create the item once; an existing one is returned unchanged. Raises OSError."""
+        """Create the item once (an existing one is returned unchanged); a write failure is logged, never raised."""
+        item = {"id": lead_id, "chat_id": lead["chat_id"], "lead": lead, "owed": list(owed), "since": since,
+                "update_id": update_id, "confirmed": False, "due": time.time(), "attempts": 0}
         with self._lock:
-            if lead_id not in self._items:
-                self._save({"id": lead_id, "chat_id": lead["chat_id"], "lead": lead, "owed": list(owed), "since": since,
-                            "update_id": update_id, "confirmed": False, "due": time.time(), "attempts": 0})
+            try:
+                if lead_id not in self._items:
+                    self._save(item)
+            except OSError as e:  # the channels are still tried now; the client hears the truth either way
+                log.error("cannot write %s (%s); the lead is not kept for a retry", self.folder, type(e).__name__)
+                return item
             return self.get(lead_id)
 
     def get(self, lead_id: str) -> dict | None:

@@ -1,7 +1,6 @@
 """The dispatcher and the loop driven in-process, with a recording stand-in for Telegram."""
 import threading
 import time
-from contextlib import contextmanager
 
 import leadbot
 from fakes import QUESTIONS, TEXTS, wait_until
@@ -22,9 +21,8 @@ class Recorder:
             return []
         return True
 
-    @contextmanager
     def typing(self, chat_id, until):
-        yield
+        pass
 
 
 def make_bot(tmp_path, **settings):
