@@ -909,13 +909,6 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def url_value(raw):
-    value = raw.strip().rstrip("/")
-    if value and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
-        raise ValueError("must start with http:// or https://")
-    return value
-
-
 def number_value(minimum, cast=float):
     def parse(raw):
         with contextlib.suppress(ValueError):
@@ -940,10 +933,15 @@ def flag_value(raw):
 
 def pattern_value(pattern, explanation):
     def parse(raw):
-        if raw.strip() and not re.fullmatch(pattern, raw.strip()):
+        value = raw.strip().rstrip("/")  # a URL's last / would double in URLs built from it
+        if value and not re.fullmatch(pattern, value):
             raise ValueError(explanation)
-        return raw.strip()
+        return value
     return parse
+
+
+url_value = pattern_value(r"https?://[^/\s]+(/\S*)?", "must start with http:// or https://")
+email_value = pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "is not an email address")
 
 
 def path_value(raw):
@@ -968,8 +966,8 @@ SETTINGS = {  # name: (default, parser); cfg has each as an attribute, lower-cas
     "SMTP_USER": ("", str.strip),
     "SMTP_PASSWORD": ("", str),
     "SMTP_SECURITY": ("starttls", choice_value("ssl", "starttls", "none")),
-    "MAIL_FROM": ("", pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "is not an email address")),
-    "MANAGER_EMAIL": ("", pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "is not an email address")),
+    "MAIL_FROM": ("", email_value),
+    "MANAGER_EMAIL": ("", email_value),
     "DATA_DIR": ("data", path_value),
     "CSV_DELIMITER": (";", choice_value(";", ",")),
     "PRIVACY_URL": ("", url_value),
