@@ -50,7 +50,7 @@ def greet(bot, dialog, msg):
 
 def take_answer(bot, dialog, msg):
     """Stores the answer, asks the next question; after the last one starts writing the offer."""
-    question = bot.prompt.questions[len(dialog["answers"])]
+    question = bot.prompt.questions[min(len(dialog["answers"]), len(bot.prompt.questions) - 1)]  # one removed?
     dialog["answers"].append(button_text(question, msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
@@ -116,7 +116,7 @@ def remind(bot, dialog, msg):
 
 
 def ask_question(bot, chat_id, index):
-    question = bot.prompt.questions[index]
+    question = bot.prompt.questions[min(index, len(bot.prompt.questions) - 1)]
     bot.say(chat_id, question.text, buttons=question.buttons, remove_keyboard=not question.buttons)
 
 
@@ -156,9 +156,10 @@ def handle(bot, msg):
     old = bot.journal.dialogs.get(msg.chat_id)
     if old and msg.update_id is not None and msg.update_id in old["seen"]:
         return  # Telegram sent it again after a crash
-    if not within_rate(bot, msg.chat_id):
+    if not within_rate(bot, msg.chat_id) and not (msg.shared or find_contacts(msg.text)):
         return
-    if old and old["busy"]:  # the LLM is writing for this chat: its messages wait their turn, in order
+    if old and old["busy"] and command_of(msg.text) not in ("start", *COMMANDS):
+        # the LLM is writing for this chat: its messages wait their turn, in order (commands do not wait)
         waiting = old["waiting"][-19:] + [dataclasses.asdict(msg)]
         return save(bot, msg.chat_id, {**old, "waiting": waiting, "seen": old["seen"][-19:] + [msg.update_id]})
     dispatch(bot, msg, old)
@@ -456,7 +457,8 @@ def answers_text(bot, dialog):
 def leaks_prompt(answer, prompt):
     """True when the answer repeats a sizeable line of the system prompt word for word."""
     flat = " ".join(answer.split()).lower()
-    return any(len(line) >= 40 and line in flat for line in (" ".join(x.split()).lower() for x in prompt.splitlines()))
+    lines = (" ".join(x.split()).lower().lstrip("-*•0123456789. ") for x in prompt.splitlines())
+    return any(len(line) >= 40 and line in flat for line in lines)
 
 
 # --- The lead's way to the manager: the outbox is written ahead, then each channel ------------
@@ -473,10 +475,14 @@ def commit_lead(bot, dialog, msg, contact, status):
             "answers": [[q.label, a] for q, a in zip(bot.prompt.questions, dialog["answers"])]}
     channels = bot.channels if status == "new" else []
     lead_id = f"{msg.chat_id}-{msg.update_id}" if msg.update_id is not None else secrets.token_hex(8)
+    for old in bot.outbox.items():  # the contact sent again after "could not take it" replaces the first
+        if old["chat_id"] == msg.chat_id and old.get("untaken"):
+            bot.outbox.drop(old["id"])
     item = bot.outbox.add(lead_id, lead, ["csv"] + channels, bot.leads.position(), msg.update_id)
     taken = deliver(bot, item, ["csv"]) or deliver(bot, item, channels)
-    if not taken and status == "new":  # nothing took it: the client sends it again, nothing is owed
-        update_item(bot, {**item, "owed": [], "confirmed": True})
+    if not taken and status == "new":  # the client is asked to send it again; meanwhile the outbox keeps trying
+        due = time.time() + backoff(bot.cfg, 1, outbox=True)  # a contact sent again before then replaces it
+        confirm(bot, {**item, "untaken": True, "due": due})
         return []
     bot.funnel.record(dialog["id"], "contact" if status == "new" else "refused", bot.source,
                       seconds=round(time.time() - dialog.get("started", time.time())))
@@ -491,6 +497,7 @@ def deliver(bot, item, channels):
     for channel in [c for c in channels if c in item["owed"]]:
         def done(channel=channel):  # the receiver has it: from now on it is never sent again
             item["owed"].remove(channel)
+            item.pop("untaken", None)
             update_item(bot, item)
             took.append(channel)
         try:
@@ -523,7 +530,7 @@ SENDERS = {"csv": write_row, "email": send_email, "telegram": send_card}
 
 def failure_reason(channel, error):
     if channel == "csv":
-        return f"could not write leads.csv ({type(error).__name__}); the lead waits in the outbox"
+        return f"could not write leads.csv ({type(error).__name__}); the outbox tries again later"
     if isinstance(error, TelegramError) and error.error_code in (400, 403):
         return (f"Telegram refused the card ({error.error_code}): check MANAGER_CHAT_ID and that the manager "
                 "sent /start" + ("; it is not sent again" if error.error_code == 400 else ""))
@@ -567,17 +574,16 @@ def recover(bot):
     for item in bot.outbox.items():
         if not item["confirmed"]:
             deliver(bot, item, ["csv"])
+            saved = "csv" not in item["owed"]  # written now or before the crash; else the outbox keeps it
             dialog = bot.journal.dialogs.get(item["chat_id"])
             if dialog and dialog["stage"] != "done":
                 log.info("finishing an interrupted lead: chat %s", item["chat_id"])
-                text = "thanks_saved" if item["lead"]["status"] == "new" else "refused"
-                try:
+                text = "refused" if item["lead"]["status"] != "new" else "thanks_saved" if saved else "not_taken"
+                with contextlib.suppress(ChatGone, TelegramError):
                     bot.say(item["chat_id"], bot.text(text), remove_keyboard=True)
-                except (ChatGone, TelegramError):
-                    pass
-                dialog = {**dialog, "stage": "done", "seen": dialog["seen"] + [item["update_id"]]}
-                bot.journal.save(item["chat_id"], dialog)
-            confirm(bot, item)
+                stage = "done" if text != "not_taken" else dialog["stage"]
+                bot.journal.save(item["chat_id"], {**dialog, "stage": stage, "seen": dialog["seen"] + [item["update_id"]]})
+            confirm(bot, {**item, "untaken": not saved and item["lead"]["status"] == "new"})
     for chat_id, dialog in list(bot.journal.dialogs.items()):
         if dialog["busy"]:
             start_offer(bot, chat_id, dialog)
@@ -588,10 +594,10 @@ def recover(bot):
 # --- The client's words --------------------------------------------------------------------------
 
 MAX_TEXT = 2000  # kept of a client's message
-PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-]{6,20}\d(?!\w)")
+PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d(?!\w)")
 EMAIL_RE = re.compile(r"[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}")
 USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?t\.me/)([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
-REFUSAL_RE = re.compile(r"(нет|неа|no|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
+REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос))|неа|no|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
@@ -995,7 +1001,7 @@ def read_config(env, telegram=True):
             problems.append(f"{name} {e}")
             values[name.lower()] = parse(default)
     cfg = argparse.Namespace(**values)
-    if telegram and not cfg.telegram_bot_token:
+    if telegram and not (env.get("TELEGRAM_BOT_TOKEN") or "").strip():  # else a bad one is named above
         problems.insert(0, "TELEGRAM_BOT_TOKEN is missing (set it in .env)")
     if cfg.smtp_host and not cfg.manager_email:
         problems.append("MANAGER_EMAIL is missing (required when SMTP_HOST is set)")
@@ -1010,14 +1016,17 @@ def read_config(env, telegram=True):
 def typos(keys):
     """Keys of .env that are not settings but close to one: a typo the owner would never notice."""
     for key in keys:
-        close = difflib.get_close_matches(key, SETTINGS, 1, 0.8) if key not in SETTINGS else None
+        close = difflib.get_close_matches(key.upper(), SETTINGS, 1, 0.8) if key not in SETTINGS else None
         if close:
             yield f"{key} is not a setting — did you mean {close[0]}?"
 
 
 def read_env():
     """The real environment over .env next to leadbot.py, over a .env in the current folder; and .env's keys."""
-    files = [dotenv_values(path, encoding="utf-8-sig") for path in (Path.cwd() / ".env", HERE / ".env")]
+    try:
+        files = [dotenv_values(path, encoding="utf-8-sig") for path in (Path.cwd() / ".env", HERE / ".env")]
+    except UnicodeError:
+        raise ConfigError([".env is not UTF-8 text — open it in Notepad and save it with the encoding UTF-8"]) from None
     from_files = {key.lstrip("\ufeff"): value or "" for values in files for key, value in values.items()}
     return {**from_files, **os.environ}, list(from_files)
 
@@ -1272,10 +1281,10 @@ def main(argv=None):
     mode.add_argument("--stats", action="store_true", help="print the funnel of the last 7/30 days and all time")
     parser.add_argument("--json", action="store_true", help="with --stats: one JSON object")
     args = parser.parse_args(argv)
-    env, keys = read_env()
-    if args.check:
-        return run_check(env, keys)
     try:
+        env, keys = read_env()
+        if args.check:
+            return run_check(env, keys)
         cfg = read_config(env, telegram=not (args.console or args.stats))
         if args.stats:
             return run_stats(cfg, args.json)

@@ -1,5 +1,6 @@
 """The LLM's words as the client sees them: an OpenAI-compatible chat completion, bounded and cleaned."""
 
+import html
 import json
 import re
 import time
@@ -166,7 +167,8 @@ def clean(text: str) -> str:
     """Plain text for the client: no reasoning, no Markdown or HTML marks, at most one blank line in a row."""
     text = _THINK.sub("", text).replace("\r\n", "\n").replace("\r", "\n").replace("\ue000", "")
     lines, fenced = [""], False
-    for line in _TAG.sub(lambda m: _TAG_TEXT.get(m.group(1).lower(), ""), text).split("\n"):
+    text = html.unescape(_TAG.sub(lambda m: _TAG_TEXT.get(m.group(1).lower(), ""), text))  # &nbsp; &laquo; …
+    for line in text.split("\n"):
         if line.lstrip().startswith(("```", "~~~")):
             fenced = not fenced
             continue

@@ -102,9 +102,12 @@ class Leads:
     def __init__(self, path: Path, delimiter: str):
         self.path, self.delimiter, self._lock = Path(path).absolute(), delimiter, threading.Lock()
         try:
-            text = self.path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")
+            text = self.path.read_bytes().decode("utf-8").removeprefix("\ufeff")
         except FileNotFoundError:
             return
+        except UnicodeError:
+            raise StoreError(f"leads.csv {self.path} is not UTF-8 text (saved as ANSI or Unicode?) — in Excel save it "
+                             "as «CSV UTF-8», or move it away and start again") from None
         except OSError as e:
             raise StoreError(f"leads.csv {self.path} cannot be read ({type(e).__name__}) — "
                              "close it in other programs or fix its permissions") from None
@@ -287,9 +290,9 @@ class Outbox:
             try:
                 if lead_id not in self._items:
                     self._save(item)
-            except OSError as e:  # the channels are still tried now; the client hears the truth either way
-                log.error("cannot write %s (%s); the lead is not kept for a retry", self.folder, type(e).__name__)
-                return item
+            except OSError as e:  # the channels are still tried now, and again while this process runs
+                log.error("cannot write %s (%s); the lead is kept in memory only", self.folder, type(e).__name__)
+                self._items[lead_id] = copy.deepcopy(item)
             return self.get(lead_id)
 
     def get(self, lead_id: str) -> dict | None:
@@ -326,6 +329,11 @@ class Outbox:
     def next_due(self) -> float | None:
         with self._lock:
             return min((item["due"] for item in self._items.values() if item["owed"]), default=None)
+
+    def drop(self, lead_id: str) -> None:
+        with self._lock:
+            self._file(lead_id).unlink(missing_ok=True)
+            self._items.pop(lead_id, None)
 
     def drop_chat(self, chat_id) -> int:
         """Remove every item of that chat (/forget); returns how many; raises OSError."""

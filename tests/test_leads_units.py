@@ -203,12 +203,23 @@ def test_a_file_without_bom_gets_none(path):
 
 
 @pytest.mark.parametrize("content", [
+    "Имя;Телефон\r\nОльга;+7\r\n".encode("cp1251"),
+    (";".join(COLUMNS) + "\r\n2026-11-01;1;Ольга;+7;сайт;;telegram;new\r\n").encode("cp1251"),
+    (";".join(COLUMNS) + "\r\n").encode("utf-16"),
+])
+def test_a_file_that_is_not_utf8_is_refused_and_untouched(path, content):
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match="is not UTF-8 text"):
+        Leads(path, ";")
+    assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("content", [
     b"timestamp,chat_id,contact,client_name,intent,notes,source,status\r\nx,1\r\n",  # other order
     b"timestamp,chat_id,client_name,contact,intent,notes,source\r\n",               # a column missing
     b"timestamp\tchat_id\tclient_name\tcontact\tintent\tnotes\tsource\tstatus\r\n",  # other delimiter
     b"name,phone",                                                                  # foreign, no newline
     BOM + b"\r\n" + header(),                                                       # an empty first line
-    "Имя;Телефон\r\nОльга;+7\r\n".encode("cp1251"),                                 # not even UTF-8
 ])
 def test_a_file_with_other_columns_is_refused_and_untouched(path, content):
     path.write_bytes(content)
@@ -301,8 +312,8 @@ def test_forget_removes_only_that_chat_and_keeps_every_other_byte(path):
         "2026-11-24T10:03:30+00:00,6,Ольга,x,y,z,telegram,new\r\n".encode("cp1251"),  # saved by Excel
         b'2026-11-24T10:04:00+00:00,22,Dee,x,y,"2\n2",telegram,new',  # no final line break
     ]
-    owner_file(path, *records)
     leads = Leads(path, ",")
+    owner_file(path, *records)  # edited while the bot runs, one row saved by Excel in ANSI
 
     assert leads.forget(2) == 2
     kept = [records[i] for i in (0, 2, 3, 5, 6)]

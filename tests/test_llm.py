@@ -357,6 +357,7 @@ CORPUS = {
     "think unclosed later": ("Ответ. <think>передумал", "Ответ."),
     "think close only": ("рассуждение</think>Ответ", "Ответ"),
     "think twice": ("<think>a</think>Раз <think>b</think>два", "Раз два"),
+    "html entities": ("&laquo;Лендинг&raquo;&nbsp;&mdash; быстро &amp; недорого", "«Лендинг»\u00a0— быстро & недорого"),
 }
 
 

@@ -1,0 +1,125 @@
+"""What an outside tester broke: Excel holding leads.csv, «нет проблем», pasted phones, a question removed
+mid-dialog, a flood ending with the contact, /cancel while the LLM writes, files saved in other encodings."""
+from pathlib import Path
+
+import pytest
+
+from fakes import (ANSWERS, CONTACT_REQUEST, QUESTIONS, TEXTS, copy_app, reach_contact_step, read_rows, run_bot, say,
+                   start_bot, wait_until)
+
+THANKS = "Спасибо"
+
+
+def test_email_off_and_leads_csv_locked_the_lead_is_written_once_the_file_is_free(bot, bot_env, telegram):
+    bot(SMTP_HOST="")
+    reach_contact_step(telegram, 1501)
+    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
+    leads.unlink(missing_ok=True)
+    leads.mkdir()  # like Excel holding the file on Windows: every write fails
+    reply = say(telegram, 1501, "+7 999 123-45-67", "ещё раз")
+    assert THANKS not in reply
+    leads.rmdir()  # Excel closed; the client never sends it again
+    wait_until(lambda: len(read_rows(bot_env)) == 1, timeout=10)
+    assert read_rows(bot_env)[0]["contact"].lstrip("'") == "+7 999 123-45-67"
+
+
+def test_email_off_and_leads_csv_locked_a_contact_sent_again_gives_one_row(bot, bot_env, telegram):
+    bot(SMTP_HOST="", OUTBOX_RETRY_SECONDS="30", OUTBOX_RETRY_MAX_SECONDS="30")
+    reach_contact_step(telegram, 1502)
+    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
+    leads.unlink(missing_ok=True)
+    leads.mkdir()
+    say(telegram, 1502, "+7 999 123-45-67", "ещё раз")
+    leads.rmdir()
+    say(telegram, 1502, "+7 999 765-43-21", THANKS)  # as asked, before the outbox tried again
+    rows = read_rows(bot_env)
+    assert len(rows) == 1 and rows[0]["contact"].lstrip("'") == "+7 999 765-43-21"
+
+
+def test_net_problem_without_a_number_is_not_a_refusal(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 1503)
+    say(telegram, 1503, "Нет проблем!", CONTACT_REQUEST)
+    assert not read_rows(bot_env)
+    say(telegram, 1503, "+7 999 123-45-67", THANKS)
+    assert read_rows(bot_env)[0]["status"] == "new"
+
+
+@pytest.mark.parametrize("phone", ["+7\u00a0(999)\u00a0123-45-67", "8 999 123\u201345\u201367",
+                                   "+7 999 123\u201145\u201167"])
+def test_a_phone_pasted_with_no_break_spaces_or_dashes_is_a_contact(bot, bot_env, telegram, llm, phone):
+    bot()
+    say(telegram, 1504, "/start", "задача")
+    say(telegram, 1504, f"Сайт для кафе, звоните {phone}", QUESTIONS[1][1])
+    say(telegram, 1504, ANSWERS[1], QUESTIONS[2][1])
+    say(telegram, 1504, ANSWERS[2], CONTACT_REQUEST)
+    say(telegram, 1504, phone, THANKS)
+    assert read_rows(bot_env)[0]["contact"].lstrip("'") == phone
+    assert not [r for r in llm.requests if "999" in str(r["json"]["messages"])]  # never sent to the LLM
+
+
+def test_a_question_removed_from_prompt_txt_mid_dialog_leaves_no_client_without_an_answer(
+        bot_env, telegram, tmp_path):
+    app = copy_app(tmp_path / "app")
+    first = start_bot(bot_env, cwd=tmp_path, script=app)
+    say(telegram, 1505, "/start", "задача")
+    say(telegram, 1505, ANSWERS[0], QUESTIONS[1][1])
+    say(telegram, 1505, ANSWERS[1], QUESTIONS[2][1])  # the client is at the third question
+    first.terminate()
+    assert first.wait() == 0
+    prompt = app.parent / "prompt.txt"
+    text = prompt.read_text(encoding="utf-8")
+    start = text.index(f"[question {QUESTIONS[2][0]}]")
+    prompt.write_text(text[:start] + text[text.index("\n[", start + 1) + 1:], encoding="utf-8")
+    start_bot(bot_env, cwd=tmp_path, script=app)
+    say(telegram, 1505, ANSWERS[2], CONTACT_REQUEST)
+
+
+def test_a_flood_after_the_last_answer_ending_with_the_contact_still_gives_the_lead(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 1506)
+    for i in range(12):
+        telegram.send_text(1506, f"а ещё вопрос {i}")
+    telegram.send_text(1506, "+7 999 123-45-67")
+    wait_until(lambda: read_rows(bot_env), timeout=10)
+    assert read_rows(bot_env)[0]["contact"].lstrip("'") == "+7 999 123-45-67"
+
+
+def test_cancel_while_the_llm_writes_is_answered_at_once_and_no_offer_follows(bot, telegram, llm):
+    llm.delay = 1
+    bot()
+    say(telegram, 1507, "/start", "задача")
+    for answer in ANSWERS:
+        telegram.send_text(1507, answer)
+    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
+    say(telegram, 1507, "/cancel", TEXTS["cancelled"][:20])
+    assert not [t for t in telegram.texts(1507) if CONTACT_REQUEST in t]  # the offer had not come yet
+    wait_until(lambda: len(llm.requests) >= 2, timeout=10)  # the offer is written: the notes are asked for
+    say(telegram, 1507, "/help", TEXTS["help"][:20])  # handled after the offer's answer, which came first
+    assert not [t for t in telegram.texts(1507) if CONTACT_REQUEST in t]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "cp1251"])
+def test_leads_csv_saved_in_another_encoding_stops_start_up_with_one_line(bot_env, tmp_path, encoding):
+    data = Path(bot_env["DATA_DIR"])
+    data.mkdir(parents=True)
+    (data / "leads.csv").write_text("timestamp;chat_id;client_name;contact;intent;notes;source;status\n"
+                                    "2026-11-01;1;Ольга;+79991234567;сайт;;telegram;new\n", encoding=encoding)
+    result = run_bot(bot_env, cwd=tmp_path, timeout=10)
+    assert result.returncode == 2 and "UTF-8" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [(), ("--check",)])
+def test_env_saved_as_utf16_gives_one_line_not_a_traceback(bot_env, tmp_path, args):
+    app = copy_app(tmp_path / "app")
+    (app.parent / ".env").write_text("LLM_MODEL=модель\n", encoding="utf-16")
+    result = run_bot(bot_env, *args, cwd=tmp_path, script=app, timeout=10)
+    assert result.returncode == 2 and "UTF-8" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_lowercase_setting_name_gets_a_hint(bot_env, tmp_path):
+    app = copy_app(tmp_path / "app")
+    (app.parent / ".env").write_text("csv_delimeter=,\n", encoding="utf-8")
+    result = run_bot(bot_env, "--check", cwd=tmp_path, script=app, timeout=20)
+    assert "csv_delimeter is not a setting — did you mean CSV_DELIMITER?" in result.stdout
