@@ -2,7 +2,18 @@
 
 import pytest
 
-from fakes import FakeLLM, FakeSMTP, FakeTelegram, running, start_bot
+from fakes import BotProcess, FakeLLM, FakeSMTP, FakeTelegram, running, start_bot
+
+
+@pytest.fixture(autouse=True)
+def no_bot_outlives_its_test():
+    """A bot started with fakes.start_bot directly is killed at the end of its test too."""
+    yield
+    while BotProcess.started:
+        process = BotProcess.started.pop()
+        if process.alive():
+            process.kill()
+            process.wait()
 
 
 def pytest_configure(config):

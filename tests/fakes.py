@@ -885,9 +885,11 @@ class BotProcess:
     """leadbot.py running in the background, its stdout and stderr going to files in cwd."""
 
     _numbers = itertools.count(1)
+    started = []  # every bot a test started, so that none outlives its test (see conftest.py)
 
     def __init__(self, env, args, cwd, script=None):
         number = next(self._numbers)
+        BotProcess.started.append(self)
         self.stdout_path = Path(cwd) / f"bot-{number}.out"
         self.stderr_path = Path(cwd) / f"bot-{number}.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
