@@ -416,7 +416,8 @@ def ask_llm(bot, system, user, what, on_text=None):
 
     def call():
         try:
-            answer.put(llm.complete(bot.cfg, system, user, on_text=on_text))
+            with pooled(bot.llm_sessions) as session:
+                answer.put(llm.complete(bot.cfg, system, user, on_text=on_text, session=session))
         except Exception as e:  # noqa: BLE001 - whatever failed, the client gets the honest fallback
             log.warning("LLM %s failed: %s", what, e if isinstance(e, llm.LLMError) else type(e).__name__)
             answer.put(None)
@@ -706,19 +707,14 @@ class Telegram:
     def call(self, method, http_timeout=None, **params):
         """One request; raises TelegramError. http_timeout bounds the wait (default TELEGRAM_TIMEOUT)."""
         try:
-            session = self.sessions.get_nowait()
-        except queue.Empty:
-            session = requests.Session()
-        try:
-            response = session.post(self.base + method, json=params,
-                                    timeout=(10, http_timeout or self.cfg.telegram_timeout))
+            with pooled(self.sessions) as session:
+                response = session.post(self.base + method, json=params,
+                                        timeout=(10, http_timeout or self.cfg.telegram_timeout))
             body = response.json()
         except requests.RequestException as e:  # its text holds the URL, and the URL the token
             raise TelegramError(0, type(e).__name__) from None
         except ValueError:  # a proxy's error page; 0 (worth a retry) when the status is no error
             raise TelegramError(0 if response.ok else response.status_code, "answer is not JSON") from None
-        finally:
-            self.sessions.put(session)
         if isinstance(body, dict) and body.get("ok"):
             return body.get("result")
         body = body if isinstance(body, dict) else {}
@@ -761,6 +757,19 @@ class Telegram:
             with contextlib.suppress(TelegramError):  # a missing indicator is not worth a retry
                 self.call("sendChatAction", http_timeout=5, chat_id=chat_id, action="typing")
             until.wait(every)
+
+
+@contextlib.contextmanager
+def pooled(sessions):
+    """A requests.Session from the pool, or a new one when all are in use; back after use, its connections warm."""
+    try:
+        session = sessions.get_nowait()
+    except queue.Empty:
+        session = requests.Session()
+    try:
+        yield session
+    finally:
+        sessions.put(session)
 
 
 def keyboard(texts, buttons, contact_button, remove_keyboard):
@@ -1107,6 +1116,7 @@ class Bot:
         self.journal = store.Journal(data / "state.jsonl", valid_dialog) if source == "telegram" else MemoryJournal()
         self.outbox, self.funnel = store.Outbox(data / "outbox"), store.Funnel(data / "funnel.jsonl")
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
+        self.llm_sessions = queue.SimpleQueue()
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
         self.unconfirmed, self.recent, self.invited = [], {}, set()
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
