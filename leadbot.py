@@ -1091,19 +1091,6 @@ def setup_logging(cfg, console_level=None):
 # --- Start-up ----------------------------------------------------------------------------------
 
 
-class MemoryJournal:
-    """Console dialogs: they live as long as the process."""
-
-    def __init__(self):
-        self.dialogs = {}
-
-    def save(self, chat_id, dialog):
-        self.dialogs.pop(chat_id, None) if dialog is None else self.dialogs.__setitem__(chat_id, dialog)
-
-    def erase(self, chat_id):
-        self.dialogs.pop(chat_id, None)
-
-
 class Bot:
     """What a running bot holds: settings, texts, the way out (Telegram or console) and its files."""
 
@@ -1113,7 +1100,7 @@ class Bot:
         self.lock = store.open_data_dir(cfg.data_dir)  # held while the process lives
         data = cfg.data_dir
         self.leads = store.Leads(data / "leads.csv", cfg.csv_delimiter)
-        self.journal = store.Journal(data / "state.jsonl", valid_dialog) if source == "telegram" else MemoryJournal()
+        self.journal = store.Journal(data / "state.jsonl" if source == "telegram" else None, valid_dialog)
         self.outbox, self.funnel = store.Outbox(data / "outbox"), store.Funnel(data / "funnel.jsonl")
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
         self.llm_sessions = queue.SimpleQueue()

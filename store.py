@@ -184,11 +184,15 @@ class Leads:
 
 
 class Journal:
-    """{data_dir}/state.jsonl: dialog state as JSON lines, appended and flushed (no fsync); a chat's last line wins."""
+    """{data_dir}/state.jsonl: dialog state as JSON lines, appended and flushed (no fsync); a chat's last line wins.
+    With path None (the console) the dialogs live in memory only."""
 
-    def __init__(self, path: Path, valid):
-        self.path, self._valid, self.dialogs, self._lock = Path(path).absolute(), valid, {}, threading.Lock()
-        self._lines, self._rewrite, bad_file = 0, False, self.path.with_name(self.path.name + ".bad")
+    def __init__(self, path: Path | None, valid):
+        self.path, self._valid, self.dialogs, self._lock = path and Path(path).absolute(), valid, {}, threading.Lock()
+        self._lines, self._rewrite = 0, False
+        if path is None:
+            return
+        bad_file = self.path.with_name(self.path.name + ".bad")
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
             *lines, torn = text.split("\n")  # torn is "" when the file ends with a line break, else ignored
@@ -227,7 +231,9 @@ class Journal:
         with self._lock:
             self._set(chat_id, dialog)
             try:
-                if self._rewrite or self._lines >= 2 * len(self.dialogs) + 1000:
+                if self.path is None:
+                    pass
+                elif self._rewrite or self._lines >= 2 * len(self.dialogs) + 1000:
                     self._compact()
                 else:
                     with open(self.path, "a", encoding="utf-8") as f:
@@ -246,6 +252,8 @@ class Journal:
             self._compact()
 
     def _compact(self) -> None:
+        if self.path is None:
+            return
         lines = [json.dumps({"chat": chat, "dialog": d}) + "\n" for chat, d in self.dialogs.items()]
         _write_atomically(self.path, "".join(lines).encode())
         self._lines, self._rewrite = len(lines), False

@@ -512,3 +512,12 @@ def test_stats_count_a_lead_even_if_the_dialog_is_cancelled_later(tmp_path):
     path.write_text(events(("a", "telegram", NOW - 10, [stage("offering"), ("contact", 5, {"seconds": 5}),
                                                        ("cancelled", 6, {})])))
     assert stats(path, NOW)["all"]["contacts"] == 1 and stats(path, NOW)["all"]["cancelled"] == 0
+
+
+def test_a_journal_without_a_path_keeps_dialogs_in_memory_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    journal = Journal(None, always)
+    assert journal.save(1, {"stage": "a"}) is True and journal.dialogs == {1: {"stage": "a"}}
+    journal.erase(1)
+    journal.save(2, None)
+    assert journal.dialogs == {} and list(tmp_path.iterdir()) == []
