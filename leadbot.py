@@ -89,6 +89,13 @@ def take_contact(bot, dialog, msg):
     return "done"
 
 
+def thank_later(bot, dialog, msg):
+    """The lead the client was asked to send again reached the manager after all: says so, ends the dialog."""
+    bot.say(msg.chat_id, bot.text("thanks_later"), remove_keyboard=True)
+    record_lead(bot, dialog, "contact")
+    return "done"
+
+
 def start_over(bot, dialog, msg):
     """Begins a new dialog and takes this message as the answer to the first question."""
     dialog.update(new_dialog(msg.chat_id, dialog["name"], bot.source))
@@ -223,6 +230,13 @@ def handle_llm(bot, event):
     replay(bot, event.chat_id)
 
 
+def handle_taken(bot, event):
+    """The outbox delivered a lead that no channel took at first, for a dialog still at the contact step."""
+    dialog = copy.deepcopy(bot.journal.dialogs.get(event.chat_id))
+    if dialog and dialog["id"] == event.dialog_id and dialog["stage"] == "collecting_contact":
+        advance(bot, event, dialog, thank_later)
+
+
 def help_command(bot, msg, dialog):
     bot.say(msg.chat_id, bot.text("help"))
 
@@ -230,6 +244,7 @@ def help_command(bot, msg, dialog):
 def cancel_command(bot, msg, dialog):
     if dialog is None or dialog["stage"] == "done":  # a saved lead is not undone by /cancel
         return bot.say(msg.chat_id, bot.text("nothing_to_cancel"), remove_keyboard=True)
+    drop_untaken(bot, msg.chat_id)  # the client hears «ничего не сохранено»: so it must stay so
     end_dialog(bot, msg.chat_id, "cancelled")
     bot.say(msg.chat_id, bot.text("cancelled"), remove_keyboard=True)
 
@@ -320,6 +335,8 @@ def handle_event(bot, event):
     try:
         if isinstance(event, Written):
             handle_llm(bot, event)
+        elif isinstance(event, Taken):
+            handle_taken(bot, event)
         elif msg := incoming_from(bot, event):
             handle(bot, msg)
     except ChatGone as gone:
@@ -378,6 +395,8 @@ def explain_poll_error(bot, e, failures, delay):
 # What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
 Written = collections.namedtuple("Written", "chat_id dialog_id offer intent notes update_id",
                                  defaults=(None, "", "", None))
+# What the delivery thread hands back when a lead that no channel took at first reached one.
+Taken = collections.namedtuple("Taken", "chat_id dialog_id update_id", defaults=(None,))
 
 
 def start_offer(bot, chat_id, dialog):
@@ -392,16 +411,16 @@ def start_offer(bot, chat_id, dialog):
 def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
     """The LLM job: the recommendation, shown as a growing draft, then the manager's notes."""
     if offer_needed:
-        bot.inbox.put(Written(chat_id, dialog_id, offer=ask_offer(bot, chat_id, answers)))
+        bot.inbox.put(Written(chat_id, dialog_id, offer=ask_offer(bot, chat_id, dialog_id, answers)))
     lines = [line.strip() for line in (ask_llm(bot, bot.prompt.notes, answers, "notes") or "").splitlines()]
     intent, notes = (lines[0], " ".join(lines[1:])) if len(lines) >= 2 else ("", "")
     bot.inbox.put(Written(chat_id, dialog_id, intent=scrub(intent)[:200], notes=scrub(notes)[:MAX_TEXT]))
 
 
-def ask_offer(bot, chat_id, answers):
+def ask_offer(bot, chat_id, dialog_id, answers):
     if not bot.cfg.llm_base_url:
         return bot.text("no_llm")
-    draft = Draft(bot, chat_id)
+    draft = Draft(bot, chat_id, dialog_id)
     threading.Thread(target=bot.out.typing, args=(chat_id, draft.live), daemon=True).start()
     offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show)
     draft.live.set()  # a draft is up or the answer is complete: no more 'typing…'
@@ -432,13 +451,14 @@ def ask_llm(bot, system, user, what, on_text=None):
 class Draft:
     """The recommendation as Telegram shows it while the LLM writes: at most two updates a second."""
 
-    def __init__(self, bot, chat_id):
-        self.bot, self.chat_id, self.id = bot, chat_id, random.randint(1, 2**31 - 1)
+    def __init__(self, bot, chat_id, dialog_id):
+        self.bot, self.chat_id, self.dialog_id, self.id = bot, chat_id, dialog_id, random.randint(1, 2**31 - 1)
         self.live, self.last = threading.Event(), 0.0
 
     def show(self, text):
         now = time.monotonic()
-        if now - self.last < 0.5 or now < self.bot.drafts_off_until:
+        gone = (self.bot.journal.dialogs.get(self.chat_id) or {}).get("id") != self.dialog_id  # /cancel, /start
+        if now - self.last < 0.5 or now < self.bot.drafts_off_until or gone:
             return
         self.last = now
         try:
@@ -476,39 +496,44 @@ def commit_lead(bot, dialog, msg, contact, status):
             "answers": [[q.label, a] for q, a in zip(bot.prompt.questions, dialog["answers"])]}
     channels = bot.channels if status == "new" else []
     lead_id = f"{msg.chat_id}-{msg.update_id}" if msg.update_id is not None else secrets.token_hex(8)
-    for old in bot.outbox.items():  # the contact sent again after "could not take it" replaces the first
-        if old["chat_id"] == msg.chat_id and old.get("untaken"):
-            bot.outbox.drop(old["id"])
+    drop_untaken(bot, msg.chat_id)  # a contact sent again after "could not take it" replaces the first
     item = bot.outbox.add(lead_id, lead, ["csv"] + channels, bot.leads.position(), msg.update_id)
     taken = deliver(bot, item, ["csv"]) or deliver(bot, item, channels)
     if not taken and status == "new":  # the client is asked to send it again; meanwhile the outbox keeps trying
         due = time.time() + backoff(bot.cfg, 1, outbox=True)  # a contact sent again before then replaces it
-        confirm(bot, {**item, "untaken": True, "due": due})
+        confirm(bot, {**item, "untaken": dialog["id"], "due": due})  # taken later: the client is told
         return []
-    bot.funnel.record(dialog["id"], "contact" if status == "new" else "refused", bot.source,
-                      seconds=round(time.time() - dialog.get("started", time.time())))
+    record_lead(bot, dialog, "contact" if status == "new" else "refused")
     log.info("lead saved: chat %s, status %s", msg.chat_id, status)
     bot.unconfirmed.append(item)
     return taken
 
 
 def deliver(bot, item, channels):
-    """Tries these owed channels of one lead now; returns those that took it."""
-    took = []
+    """Tries these owed channels of one lead now; returns every channel that has it so far (item["took"])."""
     for channel in [c for c in channels if c in item["owed"]]:
-        def done(channel=channel):  # the receiver has it: from now on it is never sent again
+        def done(channel=channel, took=True):  # from now on it is never sent again
             item["owed"].remove(channel)
-            item.pop("untaken", None)
+            item["took"] = item.get("took", []) + [channel] * took
             update_item(bot, item)
-            took.append(channel)
         try:
             SENDERS[channel](bot, item, done)
             log.info("%s delivered for chat %s", channel, item["chat_id"])
         except (OSError, TelegramError, mailer.MailError) as e:
             log.warning("%s for chat %s failed: %s", channel, item["chat_id"], failure_reason(channel, e))
             if isinstance(e, TelegramError) and e.error_code == 400:
-                done()  # refused for good: retrying forever helps nobody
-    return took
+                done(took=False)  # refused for good: retrying forever helps nobody, and nobody has it
+    return item.get("took", [])
+
+
+def drop_untaken(bot, chat_id):
+    for item in bot.outbox.items():
+        if item["chat_id"] == chat_id and item.get("untaken"):
+            bot.outbox.drop(item["id"])
+
+
+def record_lead(bot, dialog, end):
+    bot.funnel.record(dialog["id"], end, bot.source, seconds=round(time.time() - dialog.get("started", time.time())))
 
 
 def write_row(bot, item, done):
@@ -559,7 +584,9 @@ def deliver_owed(bot):
         for item in bot.outbox.items():
             if item["confirmed"] and item["owed"] and (first or item["due"] <= time.time()):
                 try:
-                    deliver(bot, item, list(item["owed"]))
+                    if deliver(bot, item, list(item["owed"])) and item.get("untaken"):
+                        bot.inbox.put(Taken(item["chat_id"], item["untaken"]))
+                        update_item(bot, {**item, "untaken": None})
                 except Exception as e:  # noqa: BLE001 - a bug in one item must not stop every delivery
                     log.error("delivery for chat %s failed: %s", item["chat_id"], type(e).__name__)
                 if item["owed"]:
@@ -574,22 +601,27 @@ def recover(bot):
     """At start-up: finishes the leads a crash interrupted and restarts unfinished LLM jobs."""
     for item in bot.outbox.items():
         if not item["confirmed"]:
-            deliver(bot, item, ["csv"])
-            saved = "csv" not in item["owed"]  # written now or before the crash; else the outbox keeps it
-            dialog = bot.journal.dialogs.get(item["chat_id"])
-            if dialog and dialog["stage"] != "done":
-                log.info("finishing an interrupted lead: chat %s", item["chat_id"])
-                text = "refused" if item["lead"]["status"] != "new" else "thanks_saved" if saved else "not_taken"
-                with contextlib.suppress(ChatGone, TelegramError):
-                    bot.say(item["chat_id"], bot.text(text), remove_keyboard=True)
-                stage = "done" if text != "not_taken" else dialog["stage"]
-                bot.journal.save(item["chat_id"], {**dialog, "stage": stage, "seen": dialog["seen"] + [item["update_id"]]})
-            confirm(bot, {**item, "untaken": not saved and item["lead"]["status"] == "new"})
+            finish_lead(bot, item)
     for chat_id, dialog in list(bot.journal.dialogs.items()):
         if dialog["busy"]:
             start_offer(bot, chat_id, dialog)
         elif dialog["waiting"]:
             replay(bot, chat_id)
+
+
+def finish_lead(bot, item):
+    """A lead a crash interrupted: delivered as commit_lead does, the client told what is true."""
+    taken = deliver(bot, item, ["csv"]) or deliver(bot, item, list(item["owed"]))
+    new, dialog = item["lead"]["status"] == "new", bot.journal.dialogs.get(item["chat_id"])
+    untaken = dialog["id"] if new and not taken and dialog else None
+    if dialog and dialog["stage"] != "done":
+        log.info("finishing an interrupted lead: chat %s", item["chat_id"])
+        text = "not_taken" if untaken else "refused" if not new else "thanks_saved" if "csv" in taken else "thanks_sent"
+        with contextlib.suppress(ChatGone, TelegramError):
+            bot.say(item["chat_id"], bot.text(text), remove_keyboard=not untaken, contact_button=bool(untaken))
+        stage = dialog["stage"] if untaken else "done"
+        bot.journal.save(item["chat_id"], {**dialog, "stage": stage, "seen": dialog["seen"] + [item["update_id"]]})
+    confirm(bot, {**item, "untaken": untaken})
 
 
 # --- The client's words --------------------------------------------------------------------------
@@ -598,7 +630,7 @@ MAX_TEXT = 2000  # kept of a client's message
 PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d(?!\w)")
 EMAIL_RE = re.compile(r"[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}")
 USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?t\.me/)([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
-REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос))|неа|no|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
+REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен))|неа|no(?! problem)|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
@@ -619,8 +651,9 @@ def is_phone(candidate):
 
 
 def is_refusal(text):
-    words = re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split()
-    return bool(REFUSAL_RE.match(" ".join(words)))
+    """«Нет, не хочу» is a refusal; «нет-нет, сейчас напишу» is not."""
+    words = " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
+    return bool(REFUSAL_RE.match(words)) and not re.search(r"\b(сейчас|минут|секунд|напиш|скин|отправ|пришл)", words)
 
 
 def scrub(text):
@@ -839,7 +872,7 @@ class Console:
 # --- prompt.txt: everything the client reads ----------------------------------------------------
 
 TEXT_KEYS = ("greeting", "returning", "no_llm", "llm_failed", "contact_request", "privacy", "share_button",
-             "contact_placeholder", "contact_format", "foreign_contact", "thanks_saved", "thanks_sent",
+             "contact_placeholder", "contact_format", "foreign_contact", "thanks_saved", "thanks_sent", "thanks_later",
              "not_taken", "refused", "help", "cancelled", "nothing_to_cancel", "forgotten", "forget_failed",
              "text_only", "too_fast", "private_only", "console_hint", "menu_start", "menu_help",
              "menu_cancel", "menu_forget")
@@ -1032,10 +1065,12 @@ def typos(keys):
 
 def read_env():
     """The real environment over .env next to leadbot.py, over a .env in the current folder; and .env's keys."""
-    try:
-        files = [dotenv_values(path, encoding="utf-8-sig") for path in (Path.cwd() / ".env", HERE / ".env")]
-    except UnicodeError:
-        raise ConfigError([".env is not UTF-8 text — open it in Notepad and save it with the encoding UTF-8"]) from None
+    files = []
+    for path in (Path.cwd() / ".env", HERE / ".env"):
+        try:
+            files.append(dotenv_values(path, encoding="utf-8-sig"))
+        except UnicodeError:
+            raise ConfigError([f"{path} is not UTF-8 text — open it in Notepad and save it as UTF-8"]) from None
     from_files = {key.lstrip("\ufeff"): value or "" for values in files for key, value in values.items()}
     return {**from_files, **os.environ}, list(from_files)
 
