@@ -2,7 +2,7 @@
 
 import pytest
 
-from fakes import BotProcess, FakeLLM, FakeSMTP, FakeTelegram, running, start_bot
+from fakes import BotProcess, FakeLLM, FakeSMTP, FakeTelegram, running, start_bot, start_fork_server
 
 
 @pytest.fixture(autouse=True)
@@ -17,6 +17,7 @@ def no_bot_outlives_its_test():
 
 
 def pytest_configure(config):
+    start_fork_server()  # bots start in milliseconds instead of a quarter of a second (see tests/bot_launcher.py)
     # FakeSMTP(auth=...) takes AUTH over plain text on purpose: tests have no certificates.
     config.addinivalue_line("filterwarnings", "ignore:Requiring AUTH while not requiring TLS:UserWarning")
 
@@ -56,10 +57,10 @@ def bot_env(tmp_path, telegram, llm, smtp):
         "DATA_DIR": str(tmp_path / "data"),
         "LOG_LEVEL": "INFO",
         "POLL_TIMEOUT": "2",
-        "RETRY_BASE_SECONDS": "0.05",
-        "RETRY_MAX_SECONDS": "0.5",
-        "OUTBOX_RETRY_SECONDS": "0.2",
-        "OUTBOX_RETRY_MAX_SECONDS": "1",
+        "RETRY_BASE_SECONDS": "0.02",
+        "RETRY_MAX_SECONDS": "0.2",
+        "OUTBOX_RETRY_SECONDS": "0.05",
+        "OUTBOX_RETRY_MAX_SECONDS": "0.3",
     }
 
 

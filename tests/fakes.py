@@ -5,6 +5,8 @@ the faults real services produce: error answers, resets, stalls, refused connect
 """
 
 import asyncio
+import atexit
+import contextlib
 import copy
 import csv
 import email
@@ -49,6 +51,7 @@ def wait_until(predicate, timeout=10, interval=0.005, message=""):
     describe the state at the moment of failure.
     """
     deadline = time.monotonic() + timeout
+    pause = min(interval, 0.001)  # most waits end within milliseconds: look often at first, then every interval
     while True:
         result = predicate()
         if result:
@@ -56,7 +59,8 @@ def wait_until(predicate, timeout=10, interval=0.005, message=""):
         if time.monotonic() >= deadline:
             text = message() if callable(message) else message
             raise AssertionError(text or f"condition not met within {timeout} s")
-        time.sleep(interval)
+        time.sleep(pause)
+        pause = min(pause * 1.2, interval)
 
 
 # --- HTTP plumbing shared by FakeTelegram and FakeLLM --------------------------------------
@@ -101,10 +105,17 @@ class _HTTPServer(ThreadingHTTPServer):
         if not isinstance(sys.exc_info()[1], OSError):
             super().handle_error(request, client_address)
 
-    def close(self):
-        """Stop listening and cut every open connection, like a server that went away."""
+    def close(self, wait=True):
+        """Stop listening and cut every open connection, like a server that went away.
+
+        Without wait the serving loop ends on its own, within its poll interval: until then the port is
+        still taken (its poll holds the socket), which only a server stopped for good can afford.
+        """
         self.closed.set()
-        self.shutdown()
+        if wait:
+            self.shutdown()
+        else:
+            threading.Thread(target=self.shutdown, daemon=True).start()
         self.server_close()
         with self._lock:
             connections = list(self._connections)
@@ -137,7 +148,10 @@ class _HTTPFake:
             self._httpd = None
 
     def stop(self):
-        self.down()
+        """For good, at the end of a test: the serving loop is not waited for."""
+        if self._httpd is not None:
+            self._httpd.close(wait=False)
+            self._httpd = None
 
 
 def _read_body(handler):
@@ -313,8 +327,15 @@ class FakeTelegram(_HTTPFake):
 
     def down(self):
         super().down()
+        self._end_long_polls()
+
+    def stop(self):
+        super().stop()
+        self._end_long_polls()
+
+    def _end_long_polls(self):
         with self._cond:
-            self._downs += 1  # ends long polls that are waiting
+            self._downs += 1
             self._cond.notify_all()
 
     # Request handling
@@ -714,10 +735,10 @@ class FakeLLM(_HTTPFake):
         deltas += [{self.reasoning_field: piece} for piece in self._split(self.reasoning or "")]
         deltas += [{"content": piece} for piece in
                    (self.chunks if isinstance(self.chunks, list) else self._split(content))]
-        events = [self._chunk(request_json, delta, None) for delta in deltas]
-        events += [self._chunk(request_json, {}, "stop"), "[DONE]"]
         comment = ": OPENROUTER PROCESSING\n\n" if self.comments else ""
-        return [comment + f"data: {event}\n\n" for event in events]
+        events = (self._chunk(request_json, *delta) for delta in [*((d, None) for d in deltas), ({}, "stop")])
+        # Made one by one as they are sent: a client that stops reading (a megabyte answer) costs no more.
+        return (comment + f"data: {event}\n\n" for event in itertools.chain(events, ["[DONE]"]))
 
     @staticmethod
     def _chunk(request_json, delta, finish_reason):
@@ -868,6 +889,146 @@ def _bot_command(args, script=None):
     return [sys.executable, "-u", str(script or BOT_SCRIPT), *args]
 
 
+# Fast start (see bot_launcher.py): a server that has imported the libraries forks each bot, which becomes
+# this process's child. Only once start_fork_server() was called, and not with TESTS_COLD_START=1: then every
+# bot starts as `python -u leadbot.py`.
+
+LAUNCHER = Path(__file__).resolve().parent / "bot_launcher.py"
+COLD_START = os.environ.get("TESTS_COLD_START", "") not in ("", "0") or not sys.platform.startswith("linux")
+
+
+def _startup_environment(environment):
+    """What an interpreter's start-up may depend on: the environment less the bot's settings (only leadbot
+    reads them, after start-up) and pytest's note of the running test."""
+    return {k: v for k, v in environment.items() if not k.startswith(_BOT_SETTINGS) and k != "PYTEST_CURRENT_TEST"}
+
+
+class _Child:
+    """The part of subprocess.Popen the tests use, for a bot the fork server started."""
+
+    def __init__(self, pid, args):
+        self.pid, self.args, self.returncode = pid, args, None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        return self.returncode
+
+    def send_signal(self, signum):
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+class _ForkServer:
+    """bot_launcher.py running; start() hands it one bot."""
+
+    def __init__(self, environment):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER: orphaned bots become our children
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+        self.startup = _startup_environment(environment)
+        self._socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen([sys.executable, "-u", str(LAUNCHER), str(theirs.fileno())],
+                                         cwd=LAUNCHER.parent, env=environment, stdin=subprocess.DEVNULL,
+                                         pass_fds=(theirs.fileno(),))
+
+    def fits(self, environment):
+        return self.proc.poll() is None and self.startup == _startup_environment(environment)
+
+    def start(self, command, script, args, cwd, environment, files):
+        """Runs script with args and files as its stdin, stdout and stderr; returns a _Child."""
+        order = {"script": str(script), "args": [str(a) for a in args], "cwd": str(cwd), "env": environment}
+        socket.send_fds(self._socket, [json.dumps(order).encode()], [f.fileno() for f in files])
+        pid = self._socket.recv(64)
+        if not pid:
+            raise RuntimeError("bot_launcher.py stopped (its error is on pytest's stderr)")
+        return _Child(int(pid), command)
+
+    def stop(self):
+        self._socket.close()  # the server exits
+        self.proc.wait()
+
+
+_fork_server = []
+
+
+def start_fork_server():
+    """From now on start_bot and run_bot start bots through the fork server (conftest.py calls this as pytest
+    starts, so that the server has imported its libraries by the first test; tests/benchmark.py does not)."""
+    if not COLD_START and not _fork_server:
+        try:
+            _fork_server.append(_ForkServer(_bot_environment({})))
+        except OSError as error:  # no child subreaper here: every bot is started the plain way
+            print(f"fakes.py: bots start the plain way ({error})", file=sys.stderr)
+
+
+def _fast_start(command, script, args, cwd, environment, files):
+    """The bot started through the fork server, or None when only a plain start is faithful here."""
+    if not _fork_server or not _fork_server[0].fits(environment):
+        return None  # no server, or the environment differs at start-up: start it the plain way
+    return _fork_server[0].start(command, script, args, cwd, environment, files)
+
+
+@atexit.register
+def _stop_fork_server():
+    while _fork_server:
+        _fork_server.pop().stop()
+
+
+def _communicate(child, stdin, stdout, stderr, input, timeout):
+    """subprocess.run(input=..., capture_output=True, timeout=...) for a _Child: the output as bytes."""
+    output = {}
+
+    def read(name, pipe):
+        with pipe:
+            output[name] = pipe.read()
+
+    def write():
+        with stdin:
+            with contextlib.suppress(BrokenPipeError):
+                stdin.write(input or b"")
+
+    threads = [threading.Thread(target=read, args=("stdout", stdout), daemon=True),
+               threading.Thread(target=read, args=("stderr", stderr), daemon=True)]
+    if stdin is not None:
+        threads.append(threading.Thread(target=write, daemon=True))
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        child.wait(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            raise subprocess.TimeoutExpired(child.args, timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        raise
+    return output["stdout"], output["stderr"]
+
+
 APP_FILES = ("leadbot.py", "llm.py", "store.py", "mailer.py", "prompt.txt")
 
 
@@ -892,9 +1053,11 @@ class BotProcess:
         BotProcess.started.append(self)
         self.stdout_path = Path(cwd) / f"bot-{number}.out"
         self.stderr_path = Path(cwd) / f"bot-{number}.err"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(_bot_command(args, script), cwd=cwd, env=_bot_environment(env),
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        command, environment = _bot_command(args, script), _bot_environment(env)
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err, \
+                open(os.devnull, "rb") as devnull:
+            self.proc = _fast_start(command, script or BOT_SCRIPT, args, cwd, environment, (devnull, out, err)) \
+                or subprocess.Popen(command, cwd=cwd, env=environment, stdin=devnull, stdout=out, stderr=err)
 
     def output(self):
         """Everything the bot wrote so far, stdout then stderr."""
@@ -950,9 +1113,34 @@ def start_bot(env, *args, cwd, script=None):
 
 def run_bot(env, *args, cwd, input=None, timeout=30, script=None):
     """Run leadbot.py to completion (--console, --check, start-up failures); return a CompletedProcess."""
+    command, environment = _bot_command(args, script), _bot_environment(env)
+    forked = _run_forked(command, script or BOT_SCRIPT, args, cwd, environment, input, timeout)
+    if forked is not None:
+        return forked
     stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
-    return subprocess.run(_bot_command(args, script), cwd=cwd, env=_bot_environment(env), capture_output=True,
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True,
                           text=True, encoding="utf-8", errors="replace", timeout=timeout, **stdin)
+
+
+def _run_forked(command, script, args, cwd, environment, input, timeout):
+    """run_bot through the fork server, with pipes for stdin (or /dev/null), stdout and stderr; None when the
+    bot is to be started the plain way."""
+    if not _fork_server or not _fork_server[0].fits(environment):
+        return None
+    stdin, stdout, stderr = os.pipe() if input is not None else (os.open(os.devnull, os.O_RDONLY), None), \
+        os.pipe(), os.pipe()
+    with open(stdin[0], "rb") as child_in, open(stdout[1], "wb") as child_out, open(stderr[1], "wb") as child_err:
+        child = _fast_start(command, script, args, cwd, environment, (child_in, child_out, child_err))
+    ours = (open(stdin[1], "wb") if stdin[1] is not None else None, open(stdout[0], "rb"), open(stderr[0], "rb"))
+    if child is None:  # the server went away meanwhile
+        for pipe in ours:
+            if pipe is not None:
+                pipe.close()
+        return None
+    out, err = _communicate(child, *ours, input.encode("utf-8") if input is not None else None, timeout)
+    decoded = [data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+               for data in (out, err)]  # as text=True gives it
+    return subprocess.CompletedProcess(command, child.returncode, *decoded)
 
 
 # A client going through the dialog, step by step, waiting for each expected reply.

@@ -1,8 +1,11 @@
 """What a client sees in Telegram: command menu, buttons, typing…, /cancel, /help and /forget."""
+import inspect
 import json
 import re
+import threading
 from pathlib import Path
 
+import leadbot
 from fakes import ANSWERS, CONTACT_REQUEST, full_dialog, reach_contact_step, read_rows, say, wait_until
 
 REMOVE = {"remove_keyboard": True}
@@ -98,21 +101,56 @@ def test_choices_come_as_buttons_and_free_text_is_accepted_too(bot, bot_env, tel
     assert choices[1] in notes and "около ста тысяч" in notes
 
 
-def test_typing_is_shown_before_the_llm_call_and_renewed_while_it_is_slow(bot, telegram, llm):
+def reach_contact_step_without_the_last_answer(telegram, chat_id):
+    say(telegram, chat_id, "/start", "задача")
+    for answer in ANSWERS[:-1]:
+        before = len(telegram.texts(chat_id))
+        telegram.send_text(chat_id, answer)
+        telegram.wait_messages(chat_id, before + 1)
+
+
+def test_typing_is_shown_before_the_llm_call(bot, telegram, llm):
     llm.delay = 6  # longer than the 5 s Telegram shows one typing action
     bot(LLM_TIMEOUT="10")
-    say(telegram, 2005, "/start", "задача")
-    for answer in ANSWERS[:-1]:
-        before = len(telegram.texts(2005))
-        telegram.send_text(2005, answer)
-        telegram.wait_messages(2005, before + 1)
+    reach_contact_step_without_the_last_answer(telegram, 2005)
     assert typing_actions(telegram, 2005) == []
 
     telegram.send_text(2005, ANSWERS[-1])
     wait_until(lambda: llm.requests, message="the LLM call")
     assert len(typing_actions(telegram, 2005)) >= 1  # already there when the LLM is asked
-    telegram.wait_for(lambda: len(typing_actions(telegram, 2005)) >= 2, message="a renewed typing action")
-    assert llm.reply not in telegram.texts(2005)  # renewed while the answer was still coming
+    assert llm.reply not in telegram.texts(2005)
+    # The renewal every 4.5 s is seen in-process, at 50 times the pace: the next test.
+
+
+def test_typing_is_renewed_while_the_llm_is_slow(tmp_path, telegram, llm):
+    """The bot's loop (leadbot.run) in this process against the fakes, its Telegram renewing 'typing…' 50 times
+    faster than the bot asks (the interval asked for is checked against Telegram's 5 s on its own)."""
+    asked = []
+
+    class QuickTyping(leadbot.Telegram):
+        def typing(self, chat_id, until, *args, **kwargs):
+            call = inspect.signature(leadbot.Telegram.typing).bind(self, chat_id, until, *args, **kwargs)
+            call.apply_defaults()
+            asked.append(call.arguments["every"])
+            super().typing(chat_id, until, every=call.arguments["every"] / 50)
+
+    cfg = leadbot.read_config({"TELEGRAM_BOT_TOKEN": telegram.token, "TELEGRAM_API_URL": telegram.url,
+                               "LLM_BASE_URL": llm.url, "LLM_MODEL": "test-model", "LLM_TIMEOUT": "10",
+                               "POLL_TIMEOUT": "1", "DATA_DIR": str(tmp_path / "data")})
+    bot = leadbot.Bot(cfg, QuickTyping(cfg, threading.Event()), "telegram")
+    loop = threading.Thread(target=leadbot.run, args=(bot,), daemon=True)
+    loop.start()
+    try:
+        llm.delay = 0.6  # longer than several renewals at this pace, as 6 s is at the real one
+        reach_contact_step_without_the_last_answer(telegram, 2009)
+        telegram.send_text(2009, ANSWERS[-1])
+        wait_until(lambda: llm.requests, message="the LLM call")
+        telegram.wait_for(lambda: len(typing_actions(telegram, 2009)) >= 2, message="a renewed typing action")
+        assert llm.reply not in telegram.texts(2009)  # renewed while the answer was still coming
+        assert asked and all(every < 5 for every in asked)  # Telegram shows one typing action for 5 s
+    finally:
+        bot.stopping.set()
+        loop.join(5)
 
 
 def test_cancel_saves_nothing_and_removes_the_keyboard(bot, bot_env, telegram, llm, smtp):

@@ -84,11 +84,11 @@ def test_an_unresolvable_telegram_host_is_retried_quietly_and_sigterm_still_stop
 
 def test_a_webhook_conflict_is_explained_once_and_retried_with_backoff_until_it_is_gone(bot, telegram):
     telegram.webhook_url = "https://example.com/hook"
-    process = bot()
+    process = bot(RETRY_BASE_SECONDS="0.025", RETRY_MAX_SECONDS="0.25")
     process.wait_log("webhook is set")
     polls_before = len(telegram.calls("getUpdates"))
-    time.sleep(0.7)  # what the bot does meanwhile is the point: a spinning loop would poll hundreds of times
-    assert len(telegram.calls("getUpdates")) - polls_before <= 8
+    time.sleep(0.35)  # what the bot does meanwhile is the point: a spinning loop would poll hundreds of times,
+    assert len(telegram.calls("getUpdates")) - polls_before <= 8  # one without growing pauses 14 times
     telegram.webhook_url = ""  # the owner deleted the webhook
     say(telegram, 1201, "/start", QUESTIONS[0][1])
     output = process.output()
@@ -132,8 +132,8 @@ def test_send_message_errors_and_resets_are_retried_and_each_text_arrives_once(b
     telegram.fail("sendMessage", 502, "Bad Gateway")
     telegram.disconnect("sendMessage")
     telegram.http_error("sendMessage", 504, "<html><body>504 Gateway Time-out</body></html>")
-    telegram.stall("sendMessage", 0.3)  # slow but within TELEGRAM_TIMEOUT
-    bot()
+    telegram.stall("sendMessage", 0.15)  # slow but within TELEGRAM_TIMEOUT
+    bot(RETRY_MAX_SECONDS="0.1")
     say(telegram, 1302, "/start", QUESTIONS[0][1])
     say(telegram, 1302, ANSWERS[0], QUESTIONS[1][1])
     texts = telegram.texts(1302)
@@ -141,7 +141,7 @@ def test_send_message_errors_and_resets_are_retried_and_each_text_arrives_once(b
 
 
 def test_getupdates_faults_lose_no_update_and_handle_none_twice(bot, telegram):
-    process = bot(POLL_TIMEOUT="1", TELEGRAM_TIMEOUT="0.5")
+    process = bot(POLL_TIMEOUT="1", TELEGRAM_TIMEOUT="0.5", RETRY_MAX_SECONDS="0.1")
     polling(telegram)
     say(telegram, 1401, "/help", "/cancel")
     telegram.fail("getUpdates", 502, "Bad Gateway")
@@ -182,7 +182,9 @@ def test_backoff_doubles_up_to_the_cap_and_restarts_small_after_a_success(bot, t
         assert nominal * 0.5 - 0.006 <= delay <= nominal + 0.006, delays
     telegram.wait_for(lambda: len(telegram.calls("getUpdates")) >= 6, 10, "a poll after the failures")
     telegram.fail("getUpdates", 502, "Bad Gateway")  # hits the call after the running long poll
+    telegram.send_text(1404, "/help")  # which this message ends with a success, at once
     assert announced_delays(process, 6)[5] <= 0.05 + 0.006, "the backoff was not reset by the success"
+    assert telegram.wait_messages(1404, 1) == [HELP]
 
 
 def test_400_on_send_message_is_skipped_with_a_log_line_and_the_dialog_goes_on(bot, telegram):
@@ -305,6 +307,7 @@ def test_sigterm_while_the_llm_writes_the_offer_exits_at_once_and_the_offer_come
     process.terminate()
     assert process.wait(5) == 0
     assert saved_dialogs(bot_env["DATA_DIR"])[1902]["stage"] == "offering"
+    llm.delay = 0  # the LLM that writes the offer after the restart need not be slow
     bot()
     telegram.wait_for(lambda: CONTACT_REQUEST in telegram.texts(1902)[-1], 10, "the offer after the restart")
     assert llm.reply in telegram.texts(1902)
@@ -313,12 +316,12 @@ def test_sigterm_while_the_llm_writes_the_offer_exits_at_once_and_the_offer_come
 
 def test_dialogs_idle_longer_than_session_ttl_are_dropped_and_the_client_is_greeted_anew(
         bot, bot_env, telegram):
-    bot(SESSION_TTL_HOURS="0.0003", POLL_TIMEOUT="10")  # about a second; the long poll outlasts it
+    bot(SESSION_TTL_HOURS="0.0002", POLL_TIMEOUT="10")  # 0.72 s; the long poll outlasts it
     state = Path(bot_env["DATA_DIR"]) / "state.jsonl"
     say(telegram, 2001, "/start", QUESTIONS[0][1])
     say(telegram, 2001, "Vitrina-2001 для ателье", QUESTIONS[1][1])
     say(telegram, 2002, "/start", QUESTIONS[0][1])
-    time.sleep(1.3)
+    time.sleep(0.8)
     say(telegram, 2002, ANSWERS[0], GREETING)  # a new dialog, though no cleanup ran in the long poll
     wait_until(lambda: "Vitrina-2001" not in state.read_text(encoding="utf-8"), 5,
                message="the idle dialog gone from the state file")

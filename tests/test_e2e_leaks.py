@@ -1,7 +1,7 @@
 """No secret and no client data in anything the bot writes, through a whole day of faults at DEBUG."""
 import pytest
 
-from fakes import FakeSMTP, FakeTelegram, reach_contact_step, run_bot, running, say
+from fakes import FakeSMTP, FakeTelegram, reach_contact_step, run_bot, running, say, wait_until
 from fakes import QUESTIONS, TEXTS
 
 TOKEN = "8123456789:AAF-leakTOKENsecret_Part9x"
@@ -32,7 +32,8 @@ def test_no_secret_or_client_data_reaches_stdout_stderr_or_the_log_file(
     log_file = tmp_path / "leadbot.log"
     env = {"LLM_API_KEY": LLM_KEY, "SMTP_PORT": str(mail_server.port), "SMTP_USER": "leadbot",
            "SMTP_PASSWORD": SMTP_PASSWORD, "MANAGER_CHAT_ID": "3999", "LOG_LEVEL": "DEBUG",
-           "LOG_FILE": str(log_file), "POLL_TIMEOUT": "1", "TELEGRAM_TIMEOUT": "0.5", "LLM_TIMEOUT": "1"}
+           "LOG_FILE": str(log_file), "POLL_TIMEOUT": "1", "TELEGRAM_TIMEOUT": "0.3", "LLM_TIMEOUT": "1",
+           "RETRY_BASE_SECONDS": "0.02", "RETRY_MAX_SECONDS": "0.1", "OUTBOX_RETRY_MAX_SECONDS": "0.3"}  # short pauses
     outputs = []
     llm.reply = "Рекомендуем лендинг LEAKLLM-offer."
 
@@ -47,18 +48,26 @@ def test_no_secret_or_client_data_reaches_stdout_stderr_or_the_log_file(
     # A whole dialog through resets, error pages, stalls and a read timeout.
     telegram.disconnect("sendMessage")
     telegram.http_error("sendMessage", 502, "<html>502</html>")
-    telegram.stall("sendMessage", 1)  # beyond TELEGRAM_TIMEOUT: a read timeout, then sent again
+    telegram.stall("sendMessage", 0.6)  # beyond TELEGRAM_TIMEOUT: a read timeout, then sent again
     reach_contact_step(telegram, 3101, answers=ANSWERS, **CLIENT)
     telegram.disconnect("getUpdates")
     telegram.fail("getUpdates", 502, "Bad Gateway")
     telegram.http_error("getUpdates", 502, "<html>502</html>")
-    telegram.stall("getUpdates", 0.3)
-    say(telegram, 3101, f"Мой телефон {PHONE}, LEAKTEXT-contact", "Спасибо", **CLIENT)
+    telegram.stall("getUpdates", 0.1)  # slow, within the timeout
+    before = len(telegram.texts(3101))
+    contact = telegram.send_text(3101, f"Мой телефон {PHONE}, LEAKTEXT-contact", **CLIENT)
+    telegram.wait_for(lambda: any("Спасибо" in text for text in telegram.texts(3101)[before:]), 10, "the thanks")
+    # Handled in full (the thank-you's answer received, not only its request) and the faults above used up,
+    # so that cutting Telegram off below cannot catch the bot halfway through.
+    telegram.wait_for(lambda: telegram.confirmed_offset > contact, 10, "the contact handled")
 
     # Telegram unreachable (connection refused: the requests error carries the URL with the token).
+    refused_before = first.output().count("getUpdates failed (ConnectionError)")
     telegram.down()
     telegram.send_text(3102, "/start LEAKTEXT-down", **CLIENT)
-    first.wait_log("getUpdates failed (ConnectionError)")
+    # Two failed polls while down: the first may be the long poll cut off, the second was surely refused.
+    wait_until(lambda: first.output().count("getUpdates failed (ConnectionError)") >= refused_before + 2, 10,
+               message="a getUpdates refused while Telegram is down")
     telegram.up()
     telegram.wait_messages(3102, 2)
 

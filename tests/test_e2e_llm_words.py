@@ -19,7 +19,7 @@ def offer_of(telegram, chat_id):
 
 
 def test_the_recommendation_grows_as_a_draft_and_ends_as_one_message(bot, telegram, llm):
-    llm.reply, llm.chunk_delay = OFFER, 0.15
+    llm.reply, llm.chunk_delay = OFFER, 0.12  # 0.72 s from the first words to the last: two drafts at least
     bot()
     reach_contact_step(telegram, 1201)
     drafts = [d["text"] for d in telegram.drafts(1201)]
@@ -32,7 +32,7 @@ def test_the_recommendation_grows_as_a_draft_and_ends_as_one_message(bot, telegr
 
 @pytest.mark.parametrize("kind", ["reasoning_content", "reasoning", "think"])
 def test_reasoning_reaches_no_client_no_file_no_manager_and_no_log(bot, bot_env, telegram, llm, smtp, kind):
-    llm.reply, llm.chunk_delay = OFFER, 0.05
+    llm.reply, llm.chunk_delay = OFFER, 0.01
     if kind == "think":
         llm.think = THOUGHT
     else:
@@ -51,7 +51,7 @@ def test_reasoning_reaches_no_client_no_file_no_manager_and_no_log(bot, bot_env,
 
 def test_refused_drafts_fall_back_to_one_message_and_the_dialog_completes(bot, bot_env, telegram, llm):
     telegram.draft_error = (400, "Bad Request: method not found")
-    llm.reply, llm.chunk_delay = OFFER, 0.05
+    llm.reply, llm.chunk_delay = OFFER, 0.01
     bot()
     reach_contact_step(telegram, 1203)
     assert offer_of(telegram, 1203) == OFFER
@@ -88,7 +88,7 @@ MARKDOWN = ("### Наш совет\n**Лендинг** — то, что *нуж�
 
 
 def test_markdown_from_the_llm_is_shown_clean_and_never_causes_a_400(bot, bot_env, telegram, llm, smtp):
-    llm.reply, llm.chunk_delay = MARKDOWN, 0.05
+    llm.reply, llm.chunk_delay = MARKDOWN, 0.01
     bot()
     reach_contact_step(telegram, 1208)
     offer = offer_of(telegram, 1208)

@@ -138,7 +138,7 @@ def test_a_full_disk_with_email_on_tells_the_truth_and_writes_the_row_later(bot,
 
 
 def test_malformed_get_updates_answers_are_survived_without_losing_an_update(bot, telegram):
-    process = bot()
+    process = bot(RETRY_BASE_SECONDS="0.02", RETRY_MAX_SECONDS="0.04")  # five failed polls in a row: short pauses
     process.wait_log("started")
     for result in (None, {"update_id": 1}, "updates", 42):
         telegram._add_fault("getUpdates", ("json", (200, {"ok": True, "result": result})), 1)
@@ -222,8 +222,8 @@ def test_line_breaks_in_a_client_answer_cannot_forge_fields_for_the_manager(bot,
 
 
 def test_a_slow_trickling_llm_cannot_hold_a_client_past_its_deadline(bot, telegram, llm):
-    llm.trickle = 1.0  # one byte a second
-    process = bot(LLM_TIMEOUT="2")
+    llm.trickle = 0.3  # a byte every 0.3 s: each read is well within the timeout, the answer never is
+    process = bot(LLM_TIMEOUT="1")
     reach_contact_step(telegram, 917)  # the fallback offer and the contact request arrive in time
     assert "Сервис временно недоступен" in "\n".join(telegram.texts(917))
     process.terminate()

@@ -110,6 +110,7 @@ def test_sigterm_in_a_burst_leaves_a_clean_state_file_and_every_dialog_goes_on_a
     assert unfinished  # the test stopped the bot in the middle of the burst
     assert {entry["chat"] for entry in journal_entries(bot_env)} <= set(CHATS)
 
+    llm.delay = 0.05  # after the restart the offers need not take long
     process = bot(SMTP_HOST=None)
     telegram.wait_for(lambda: all(CONTACT_REQUEST in "".join(telegram.texts(c)) for c in CHATS), 20,
                       "every chat asked for a contact after the restart")
@@ -132,6 +133,7 @@ def test_what_was_handled_before_a_sigterm_is_not_handled_again_after_the_restar
     process.terminate()
     assert process.wait(10) == 0
 
+    llm.delay = 0  # the offer is written again after the restart: it need not be slow now
     bot()
     telegram.send_text(4202, "/help")
     all_confirmed(telegram, telegram.send_text(4201, "/help"))  # and so whatever came again is handled
