@@ -301,9 +301,9 @@ import os, signal, sys, time
 if "--echo" in sys.argv:
     print(sys.stdin.read().upper(), end="")
     sys.exit(4)
+signal.signal(signal.SIGTERM, lambda *_: (print("stopping"), sys.exit(3)))  # before "started": no race
 print("env", os.environ.get("TELEGRAM_BOT_TOKEN"), os.environ.get("SMTP_HOST"), os.environ.get("KEEP_ME"))
 print("started", file=sys.stderr)
-signal.signal(signal.SIGTERM, lambda *_: (print("stopping"), sys.exit(3)))
 time.sleep(30)
 """
 
