@@ -10,13 +10,21 @@ from fakes import (ANSWERS, CONTACT_REQUEST, QUESTIONS, TEXTS, copy_app, reach_c
 THANKS = "Спасибо"
 
 
-def test_email_off_and_leads_csv_locked_the_lead_is_written_once_the_file_is_free(bot, bot_env, telegram):
-    bot(SMTP_HOST="")
-    reach_contact_step(telegram, 1501)
+def contact_while_leads_csv_is_held(bot_env, telegram, chat_id, before_contact=lambda: None):
+    """The client reaches the contact step, then leads.csv cannot be written (like Excel holding it on
+    Windows) when the contact comes; returns the bot's reply and the path that frees the file with rmdir()."""
+    reach_contact_step(telegram, chat_id)
     leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
     leads.unlink(missing_ok=True)
-    leads.mkdir()  # like Excel holding the file on Windows: every write fails
-    reply = say(telegram, 1501, "+7 999 123-45-67", "ещё раз")
+    leads.mkdir()
+    before_contact()
+    return say(telegram, chat_id, "+7 999 123-45-67", "ещё раз"), leads
+
+
+
+def test_email_off_and_leads_csv_locked_the_lead_is_written_once_the_file_is_free(bot, bot_env, telegram):
+    bot(SMTP_HOST="")
+    reply, leads = contact_while_leads_csv_is_held(bot_env, telegram, 1501)
     assert THANKS not in reply
     leads.rmdir()  # Excel closed; the client never sends it again
     wait_until(lambda: len(read_rows(bot_env)) == 1, timeout=10)
@@ -25,11 +33,7 @@ def test_email_off_and_leads_csv_locked_the_lead_is_written_once_the_file_is_fre
 
 def test_email_off_and_leads_csv_locked_a_contact_sent_again_gives_one_row(bot, bot_env, telegram):
     bot(SMTP_HOST="", OUTBOX_RETRY_SECONDS="30", OUTBOX_RETRY_MAX_SECONDS="30")
-    reach_contact_step(telegram, 1502)
-    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
-    leads.unlink(missing_ok=True)
-    leads.mkdir()
-    say(telegram, 1502, "+7 999 123-45-67", "ещё раз")
+    _, leads = contact_while_leads_csv_is_held(bot_env, telegram, 1502)
     leads.rmdir()
     say(telegram, 1502, "+7 999 765-43-21", THANKS)  # as asked, before the outbox tried again
     rows = read_rows(bot_env)
@@ -127,11 +131,7 @@ def test_a_lowercase_setting_name_gets_a_hint(bot_env, tmp_path):
 
 def test_a_lead_kept_after_could_not_take_it_tells_the_client_once_it_is_written(bot, bot_env, telegram):
     bot(SMTP_HOST="")
-    reach_contact_step(telegram, 1510)
-    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
-    leads.unlink(missing_ok=True)
-    leads.mkdir()
-    say(telegram, 1510, "+7 999 123-45-67", "ещё раз")
+    _, leads = contact_while_leads_csv_is_held(bot_env, telegram, 1510)
     leads.rmdir()
     telegram.wait_for(lambda: TEXTS["thanks_later"] in telegram.texts(1510), 10, "the client told it came after all")
     assert len(read_rows(bot_env)) == 1
@@ -141,11 +141,7 @@ def test_a_lead_kept_after_could_not_take_it_tells_the_client_once_it_is_written
 
 def test_cancel_after_could_not_take_it_means_nothing_is_saved(bot, bot_env, telegram):
     bot(SMTP_HOST="")
-    reach_contact_step(telegram, 1511)
-    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
-    leads.unlink(missing_ok=True)
-    leads.mkdir()
-    say(telegram, 1511, "+7 999 123-45-67", "ещё раз")
+    _, leads = contact_while_leads_csv_is_held(bot_env, telegram, 1511)
     say(telegram, 1511, "/cancel", TEXTS["cancelled"][:20])
     leads.rmdir()
     reach_contact_step(telegram, 1512)  # another client's lead: written after anything the outbox still had
@@ -157,12 +153,8 @@ def test_cancel_after_could_not_take_it_means_nothing_is_saved(bot, bot_env, tel
 
 def test_a_manager_card_refused_for_good_is_not_a_channel_that_took_the_lead(bot, bot_env, telegram):
     bot(SMTP_HOST="", MANAGER_CHAT_ID="5550009")
-    reach_contact_step(telegram, 1513)
-    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
-    leads.unlink(missing_ok=True)
-    leads.mkdir()
-    telegram.fail("sendMessage", 400, "Bad Request: chat not found")  # the card, sent right after the row failed
-    reply = say(telegram, 1513, "+7 999 123-45-67", "ещё раз")
+    refuse_card = lambda: telegram.fail("sendMessage", 400, "Bad Request: chat not found")  # noqa: E731
+    reply, _ = contact_while_leads_csv_is_held(bot_env, telegram, 1513, refuse_card)  # the card comes right after
     assert THANKS not in reply
 
 
