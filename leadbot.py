@@ -50,8 +50,7 @@ def greet(bot, dialog, msg):
 
 def take_answer(bot, dialog, msg):
     """Stores the answer, asks the next question; after the last one starts writing the offer."""
-    question = bot.prompt.questions[min(len(dialog["answers"]), len(bot.prompt.questions) - 1)]  # one removed?
-    dialog["answers"].append(button_text(question, msg.text))
+    dialog["answers"].append(button_text(question_at(bot, len(dialog["answers"])), msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
         return "qualifying"
@@ -122,8 +121,13 @@ def remind(bot, dialog, msg):
     return dialog["stage"]
 
 
+def question_at(bot, index):
+    """The question at index, or the last one if prompt.txt lost some while a client was answering."""
+    return bot.prompt.questions[min(index, len(bot.prompt.questions) - 1)]
+
+
 def ask_question(bot, chat_id, index):
-    question = bot.prompt.questions[min(index, len(bot.prompt.questions) - 1)]
+    question = question_at(bot, index)
     bot.say(chat_id, question.text, buttons=question.buttons, remove_keyboard=not question.buttons)
 
 
@@ -498,7 +502,7 @@ def commit_lead(bot, dialog, msg, contact, status):
     lead_id = f"{msg.chat_id}-{msg.update_id}" if msg.update_id is not None else secrets.token_hex(8)
     drop_untaken(bot, msg.chat_id)  # a contact sent again after "could not take it" replaces the first
     item = bot.outbox.add(lead_id, lead, ["csv"] + channels, bot.leads.position(), msg.update_id)
-    taken = deliver(bot, item, ["csv"]) or deliver(bot, item, channels)
+    taken = hand_over(bot, item)
     if not taken and status == "new":  # the client is asked to send it again; meanwhile the outbox keeps trying
         due = time.time() + backoff(bot.cfg, 1, outbox=True)  # a contact sent again before then replaces it
         confirm(bot, {**item, "untaken": dialog["id"], "due": due})  # taken later: the client is told
@@ -524,6 +528,11 @@ def deliver(bot, item, channels):
             if isinstance(e, TelegramError) and e.error_code == 400:
                 done(took=False)  # refused for good: retrying forever helps nobody, and nobody has it
     return item.get("took", [])
+
+
+def hand_over(bot, item):
+    """The row first; only if it cannot be written, email and card at once. Returns the channels that have it."""
+    return deliver(bot, item, ["csv"]) or deliver(bot, item, [c for c in item["owed"] if c != "csv"])
 
 
 def drop_untaken(bot, chat_id):
@@ -611,7 +620,7 @@ def recover(bot):
 
 def finish_lead(bot, item):
     """A lead a crash interrupted: delivered as commit_lead does, the client told what is true."""
-    taken = deliver(bot, item, ["csv"]) or deliver(bot, item, list(item["owed"]))
+    taken = hand_over(bot, item)
     new, dialog = item["lead"]["status"] == "new", bot.journal.dialogs.get(item["chat_id"])
     untaken = dialog["id"] if new and not taken and dialog else None
     if dialog and dialog["stage"] != "done":
@@ -1209,7 +1218,9 @@ def run_console(cfg):
     except KeyboardInterrupt:
         print()
     for item in bot.outbox.items():  # the console does not stay to retry: say what is still owed
-        if item["confirmed"] and item["owed"] and deliver(bot, item, list(item["owed"])) != item["owed"]:
+        if item["confirmed"] and item["owed"]:
+            deliver(bot, item, list(item["owed"]))
+        if item["confirmed"] and item["owed"]:
             print(f"The lead's {', '.join(item['owed'])} could not be sent now; it goes out at the next start of the bot.")
     return 0
 

@@ -230,10 +230,10 @@ class Journal:
         """Record the dialog of a chat (None deletes it); False if the file could not be written this time."""
         with self._lock:
             self._set(chat_id, dialog)
+            if self.path is None:
+                return True
             try:
-                if self.path is None:
-                    pass
-                elif self._rewrite or self._lines >= 2 * len(self.dialogs) + 1000:
+                if self._rewrite or self._lines >= 2 * len(self.dialogs) + 1000:
                     self._compact()
                 else:
                     with open(self.path, "a", encoding="utf-8") as f:
@@ -348,8 +348,7 @@ class Outbox:
         with self._lock:
             ids = [key for key, item in self._items.items() if str(item["chat_id"]) == str(chat_id)]
             for lead_id in ids:
-                self._file(lead_id).unlink(missing_ok=True)
-                del self._items[lead_id]
+                self.drop(lead_id)
             return len(ids)
 
 

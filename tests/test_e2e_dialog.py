@@ -98,3 +98,13 @@ def test_console_mode_needs_no_token_and_saves_a_console_lead(tmp_path):
     assert TEXTS["no_llm"] in result.stdout and "Спасибо" in result.stdout  # no LLM: nothing claims a breakdown
     [row] = read_rows(env)
     assert row["source"] == "console" and row["contact"] == "anna@example.ru"
+
+
+def test_a_console_lead_emailed_at_the_end_is_not_reported_as_unsent(smtp, tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data"), "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port),
+           "SMTP_SECURITY": "none", "MANAGER_EMAIL": "manager@example.com"}
+    sent = run_bot(env, "--console", cwd=tmp_path, input="\n".join(ANSWERS + ["anna@example.ru"]) + "\n", timeout=20)
+    assert len(smtp.messages) == 1 and "could not be sent" not in sent.stdout
+    smtp.stop()
+    unsent = run_bot(env, "--console", cwd=tmp_path, input="\n".join(ANSWERS + ["olga@example.ru"]) + "\n", timeout=20)
+    assert "email could not be sent now; it goes out at the next start" in unsent.stdout
