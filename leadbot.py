@@ -10,7 +10,6 @@ import argparse
 import collections
 import contextlib
 import copy
-import dataclasses
 import difflib
 import json
 import logging
@@ -171,7 +170,7 @@ def handle(bot, msg):
         return
     if old and old["busy"] and command_of(msg.text) not in ("start", *COMMANDS):
         # the LLM is writing for this chat: its messages wait their turn, in order (commands do not wait)
-        waiting = old["waiting"][-19:] + [dataclasses.asdict(msg)]
+        waiting = old["waiting"][-19:] + [msg._asdict()]
         return save(bot, msg.chat_id, {**old, "waiting": waiting, "seen": old["seen"][-19:] + [msg.update_id]})
     dispatch(bot, msg, old)
 
@@ -241,10 +240,6 @@ def handle_taken(bot, event):
         advance(bot, event, dialog, thank_later)
 
 
-def help_command(bot, msg, dialog):
-    bot.say(msg.chat_id, bot.text("help"))
-
-
 def cancel_command(bot, msg, dialog):
     if dialog is None or dialog["stage"] == "done":  # a saved lead is not undone by /cancel
         return bot.say(msg.chat_id, bot.text("nothing_to_cancel"), remove_keyboard=True)
@@ -266,7 +261,8 @@ def forget_command(bot, msg, dialog):
     bot.say(msg.chat_id, bot.text("forgotten"), remove_keyboard=True)
 
 
-COMMANDS = {"help": help_command, "cancel": cancel_command, "forget": forget_command}
+COMMANDS = {"help": lambda bot, msg, dialog: bot.say(msg.chat_id, bot.text("help")),
+            "cancel": cancel_command, "forget": forget_command}
 
 
 def end_dialog(bot, chat_id, why):
@@ -376,7 +372,7 @@ def poll_telegram(bot):
                 bot.fatal = f"Telegram rejected TELEGRAM_BOT_TOKEN (HTTP {e.error_code})"
                 return bot.stopping.set()
             delay = e.retry_after or backoff(bot.cfg, failures)
-            explain_poll_error(bot, e, failures, delay)
+            explain_poll_error(e, failures, delay)
             pause(bot.stopping, delay)
             continue
         failures = 0
@@ -385,15 +381,13 @@ def poll_telegram(bot):
         bot.inbox.join()
 
 
-def explain_poll_error(bot, e, failures, delay):
-    if e.error_code == 409 and failures == 1:  # explained once, not at every retry
-        if "webhook" in e.description.lower():
-            log.error("Telegram refuses polling because a webhook is set for this bot: "
-                      "set DELETE_WEBHOOK=1 (see README, Troubleshooting)")
-        else:
-            log.error("another copy of this bot is polling Telegram with the same token: stop the other copy")
-    elif e.error_code != 409:
+def explain_poll_error(e, failures, delay):
+    if e.error_code != 409:
         log.warning("getUpdates failed (%s); retrying in %.2fs", e.reason, delay)
+    elif failures == 1:  # explained once, not at every retry
+        log.error("Telegram refuses polling because a webhook is set for this bot: set DELETE_WEBHOOK=1 (see "
+                  "README, Troubleshooting)" if "webhook" in e.description.lower() else
+                  "another copy of this bot is polling Telegram with the same token: stop the other copy")
 
 
 # What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
@@ -683,20 +677,12 @@ def command_of(text):
     return match.group(1) if match else None
 
 
-@dataclasses.dataclass
-class Incoming:
-    """One client message, reduced to what the dialog needs."""
-    chat_id: int
-    text: str = ""
-    shared: str = ""          # the phone of a contact shared with the button
-    own_contact: bool = True  # the shared contact is the sender's own
-    media: bool = False       # photo, sticker, voice ... instead of text
-    first_name: str = ""
-    update_id: int | None = None
-
-
+# One client message, reduced to what the dialog needs: `shared` is the phone of a contact shared with the button
+# (own_contact: the sender's own), `media` a photo, sticker, voice … instead of text.
+Incoming = collections.namedtuple("Incoming", "chat_id text shared own_contact media first_name update_id",
+                                  defaults=("", "", True, False, "", None))
 MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "document", "location", "venue",
-               "poll", "dice", "animation", "game")
+               "poll", "dice", "animation", "game", "caption")
 
 
 def incoming_from(bot, update):
@@ -710,14 +696,13 @@ def incoming_from(bot, update):
         bot.say(chat["id"], bot.text("private_only"))
     if chat.get("type") != "private" or type(chat.get("id")) is not int:
         return None
-    msg = Incoming(chat["id"], text, first_name=clean_text(sender.get("first_name"))[:64], update_id=update["update_id"])
-    if isinstance(message.get("contact"), dict):
-        msg.shared = clean_text(message["contact"].get("phone_number"))[:32]
-        msg.own_contact = message["contact"].get("user_id") == sender.get("id")
-    elif not msg.text:  # a service message (someone joined, a pin ...) is not the client talking
-        msg.media = any(kind in message for kind in MEDIA_KINDS) or "caption" in message
-        return msg if msg.media else None
-    return msg
+    contact = message["contact"] if isinstance(message.get("contact"), dict) else None
+    media = not text and not contact and any(kind in message for kind in MEDIA_KINDS)
+    if not (text or contact or media):
+        return None  # a service message (someone joined, a pin ...) is not the client talking
+    return Incoming(chat["id"], text, clean_text((contact or {}).get("phone_number"))[:32],
+                    not contact or contact.get("user_id") == sender.get("id"), media,
+                    clean_text(sender.get("first_name"))[:64], update["update_id"])
 
 
 # --- The Bot API -------------------------------------------------------------------------------
