@@ -310,8 +310,8 @@ def drop_idle(bot):
 
 
 def run(bot):
-    """The main loop. A poller thread long-polls Telegram and LLM jobs run in threads of their own;
-    both put what they get into bot.inbox, and only this thread touches a dialog."""
+    """The main loop: the poller thread and LLM jobs put what they get into bot.inbox; only this thread touches a
+    dialog."""
     threading.Thread(target=poll_telegram, args=(bot,), daemon=True).start()
     threading.Thread(target=deliver_owed, args=(bot,), daemon=True).start()
     last_cleanup = time.monotonic()
@@ -330,8 +330,7 @@ def run(bot):
 
 
 def handle_event(bot, event):
-    """An update or an LLM job's answer, start to end; an error is logged without content and never
-    stops the bot."""
+    """An update or an LLM job's answer, start to end; an error is logged without content, never stops the bot."""
     try:
         if isinstance(event, Written):
             handle_llm(bot, event)
@@ -839,16 +838,11 @@ def pause(stopping, seconds):
 
 
 class Console:
-    """The terminal stand-in for Telegram: the recommendation is printed as the LLM writes it."""
+    """The terminal stand-in for Telegram: the recommendation is printed as the LLM writes it (its drafts)."""
+    streamed = ""
 
-    def __init__(self):
-        self.streamed = ""
-
-    def send(self, chat_id, text, buttons=(), contact_button=False, remove_keyboard=False, texts=None):
-        if self.streamed and text.startswith(self.streamed):
-            print(text[len(self.streamed):])
-        else:
-            print(f"Бот: {text}")
+    def send(self, chat_id, text, buttons=(), **markup):
+        print(text[len(self.streamed):] if self.streamed and text.startswith(self.streamed) else f"Бот: {text}")
         self.streamed = ""
         if buttons:
             print("     " + " | ".join(f"{i}. {b}" for i, b in enumerate(buttons, 1)))
