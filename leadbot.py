@@ -152,10 +152,8 @@ def new_dialog(chat_id, name, source):
 
 def valid_dialog(dialog):
     """The shape the dispatcher relies on; the journal sets other entries aside."""
-    fields = {"id": str, "stage": str, "answers": list, "name": str, "updated_at": (int, float),
-              "seen": list, "waiting": list}
-    return (isinstance(dialog, dict) and dialog.get("stage") in STAGES
-            and all(isinstance(dialog.get(key), kind) for key, kind in fields.items()))
+    kinds = dict(id=str, answers=list, name=str, updated_at=(int, float), seen=list, waiting=list)
+    return dialog.get("stage") in STAGES and all(isinstance(dialog.get(key), kind) for key, kind in kinds.items())
 
 
 # --- The dispatcher: one message through a command or the stage table, saved once -------------
