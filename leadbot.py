@@ -981,7 +981,7 @@ def number_value(minimum, cast=float):
 
 
 def choice_value(*options):
-    return checked(lambda raw: raw.lower() if raw.lower() in options else raw.upper(), options.__contains__,
+    return checked(lambda s: s.lower() if s.lower() in options else s.upper(), options.__contains__,
                    f"must be {' or '.join(options)}")
 
 
@@ -990,8 +990,7 @@ def flag_value(raw):
 
 
 def pattern_value(pattern, explanation):  # a URL's last / would double in URLs built from it
-    return checked(lambda raw: raw.rstrip("/"), lambda value: not value or re.fullmatch(pattern, value), explanation,
-                   echo=False)
+    return checked(lambda s: s.rstrip("/"), lambda s: not s or re.fullmatch(pattern, s), explanation, echo=False)
 
 
 url_value = pattern_value(r"https?://[^/\s]+(/\S*)?", "must start with http:// or https://")

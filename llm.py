@@ -105,7 +105,7 @@ def _lines(cfg, response, deadline):
 
 def _from_stream(cfg, lines, on_text):
     """The raw content of server-sent events: "data: {json}" lines up to "data: [DONE]"."""
-    raw, cleaned_at, visible, shown, finished = "", 0, "", None, False
+    raw, cleaned_at, visible, shown, finished = "", 0, "", "", False
     for line in lines:
         if line is None or line.strip() in (b"data: [DONE]", b"data:[DONE]") or len(visible) >= MAX_ANSWER_CHARS:
             return raw  # the end, or a size cap: use what is there
@@ -130,7 +130,7 @@ def _from_stream(cfg, lines, on_text):
         # Marks near the end of the last line may still pair up ('*bold', '<thi'): show the text up to them.
         mark = _MARK.search(visible, max(visible.rfind("\n") + 1, len(visible) - 60))
         view = visible[:mark.start()] if mark else visible
-        if on_text and (len(view) > len(shown or "") or not (view or shown)):
+        if on_text and (len(view) > len(shown) or not (view or shown)):
             on_text(shown := view)
     if not finished:
         raise LLMError(cfg, "broken")
