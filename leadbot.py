@@ -943,35 +943,31 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def number_value(minimum, cast=float):
+def checked(convert, ok, problem, echo=True):
+    """A setting's parser: convert(text) if ok, else ValueError(problem) naming the text given if echo."""
     def parse(raw):
         with contextlib.suppress(ValueError):
-            if cast(raw) >= minimum:
-                return cast(raw)
-        raise ValueError(f"must be a number >= {minimum:g}, got {raw.strip()!r}")
+            if ok(value := convert(raw.strip())):
+                return value
+        raise ValueError(f"{problem}, got {raw.strip()!r}" if echo else problem)
     return parse
+
+
+def number_value(minimum, cast=float):
+    return checked(cast, lambda value: value >= minimum, f"must be a number >= {minimum:g}")
 
 
 def choice_value(*options):
-    def parse(raw):
-        value = raw.strip().lower() if raw.strip().lower() in options else raw.strip().upper()
-        if value not in options:
-            raise ValueError(f"must be {' or '.join(options)}, got {raw.strip()!r}")
-        return value
-    return parse
+    return checked(lambda s: s.lower() if s.lower() in options else s.upper(), options.__contains__,
+                   f"must be {' or '.join(options)}")
 
 
 def flag_value(raw):
     return choice_value("0", "1", "true", "false", "yes", "no")(raw) in ("1", "true", "yes")
 
 
-def pattern_value(pattern, explanation):
-    def parse(raw):
-        value = raw.strip().rstrip("/")  # a URL's last / would double in URLs built from it
-        if value and not re.fullmatch(pattern, value):
-            raise ValueError(explanation)
-        return value
-    return parse
+def pattern_value(pattern, explanation):  # a URL's last / would double in URLs built from it
+    return checked(lambda s: s.rstrip("/"), lambda s: not s or re.fullmatch(pattern, s), explanation, echo=False)
 
 
 url_value = pattern_value(r"https?://[^/\s]+(/\S*)?", "must start with http:// or https://")
@@ -1020,22 +1016,20 @@ SETTINGS = {  # name: (default, parser); cfg has each as an attribute, lower-cas
 
 def read_config(env, telegram=True):
     """The settings from a mapping (the environment over .env), every problem collected before failing."""
-    values, problems = {}, []
+    cfg, problems = argparse.Namespace(), []
     for name, (default, parse) in SETTINGS.items():
         raw = env.get(name) or ""
         try:
-            values[name.lower()] = parse(raw if raw.strip() else default)
+            setattr(cfg, name.lower(), parse(raw if raw.strip() else default))
         except ValueError as e:
             problems.append(f"{name} {e}")
-            values[name.lower()] = parse(default)
-    cfg = argparse.Namespace(**values)
+            setattr(cfg, name.lower(), parse(default))
     if telegram and not (env.get("TELEGRAM_BOT_TOKEN") or "").strip():  # else a bad one is named above
         problems.insert(0, "TELEGRAM_BOT_TOKEN is missing (set it in .env)")
     if cfg.smtp_host and not cfg.manager_email:
         problems.append("MANAGER_EMAIL is missing (required when SMTP_HOST is set)")
     cfg.smtp_port = cfg.smtp_port or {"ssl": 465, "starttls": 587, "none": 25}[cfg.smtp_security]
     cfg.mail_from = cfg.mail_from or (cfg.smtp_user if "@" in cfg.smtp_user else cfg.manager_email)
-    cfg.data_dir = cfg.data_dir or HERE / "data"
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -1043,10 +1037,8 @@ def read_config(env, telegram=True):
 
 def typos(keys):
     """Keys of .env that are not settings but close to one: a typo the owner would never notice."""
-    for key in keys:
-        close = difflib.get_close_matches(key.upper(), SETTINGS, 1, 0.8) if key not in SETTINGS else None
-        if close:
-            yield f"{key} is not a setting — did you mean {close[0]}?"
+    return [f"{key} is not a setting — did you mean {close}?" for key in keys if key not in SETTINGS
+            for close in difflib.get_close_matches(key.upper(), SETTINGS, 1, 0.8)]
 
 
 def read_env():
@@ -1064,31 +1056,15 @@ def read_env():
 # --- Logs: one line per event, secrets masked ---------------------------------------------------
 
 
-class SecretMask(logging.Filter):
-    """Last line of defence: replaces every known secret in a log line."""
-
-    def __init__(self, secrets_):
-        super().__init__()
-        self.secrets = [s for s in secrets_ if len(s) >= 5]  # shorter would mask pieces of words
-
-    def filter(self, record):
-        message = record.getMessage()
-        for secret in self.secrets:
-            message = message.replace(secret, "***")
-        record.msg, record.args = message, None
-        return True
-
-
 class JsonLines(logging.Formatter):
     """LOG_FORMAT=json: one object per line with the event's chat id and stage as fields."""
 
     def format(self, record):
         line = {"time": datetime.fromtimestamp(record.created, timezone.utc).astimezone().isoformat(),
                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        if chat := re.search(r"\bchat (-?\d+)", line["message"]):
-            line["chat_id"] = int(chat.group(1))
-        if stage := re.search(r"-> (\w+)", line["message"]):
-            line["stage"] = stage.group(1)
+        for field, pattern, cast in (("chat_id", r"\bchat (-?\d+)", int), ("stage", r"-> (\w+)", str)):
+            if found := re.search(pattern, line["message"]):
+                line[field] = cast(found.group(1))
         return json.dumps(line, ensure_ascii=False)
 
 
@@ -1101,9 +1077,18 @@ def setup_logging(cfg, console_level=None):
         except OSError as e:
             raise ConfigError([f"LOG_FILE {cfg.log_file} cannot be written ({type(e).__name__}): "
                                "create its folder or choose another file"]) from None
+    known = [s for s in (cfg.telegram_bot_token, cfg.llm_api_key, cfg.smtp_password) if len(s) >= 5]
+
+    def mask(record):  # the last line of defence: known secrets out of every line (shorter would mask words)
+        message = record.getMessage()
+        for secret in known:
+            message = message.replace(secret, "***")
+        record.msg, record.args = message, None
+        return True
+
     plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in handlers:
-        handler.addFilter(SecretMask([cfg.telegram_bot_token, cfg.llm_api_key, cfg.smtp_password]))
+        handler.addFilter(mask)
         handler.setFormatter(JsonLines() if cfg.log_format == "json" else plain)
     logging.basicConfig(level=cfg.log_level, handlers=handlers, force=True)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # its lines carry URLs, and URLs the token

@@ -30,51 +30,41 @@ _STATUS_KINDS = {401: "key", 403: "key", 400: "model", 404: "model", 405: "model
 class LLMError(Exception):
     """No usable answer. str() is one line for the owner, without URL or key; .status the HTTP status or None."""
 
-    def __init__(self, text: str, status: int | None = None):
-        super().__init__(text)
+    def __init__(self, cfg, kind, what="", status=None):
+        super().__init__(_ADVICE[kind].format(what=what, model=cfg.llm_model, timeout=cfg.llm_timeout))
         self.status = status
-
-
-def _fail(cfg, kind, what="", status=None):
-    return LLMError(_ADVICE[kind].format(what=what, model=cfg.llm_model, timeout=cfg.llm_timeout), status)
-
-
-def complete(cfg, system: str, user: str, on_text=None, session=None) -> str:
-    """The model's clean plain-text answer to a system + user message pair; LLMError when there is none.
-
-    cfg.llm_timeout covers all, connect to last byte. on_text(text_so_far) sees the cleaned text of a stream grow
-    ("" while the model only reasons); only the return value is final. A stream ending with neither "data: [DONE]"
-    nor a finish_reason broke off: LLMError, not a cut answer passed off as whole. Longer answers are cut short."""
-    return _ask(cfg, system, user, on_text, session, cfg.llm_stream)
 
 
 def check(cfg) -> tuple[bool | None, str]:
     """Asks the model for one word, not streamed."""
     if not cfg.llm_base_url:
-        return None, ("LLM: off (LLM_BASE_URL is empty) — clients get a short standard text instead of "
-                      "a recommendation")
+        return None, "LLM: off (LLM_BASE_URL is empty) — clients get a short standard text instead of a recommendation"
     try:
-        _ask(cfg, "Answer with one word.", "Say: ready", None, None, stream=False)
+        complete(cfg, "Answer with one word.", "Say: ready", stream=False)
         return True, f"LLM: model {cfg.llm_model} answers"
     except LLMError as error:
         return False, str(error)
 
 
-def _ask(cfg, system, user, on_text, session, stream):
+def complete(cfg, system: str, user: str, on_text=None, session=None, stream=True) -> str:
+    """The model's clean plain-text answer to a system + user message pair (stream=False: never streamed);
+    LLMError when there is none. cfg.llm_timeout covers all, connect to last byte. on_text(text_so_far) sees the
+    cleaned text of a stream grow ("" while the model only reasons); only the return value is final. A stream ending
+    with neither "data: [DONE]" nor a finish_reason broke off: LLMError, not a cut answer passed off as whole."""
     deadline = time.monotonic() + cfg.llm_timeout
-    payload = {"model": cfg.llm_model, "max_tokens": cfg.llm_max_tokens, "stream": stream,
+    payload = {"model": cfg.llm_model, "max_tokens": cfg.llm_max_tokens, "stream": stream and cfg.llm_stream,
                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
     headers = {"Authorization": f"Bearer {cfg.llm_api_key}"} if cfg.llm_api_key else {}
     try:
         response = (session or requests).post(cfg.llm_base_url.rstrip("/") + "/chat/completions", json=payload,
                                               headers=headers, stream=True, timeout=Timeout(total=cfg.llm_timeout))
     except (requests.RequestException, ValueError) as error:  # str(error) holds the URL: the class name only
-        raise (_fail(cfg, "late") if isinstance(error, requests.ReadTimeout)
-               else _fail(cfg, "connect", type(error).__name__)) from None
+        raise LLMError(cfg, "late" if isinstance(error, requests.ReadTimeout) else "connect",
+                       type(error).__name__) from None
     with response:
         if (status := response.status_code) // 100 != 2:
-            raise _fail(cfg, _STATUS_KINDS.get(status, "server" if status >= 500 else "malformed"),
-                        f"HTTP {status}", status)
+            raise LLMError(cfg, _STATUS_KINDS.get(status, "server" if status >= 500 else "malformed"),
+                           f"HTTP {status}", status)
         lines = _lines(cfg, response, deadline)
         if "event-stream" in response.headers.get("Content-Type", ""):
             text = clean(_from_stream(cfg, lines, on_text))
@@ -82,11 +72,11 @@ def _ask(cfg, system, user, on_text, session, stream):
             try:  # a None in lines (over MAX_BYTES: no completion is that big) is a TypeError too
                 text = clean(json.loads(b"\n".join(lines))["choices"][0]["message"].get("content") or "")
             except (ValueError, LookupError, TypeError, AttributeError):
-                raise _fail(cfg, "malformed", "no JSON completion") from None
+                raise LLMError(cfg, "malformed", "no JSON completion") from None
     if len(text) > MAX_ANSWER_CHARS:
         text = text[:max(text.rfind(" ", 0, MAX_ANSWER_CHARS), MAX_ANSWER_CHARS // 2)].rstrip() + "…"
     if not text:
-        raise _fail(cfg, "empty")
+        raise LLMError(cfg, "empty")
     return text
 
 
@@ -97,12 +87,12 @@ def _lines(cfg, response, deadline):
     buffer, total = bytearray(), 0
     while total < MAX_BYTES:
         if (left := deadline - time.monotonic()) <= 0:
-            raise _fail(cfg, "late")
+            raise LLMError(cfg, "late")
         try:
             settimeout(left)  # a no-op for a test double without a socket
             data = response.raw.read1(min(16384, MAX_BYTES - total), decode_content=True)
         except (TransportError, OSError) as error:
-            raise _fail(cfg, "late" if isinstance(error, ReadTimeoutError) else "broken") from None
+            raise LLMError(cfg, "late" if isinstance(error, ReadTimeoutError) else "broken") from None
         if not data:
             break
         total += len(data)
@@ -115,7 +105,7 @@ def _lines(cfg, response, deadline):
 
 def _from_stream(cfg, lines, on_text):
     """The raw content of server-sent events: "data: {json}" lines up to "data: [DONE]"."""
-    raw, cleaned_at, visible, shown, finished = "", 0, "", None, False
+    raw, cleaned_at, visible, shown, finished = "", 0, "", "", False
     for line in lines:
         if line is None or line.strip() in (b"data: [DONE]", b"data:[DONE]") or len(visible) >= MAX_ANSWER_CHARS:
             return raw  # the end, or a size cap: use what is there
@@ -126,9 +116,9 @@ def _from_stream(cfg, lines, on_text):
             choice = event["choices"][0] if event.get("choices") else {}
             delta = choice.get("delta") or {}
         except (ValueError, LookupError, TypeError, AttributeError):
-            raise _fail(cfg, "malformed", "no JSON event") from None
+            raise LLMError(cfg, "malformed", "no JSON event") from None
         if event.get("error"):
-            raise _fail(cfg, "server", "an error event mid-answer")
+            raise LLMError(cfg, "server", "an error event mid-answer")
         finished = finished or bool(choice.get("finish_reason"))
         if isinstance(text := delta.get("content"), str) and text:
             raw += text
@@ -140,10 +130,10 @@ def _from_stream(cfg, lines, on_text):
         # Marks near the end of the last line may still pair up ('*bold', '<thi'): show the text up to them.
         mark = _MARK.search(visible, max(visible.rfind("\n") + 1, len(visible) - 60))
         view = visible[:mark.start()] if mark else visible
-        if on_text and (len(view) > len(shown or "") or not (view or shown)):
+        if on_text and (len(view) > len(shown) or not (view or shown)):
             on_text(shown := view)
     if not finished:
-        raise _fail(cfg, "broken")
+        raise LLMError(cfg, "broken")
     return raw
 
 
