@@ -155,9 +155,10 @@ _EMPHASIS = [re.compile(rf"(?<![\w{c}]){re.escape(mark)}(?=[^\s{c}])([^{c}\n]*?[
 
 def clean(text: str) -> str:
     """Plain text for the client: no reasoning, no Markdown or HTML marks, at most one blank line in a row."""
-    text = _THINK.sub("", text).replace("\r\n", "\n").replace("\r", "\n").replace("\ue000", "")
+    text = _THINK.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
     lines, fenced = [""], False
     text = html.unescape(_TAG.sub(lambda m: _TAG_TEXT.get(m.group(1).lower(), ""), text))  # &nbsp; &laquo; …
+    text = text.replace("\ue000", "")  # the mark _inline sets code spans aside with (&#57344; too)
     for line in text.split("\n"):
         if line.lstrip().startswith(("```", "~~~")):
             fenced = not fenced

@@ -357,6 +357,7 @@ CORPUS = {
     "think unclosed later": ("Ответ. <think>передумал", "Ответ."),
     "think close only": ("рассуждение</think>Ответ", "Ответ"),
     "think twice": ("<think>a</think>Раз <think>b</think>два", "Раз два"),
+    "the private mark _inline uses": ("a\ue000b &#57344;c `код`", "ab c код"),
     "html entities": ("&laquo;Лендинг&raquo;&nbsp;&mdash; быстро &amp; недорого", "«Лендинг»\u00a0— быстро & недорого"),
 }
 
