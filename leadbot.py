@@ -1231,39 +1231,35 @@ def run_console(cfg):
 def run_check(env, keys):
     """One ✓/✗/- line for each part, a ✗ saying what to change; exit 0 when nothing failed."""
     sys.stdout.reconfigure(encoding="utf-8", errors="replace")  # ✓ and ✗ on any Windows console
-    failed = []
+    failed = False
+    try:
+        for ok, text in checks(env, keys):  # each line as soon as its part is checked
+            print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text)
+            failed |= ok is False
+    except ConfigError:  # even without the token the settings cannot be used
+        print("Fix the settings above in .env, then run python leadbot.py --check again.")
+        return 1
+    print("Fix the ✗ lines above, then run python leadbot.py --check again." if failed
+          else "All checks passed. Start the bot: python leadbot.py")
+    return int(failed)
 
-    def report(ok, text):
-        failed.append(ok is False)
-        print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text)
 
+def checks(env, keys):
+    """(ok, text) for the settings, prompt.txt, Telegram and each module's part, one by one."""
     try:
         cfg = read_config(env)
-        report(True, "Settings: complete and valid")
+        yield True, "Settings: complete and valid"
     except ConfigError as e:
-        for problem in e.problems:
-            report(False, f"Settings: {problem}")
-        try:
-            cfg = read_config(env, telegram=False)
-        except ConfigError:
-            print("Fix the settings above in .env, then run python leadbot.py --check again.")
-            return 1
-    for typo in typos(keys):
-        report(False, f"Settings: {typo}")
+        yield from ((False, f"Settings: {problem}") for problem in e.problems)
+        cfg = read_config(env, telegram=False)  # the other parts can be checked without a token
+    yield from ((False, f"Settings: {typo}") for typo in typos(keys))
     try:
         prompt = read_prompt(HERE / "prompt.txt")
-        report(True, f"prompt.txt: {len(prompt.questions)} questions, {len(prompt.texts)} texts")
+        yield True, f"prompt.txt: {len(prompt.questions)} questions, {len(prompt.texts)} texts"
     except PromptError as e:
-        report(False, str(e))
-    for result in check_telegram(cfg) if cfg.telegram_bot_token else []:
-        report(*result)
-    for part in (llm, mailer, store):
-        report(*part.check(cfg))
-    if any(failed):
-        print("Fix the ✗ lines above, then run python leadbot.py --check again.")
-        return 1
-    print("All checks passed. Start the bot: python leadbot.py")
-    return 0
+        yield False, str(e)
+    yield from check_telegram(cfg) if cfg.telegram_bot_token else ()
+    yield from (part.check(cfg) for part in (llm, mailer, store))
 
 
 def check_telegram(cfg):
@@ -1285,12 +1281,11 @@ def check_telegram(cfg):
         hook = (tg.call("getWebhookInfo") or {}).get("url")
     except TelegramError as e:  # the token works, so this says nothing against the setup
         return [token, (None, f"Telegram: could not ask whether a webhook is set ({e.reason})")]
-    if not hook:
-        return [token, (True, "Telegram: no webhook is set, so polling gets the messages")]
-    if cfg.delete_webhook:
-        return [token, (True, "Telegram: a webhook is set; DELETE_WEBHOOK=1 deletes it at start-up")]
-    return [token, (False, "Telegram: a webhook is set, so polling gets no messages — set DELETE_WEBHOOK=1 "
-                           "in .env and the bot deletes the webhook at start-up")]
+    if hook and not cfg.delete_webhook:
+        return [token, (False, "Telegram: a webhook is set, so polling gets no messages — set DELETE_WEBHOOK=1 "
+                               "in .env and the bot deletes the webhook at start-up")]
+    return [token, (True, "Telegram: a webhook is set; DELETE_WEBHOOK=1 deletes it at start-up" if hook
+                    else "Telegram: no webhook is set, so polling gets the messages")]
 
 
 def run_stats(cfg, as_json):
@@ -1300,8 +1295,7 @@ def run_stats(cfg, as_json):
     if as_json:
         print(json.dumps(figures, ensure_ascii=False))
         return 0
-    for period, title in (("7d", "Last 7 days"), ("30d", "Last 30 days"), ("all", "All time")):
-        p = figures[period]
+    for title, p in (("Last 7 days", figures["7d"]), ("Last 30 days", figures["30d"]), ("All time", figures["all"])):
         print(f"{title}: {p['started']} dialogs started")
         for key, label in (("qualified", "answered every question"), ("offered", "got a recommendation"),
                            ("contacts", "left a contact")):
@@ -1335,13 +1329,10 @@ def main(argv=None):
         for typo in typos(keys):
             log.warning("%s", typo)
         return run_console(cfg) if args.console else run_telegram(cfg)
-    except ConfigError as e:
-        problems = e.problems
-    except (PromptError, store.StoreError) as e:
-        problems = [str(e)]
-    for problem in problems:
-        print(f"leadbot: {problem}", file=sys.stderr)
-    return 2
+    except (ConfigError, PromptError, store.StoreError) as e:
+        for problem in getattr(e, "problems", [str(e)]):  # one line each
+            print(f"leadbot: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
