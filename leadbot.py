@@ -1142,14 +1142,12 @@ class Bot:
         self.cfg, self.out, self.source = cfg, out, source
         self.prompt = read_prompt(HERE / "prompt.txt")
         self.lock = store.open_data_dir(cfg.data_dir)  # held while the process lives
-        data = cfg.data_dir
-        self.leads = store.Leads(data / "leads.csv", cfg.csv_delimiter)
-        self.journal = store.Journal(data / "state.jsonl" if source == "telegram" else None, valid_dialog)
-        self.outbox, self.funnel = store.Outbox(data / "outbox"), store.Funnel(data / "funnel.jsonl")
+        self.leads = store.Leads(cfg.data_dir / "leads.csv", cfg.csv_delimiter)
+        self.journal = store.Journal(cfg.data_dir / "state.jsonl" if source == "telegram" else None, valid_dialog)
+        self.outbox, self.funnel = store.Outbox(cfg.data_dir / "outbox"), store.Funnel(cfg.data_dir / "funnel.jsonl")
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
-        self.llm_sessions = queue.SimpleQueue()
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
-        self.unconfirmed, self.recent, self.invited = [], {}, set()
+        self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
@@ -1162,6 +1160,7 @@ class Bot:
 
 
 def run_telegram(cfg):
+    """Start-up with Telegram (the token, DELETE_WEBHOOK=1, the command menu), then the loop until it stops."""
     bot = Bot(cfg, Telegram(cfg, threading.Event()), "telegram")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: bot.stopping.set())
@@ -1173,7 +1172,17 @@ def run_telegram(cfg):
         raise ConfigError(["Telegram rejected TELEGRAM_BOT_TOKEN"]) from None
     log.info("started as @%s (email: %s, LLM: %s)", (me or {}).get("username"),
              "on" if cfg.smtp_host else "off", "on" if cfg.llm_base_url else "off")
-    prepare_telegram(bot)
+    if cfg.delete_webhook:
+        try:
+            bot.out.call_patiently("deleteWebhook")
+            log.info("webhook deleted (DELETE_WEBHOOK=1)")
+        except TelegramError as e:
+            log.warning("could not delete the webhook (%s)", e.error_code)
+    try:
+        bot.out.call("setMyCommands", commands=[{"command": c, "description": bot.text("menu_" + c)[:256]}
+                                                for c in ("start", "help", "cancel", "forget")])
+    except TelegramError as e:
+        log.warning("could not set the command menu (%s)", e.error_code)
     recover(bot)
     run(bot)
     log.info("stopped")
@@ -1182,46 +1191,29 @@ def run_telegram(cfg):
     return 0
 
 
-def prepare_telegram(bot):
-    """Webhook removal (DELETE_WEBHOOK=1) and the command menu."""
-    if bot.cfg.delete_webhook:
-        try:
-            bot.out.call_patiently("deleteWebhook")
-            log.info("webhook deleted (DELETE_WEBHOOK=1)")
-        except TelegramError as e:
-            log.warning("could not delete the webhook (%s)", e.error_code)
-    commands = [{"command": c, "description": bot.text("menu_" + c)[:256]} for c in ("start", "help", "cancel", "forget")]
-    try:
-        bot.out.call("setMyCommands", commands=commands)
-    except TelegramError as e:
-        log.warning("could not set the command menu (%s)", e.error_code)
-
-
 def run_console(cfg):
     """The whole dialog in the terminal; the lead goes to the same CSV with source 'console'."""
     for stream in (sys.stdin, sys.stdout):
         stream.reconfigure(encoding="utf-8", errors="replace")
     bot = Bot(cfg, Console(), "console")
     print(bot.text("console_hint"))
+    line = "/start"
     try:
-        handle(bot, Incoming(chat_id=0, text="/start"))
-        while (bot.journal.dialogs.get(0) or {}).get("stage") != "done":
-            while bot.journal.dialogs[0]["busy"]:
+        while line:  # "" is the end of the input
+            handle(bot, Incoming(chat_id=0, text=clean_text(line)))
+            while (bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM is writing: its offer and notes first
                 handle_llm(bot, bot.inbox.get())
-            if bot.journal.dialogs[0]["stage"] == "done":
+            if (bot.journal.dialogs.get(0) or {}).get("stage") == "done":
                 break
             print("Вы: ", end="", flush=True)
             line = sys.stdin.readline()
-            if not line:
-                break
-            handle(bot, Incoming(chat_id=0, text=clean_text(line)))
     except KeyboardInterrupt:
         print()
-    for item in bot.outbox.items():  # the console does not stay to retry: say what is still owed
-        if item["confirmed"] and item["owed"]:
-            deliver(bot, item, list(item["owed"]))
-        if item["confirmed"] and item["owed"]:
-            print(f"The lead's {', '.join(item['owed'])} could not be sent now; it goes out at the next start of the bot.")
+    for item in [item for item in bot.outbox.items() if item["confirmed"] and item["owed"]]:
+        deliver(bot, item, list(item["owed"]))  # the console does not stay to retry: say what is still owed
+        if item["owed"]:
+            print(f"The lead's {', '.join(item['owed'])} could not be sent now; "
+                  "it goes out at the next start of the bot.")
     return 0
 
 
