@@ -1201,9 +1201,9 @@ def run_console(cfg):
     try:
         while line:  # "" is the end of the input
             handle(bot, Incoming(chat_id=0, text=clean_text(line)))
-            while (bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM is writing: its offer and notes first
+            while (dialog := bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM writes its offer and notes
                 handle_llm(bot, bot.inbox.get())
-            if (bot.journal.dialogs.get(0) or {}).get("stage") == "done":
+            if dialog.get("stage") == "done":
                 break
             print("Вы: ", end="", flush=True)
             line = sys.stdin.readline()
