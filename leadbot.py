@@ -1209,8 +1209,8 @@ def run_console(cfg):
             line = sys.stdin.readline()
     except KeyboardInterrupt:
         print()
-    for item in [item for item in bot.outbox.items() if item["confirmed"] and item["owed"]]:
-        deliver(bot, item, list(item["owed"]))  # the console does not stay to retry: say what is still owed
+    for item in [i for i in bot.outbox.items() if i["confirmed"] and i["owed"]]:  # the console does not stay to retry
+        deliver(bot, item, ["csv", *bot.channels])  # a manager's card waits for the Telegram bot
         if item["owed"]:
             print(f"The lead's {', '.join(item['owed'])} could not be sent now; "
                   "it goes out at the next start of the bot.")
