@@ -1104,14 +1104,12 @@ class Bot:
         self.cfg, self.out, self.source = cfg, out, source
         self.prompt = read_prompt(HERE / "prompt.txt")
         self.lock = store.open_data_dir(cfg.data_dir)  # held while the process lives
-        data = cfg.data_dir
-        self.leads = store.Leads(data / "leads.csv", cfg.csv_delimiter)
-        self.journal = store.Journal(data / "state.jsonl" if source == "telegram" else None, valid_dialog)
-        self.outbox, self.funnel = store.Outbox(data / "outbox"), store.Funnel(data / "funnel.jsonl")
+        self.leads = store.Leads(cfg.data_dir / "leads.csv", cfg.csv_delimiter)
+        self.journal = store.Journal(cfg.data_dir / "state.jsonl" if source == "telegram" else None, valid_dialog)
+        self.outbox, self.funnel = store.Outbox(cfg.data_dir / "outbox"), store.Funnel(cfg.data_dir / "funnel.jsonl")
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
-        self.llm_sessions = queue.SimpleQueue()
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
-        self.unconfirmed, self.recent, self.invited = [], {}, set()
+        self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
@@ -1124,6 +1122,7 @@ class Bot:
 
 
 def run_telegram(cfg):
+    """Start-up with Telegram (the token, DELETE_WEBHOOK=1, the command menu), then the loop until it stops."""
     bot = Bot(cfg, Telegram(cfg, threading.Event()), "telegram")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: bot.stopping.set())
@@ -1135,7 +1134,17 @@ def run_telegram(cfg):
         raise ConfigError(["Telegram rejected TELEGRAM_BOT_TOKEN"]) from None
     log.info("started as @%s (email: %s, LLM: %s)", (me or {}).get("username"),
              "on" if cfg.smtp_host else "off", "on" if cfg.llm_base_url else "off")
-    prepare_telegram(bot)
+    if cfg.delete_webhook:
+        try:
+            bot.out.call_patiently("deleteWebhook")
+            log.info("webhook deleted (DELETE_WEBHOOK=1)")
+        except TelegramError as e:
+            log.warning("could not delete the webhook (%s)", e.error_code)
+    try:
+        bot.out.call("setMyCommands", commands=[{"command": c, "description": bot.text("menu_" + c)[:256]}
+                                                for c in ("start", "help", "cancel", "forget")])
+    except TelegramError as e:
+        log.warning("could not set the command menu (%s)", e.error_code)
     recover(bot)
     run(bot)
     log.info("stopped")
@@ -1144,46 +1153,29 @@ def run_telegram(cfg):
     return 0
 
 
-def prepare_telegram(bot):
-    """Webhook removal (DELETE_WEBHOOK=1) and the command menu."""
-    if bot.cfg.delete_webhook:
-        try:
-            bot.out.call_patiently("deleteWebhook")
-            log.info("webhook deleted (DELETE_WEBHOOK=1)")
-        except TelegramError as e:
-            log.warning("could not delete the webhook (%s)", e.error_code)
-    commands = [{"command": c, "description": bot.text("menu_" + c)[:256]} for c in ("start", "help", "cancel", "forget")]
-    try:
-        bot.out.call("setMyCommands", commands=commands)
-    except TelegramError as e:
-        log.warning("could not set the command menu (%s)", e.error_code)
-
-
 def run_console(cfg):
     """The whole dialog in the terminal; the lead goes to the same CSV with source 'console'."""
     for stream in (sys.stdin, sys.stdout):
         stream.reconfigure(encoding="utf-8", errors="replace")
     bot = Bot(cfg, Console(), "console")
     print(bot.text("console_hint"))
+    line = "/start"
     try:
-        handle(bot, Incoming(chat_id=0, text="/start"))
-        while (bot.journal.dialogs.get(0) or {}).get("stage") != "done":
-            while bot.journal.dialogs[0]["busy"]:
+        while line:  # "" is the end of the input
+            handle(bot, Incoming(chat_id=0, text=clean_text(line)))
+            while (dialog := bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM writes its offer and notes
                 handle_llm(bot, bot.inbox.get())
-            if bot.journal.dialogs[0]["stage"] == "done":
+            if dialog.get("stage") == "done":
                 break
             print("Вы: ", end="", flush=True)
             line = sys.stdin.readline()
-            if not line:
-                break
-            handle(bot, Incoming(chat_id=0, text=clean_text(line)))
     except KeyboardInterrupt:
         print()
-    for item in bot.outbox.items():  # the console does not stay to retry: say what is still owed
-        if item["confirmed"] and item["owed"]:
-            deliver(bot, item, list(item["owed"]))
-        if item["confirmed"] and item["owed"]:
-            print(f"The lead's {', '.join(item['owed'])} could not be sent now; it goes out at the next start of the bot.")
+    for item in [i for i in bot.outbox.items() if i["confirmed"] and i["owed"]]:  # the console does not stay to retry
+        deliver(bot, item, ["csv", *bot.channels])  # a manager's card waits for the Telegram bot
+        if item["owed"]:
+            print(f"The lead's {', '.join(item['owed'])} could not be sent now; "
+                  "it goes out at the next start of the bot.")
     return 0
 
 
@@ -1193,39 +1185,35 @@ def run_console(cfg):
 def run_check(env, keys):
     """One ✓/✗/- line for each part, a ✗ saying what to change; exit 0 when nothing failed."""
     sys.stdout.reconfigure(encoding="utf-8", errors="replace")  # ✓ and ✗ on any Windows console
-    failed = []
+    failed = False
+    try:
+        for ok, text in checks(env, keys):  # each line as soon as its part is checked
+            print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text)
+            failed |= ok is False
+    except ConfigError:  # even without the token the settings cannot be used
+        print("Fix the settings above in .env, then run python leadbot.py --check again.")
+        return 1
+    print("Fix the ✗ lines above, then run python leadbot.py --check again." if failed
+          else "All checks passed. Start the bot: python leadbot.py")
+    return int(failed)
 
-    def report(ok, text):
-        failed.append(ok is False)
-        print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text)
 
+def checks(env, keys):
+    """(ok, text) for the settings, prompt.txt, Telegram and each module's part, one by one."""
     try:
         cfg = read_config(env)
-        report(True, "Settings: complete and valid")
+        yield True, "Settings: complete and valid"
     except ConfigError as e:
-        for problem in e.problems:
-            report(False, f"Settings: {problem}")
-        try:
-            cfg = read_config(env, telegram=False)
-        except ConfigError:
-            print("Fix the settings above in .env, then run python leadbot.py --check again.")
-            return 1
-    for typo in typos(keys):
-        report(False, f"Settings: {typo}")
+        yield from ((False, f"Settings: {problem}") for problem in e.problems)
+        cfg = read_config(env, telegram=False)  # the other parts can be checked without a token
+    yield from ((False, f"Settings: {typo}") for typo in typos(keys))
     try:
         prompt = read_prompt(HERE / "prompt.txt")
-        report(True, f"prompt.txt: {len(prompt.questions)} questions, {len(prompt.texts)} texts")
+        yield True, f"prompt.txt: {len(prompt.questions)} questions, {len(prompt.texts)} texts"
     except PromptError as e:
-        report(False, str(e))
-    for result in check_telegram(cfg) if cfg.telegram_bot_token else []:
-        report(*result)
-    for part in (llm, mailer, store):
-        report(*part.check(cfg))
-    if any(failed):
-        print("Fix the ✗ lines above, then run python leadbot.py --check again.")
-        return 1
-    print("All checks passed. Start the bot: python leadbot.py")
-    return 0
+        yield False, str(e)
+    yield from check_telegram(cfg) if cfg.telegram_bot_token else ()
+    yield from (part.check(cfg) for part in (llm, mailer, store))
 
 
 def check_telegram(cfg):
@@ -1247,12 +1235,11 @@ def check_telegram(cfg):
         hook = (tg.call("getWebhookInfo") or {}).get("url")
     except TelegramError as e:  # the token works, so this says nothing against the setup
         return [token, (None, f"Telegram: could not ask whether a webhook is set ({e.reason})")]
-    if not hook:
-        return [token, (True, "Telegram: no webhook is set, so polling gets the messages")]
-    if cfg.delete_webhook:
-        return [token, (True, "Telegram: a webhook is set; DELETE_WEBHOOK=1 deletes it at start-up")]
-    return [token, (False, "Telegram: a webhook is set, so polling gets no messages — set DELETE_WEBHOOK=1 "
-                           "in .env and the bot deletes the webhook at start-up")]
+    if hook and not cfg.delete_webhook:
+        return [token, (False, "Telegram: a webhook is set, so polling gets no messages — set DELETE_WEBHOOK=1 "
+                               "in .env and the bot deletes the webhook at start-up")]
+    return [token, (True, "Telegram: a webhook is set; DELETE_WEBHOOK=1 deletes it at start-up" if hook
+                    else "Telegram: no webhook is set, so polling gets the messages")]
 
 
 def run_stats(cfg, as_json):
@@ -1262,8 +1249,7 @@ def run_stats(cfg, as_json):
     if as_json:
         print(json.dumps(figures, ensure_ascii=False))
         return 0
-    for period, title in (("7d", "Last 7 days"), ("30d", "Last 30 days"), ("all", "All time")):
-        p = figures[period]
+    for title, p in (("Last 7 days", figures["7d"]), ("Last 30 days", figures["30d"]), ("All time", figures["all"])):
         print(f"{title}: {p['started']} dialogs started")
         for key, label in (("qualified", "answered every question"), ("offered", "got a recommendation"),
                            ("contacts", "left a contact")):
@@ -1297,13 +1283,10 @@ def main(argv=None):
         for typo in typos(keys):
             log.warning("%s", typo)
         return run_console(cfg) if args.console else run_telegram(cfg)
-    except ConfigError as e:
-        problems = e.problems
-    except (PromptError, store.StoreError) as e:
-        problems = [str(e)]
-    for problem in problems:
-        print(f"leadbot: {problem}", file=sys.stderr)
-    return 2
+    except (ConfigError, PromptError, store.StoreError) as e:
+        for problem in getattr(e, "problems", [str(e)]):  # one line each
+            print(f"leadbot: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
