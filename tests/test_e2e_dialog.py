@@ -1,5 +1,7 @@
 """The whole bot as a real process against fake Telegram, LLM and SMTP servers."""
 
+import json
+
 from fakes import TEXTS, ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say
 
 COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
@@ -108,3 +110,28 @@ def test_a_console_lead_emailed_at_the_end_is_not_reported_as_unsent(smtp, tmp_p
     smtp.stop()
     unsent = run_bot(env, "--console", cwd=tmp_path, input="\n".join(ANSWERS + ["olga@example.ru"]) + "\n", timeout=20)
     assert "email could not be sent now; it goes out at the next start" in unsent.stdout
+
+
+def test_cancel_and_forget_in_the_console_start_a_new_dialog(tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    lines = [ANSWERS[0], "/cancel", "/forget", "Здравствуйте", *ANSWERS, "anna@example.ru"]  # a greeting first
+    result = run_bot(env, "--console", cwd=tmp_path, input="\n".join(lines) + "\n", timeout=20)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert TEXTS["cancelled"] in result.stdout and TEXTS["forgotten"] in result.stdout
+    [row] = read_rows(env)
+    assert row["contact"] == "anna@example.ru"
+
+
+def test_a_card_the_telegram_bot_owes_stays_owed_after_a_console_dialog(tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data"), "MANAGER_CHAT_ID": "5550001"}
+    outbox = tmp_path / "data" / "outbox"
+    outbox.mkdir(parents=True)
+    lead = {"timestamp": "2026-11-24T10:00:00+03:00", "chat_id": 42, "client_name": "Ольга", "contact": "+79991234567",
+            "intent": "сайт", "notes": "", "source": "telegram", "status": "new"}
+    item = {"id": "42-7", "chat_id": 42, "lead": lead, "owed": ["telegram"], "since": 0, "update_id": 7,
+            "confirmed": True, "due": 0, "attempts": 0, "took": ["csv"]}
+    (outbox / "42-7.json").write_text(json.dumps(item), encoding="utf-8")
+    result = run_bot(env, "--console", cwd=tmp_path, input="\n".join(ANSWERS + ["anna@example.ru"]) + "\n", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((outbox / "42-7.json").read_text(encoding="utf-8"))["owed"] == ["telegram"]
+    assert "telegram could not be sent now; it goes out at the next start" in result.stdout
