@@ -117,10 +117,7 @@ class Leads:
         if found != delimiter:
             log.warning("leads.csv uses %r, CSV_DELIMITER says %r — appending with %r", found, delimiter, found)
         self.delimiter = found
-        self._refuse_open_quote(text)
-
-    def _refuse_open_quote(self, text: str) -> None:
-        """StoreError if the file ends inside a quoted cell: it would swallow every row appended."""
+        # Refuse a file that ends inside a quoted cell: it would swallow every row appended.
         text += "" if text.endswith(("\n", "\r")) else "\r\n"
         for row in csv.reader(io.StringIO(text + PROBE + "\r\n", newline=""), delimiter=self.delimiter):
             pass
@@ -220,7 +217,7 @@ class Journal:
         else:
             self.dialogs[chat] = dialog
 
-    def save(self, chat_id, dialog: dict | None) -> bool:
+    def save(self, chat_id, dialog: dict | None) -> None:
         """Record the dialog of a chat (None deletes it); a write failure is logged and mended by the next save."""
         with self._lock:
             self._set(chat_id, dialog)
@@ -241,11 +238,10 @@ class Journal:
         """Remove the chat and rewrite the file so that no earlier line keeps its data; raises OSError."""
         with self._lock:
             self.dialogs.pop(chat_id, None)
-            self._compact()
+            if self.path is not None:
+                self._compact()
 
     def _compact(self) -> None:
-        if self.path is None:
-            return
         lines = [json.dumps({"chat": chat, "dialog": d}) + "\n" for chat, d in self.dialogs.items()]
         _write_atomically(self.path, "".join(lines).encode())
         self._lines, self._rewrite = len(lines), False
