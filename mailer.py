@@ -3,7 +3,6 @@
 import contextlib
 import datetime
 import email.message
-import email.utils
 import smtplib
 import socket
 import ssl
@@ -44,14 +43,16 @@ def card(lead: dict) -> str:
         value = _one_line(lead.get(key) if value is None else value)
         return f"{LABELS[key]}: {VALUES.get(key, {}).get(value, value) or '—'}"
 
+    when = str(lead.get("timestamp", ""))
+    with contextlib.suppress(ValueError):  # '2026-11-24T18:03:11+03:00' as '24.11.2026 18:03 (UTC+03:00)', or as it is
+        moment = datetime.datetime.fromisoformat(when)
+        offset = moment.strftime("%z")  # "+0300"; "" for a time without an offset
+        when = moment.strftime("%d.%m.%Y %H:%M") + (f" (UTC{offset[:3]}:{offset[3:5]})" if offset else "")
     answers = [f"  {_one_line(label)}: {_one_line(text) or '—'}" for label, text in lead.get("answers") or ()]
-    return "\n".join([
-        _headline(lead), line("client_name"), line("contact"), line("intent"),
-        *([LABELS["answers"] + ":"] + answers if answers else []),
-        *([line("offer", _shorten(_one_line(lead["offer"]), 700))] if lead.get("offer") else []),
-        line("notes"), line("source"), line("status"), line("chat_id"),
-        line("timestamp", _readable_time(str(lead.get("timestamp", "")))),
-    ])
+    return "\n".join([_headline(lead), line("client_name"), line("contact"), line("intent"),
+                      *([LABELS["answers"] + ":"] + answers if answers else []),
+                      *([line("offer", _shorten(_one_line(lead["offer"]), 700))] if lead.get("offer") else []),
+                      line("notes"), line("source"), line("status"), line("chat_id"), line("timestamp", when)])
 
 
 def subject(lead: dict) -> str:
@@ -62,10 +63,16 @@ def subject(lead: dict) -> str:
 
 def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None) -> None:
     """E-mail the card to the manager; raises MailError. accepted() runs once the server took it, before QUIT."""
+    body = "\n".join(line if len(line) <= _WRAPPER.width else _WRAPPER.fill(line) for line in card(lead).split("\n"))
     with contextlib.closing(_login(cfg)) as smtp:
         with _translated():
-            options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") else []  # then the body is readable UTF-8
-            smtp.send_message(_message(cfg, lead, lead_id, eight_bit=bool(options)), mail_options=options)
+            message = email.message.EmailMessage()
+            message["From"], message["To"], message["Subject"] = cfg.mail_from, cfg.manager_email, subject(lead)
+            # The Message-ID depends on lead_id only, so the manager's mail system can drop a resend.
+            message["Date"], message["Message-ID"] = datetime.datetime.now().astimezone(), f"<{lead_id}@leadbot>"
+            eight_bit = smtp.has_extn("8bitmime")  # then the body is readable UTF-8
+            message.set_content(body, charset="utf-8", cte="8bit" if eight_bit else "base64")
+            smtp.send_message(message, mail_options=["BODY=8BITMIME"] if eight_bit else [])
         accepted()  # from here on the lead must never be sent again, whatever happens next
         with contextlib.suppress(OSError):  # a failed goodbye changes nothing: the server has the message
             smtp.quit()
@@ -101,41 +108,20 @@ def _shorten(text: str, limit: int) -> str:
     return text[:cut if cut > 0 else limit].rstrip(" /") + "…"
 
 
-def _readable_time(timestamp: str) -> str:
-    """'2026-11-24T18:03:11+03:00' as '24.11.2026 18:03 (UTC+03:00)': the lead's local time and its offset."""
-    with contextlib.suppress(ValueError):  # else it is shown as it is
-        moment = datetime.datetime.fromisoformat(timestamp)
-        offset = moment.strftime("%z")  # "+0300"; "" for a time without an offset
-        return moment.strftime("%d.%m.%Y %H:%M") + (f" (UTC{offset[:3]}:{offset[3:5]})" if offset else "")
-    return timestamp
-
-
-def _message(cfg, lead: dict, lead_id: str, eight_bit: bool) -> email.message.EmailMessage:
-    message = email.message.EmailMessage()
-    message["From"], message["To"], message["Subject"] = cfg.mail_from, cfg.manager_email, subject(lead)
-    # The Message-ID depends on lead_id only, so the manager's mail system can drop a resend.
-    message["Date"], message["Message-ID"] = email.utils.formatdate(localtime=True), f"<{lead_id}@leadbot>"
-    body = "\n".join(line if len(line) <= _WRAPPER.width else _WRAPPER.fill(line) for line in card(lead).split("\n"))
-    message.set_content(body, charset="utf-8", cte="8bit" if eight_bit else "base64")
-    return message
-
-
 def _login(cfg) -> smtplib.SMTP:
     """A connection secured and logged in per cfg; raises MailError."""
     # Verifies certificate and host name; smtplib's default verifies nothing: a man in the middle gets the password.
     context = ssl.create_default_context() if cfg.smtp_security in ("ssl", "starttls") else None
-    with _translated():
+    with _translated(), contextlib.ExitStack() as on_failure:
         smtp = (smtplib.SMTP_SSL(cfg.smtp_host, int(cfg.smtp_port), timeout=TIMEOUT, context=context)
                 if cfg.smtp_security == "ssl" else smtplib.SMTP(cfg.smtp_host, int(cfg.smtp_port), timeout=TIMEOUT))
-        try:
-            if cfg.smtp_security == "starttls":
-                smtp.starttls(context=context)
-            smtp.ehlo_or_helo_if_needed()
-            if cfg.smtp_user:
-                smtp.login(cfg.smtp_user, cfg.smtp_password)
-        except BaseException:
-            smtp.close()
-            raise
+        on_failure.callback(smtp.close)
+        if cfg.smtp_security == "starttls":
+            smtp.starttls(context=context)
+        smtp.ehlo_or_helo_if_needed()
+        if cfg.smtp_user:
+            smtp.login(cfg.smtp_user, cfg.smtp_password)
+        on_failure.pop_all()  # logged in: the caller closes it
     return smtp
 
 

@@ -76,8 +76,7 @@ def _try_lock(folder: Path):
 def open_data_dir(path: Path) -> object:
     """Create DATA_DIR and lock it; keep the returned handle for the life of the process."""
     path = _usable_dir(path)
-    handle = _try_lock(path)
-    if handle is None:
+    if (handle := _try_lock(path)) is None:
         raise StoreError(f"another copy of leadbot is already running on DATA_DIR {path} — stop it first")
     return handle
 
@@ -102,9 +101,7 @@ class Leads:
     def __init__(self, path: Path, delimiter: str):
         self.path, self.delimiter, self._lock = Path(path).absolute(), delimiter, threading.Lock()
         try:
-            text = self.path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-        except FileNotFoundError:
-            return
+            text = self.path.read_bytes().decode("utf-8").removeprefix("\ufeff") if self.path.exists() else ""
         except UnicodeError:
             raise StoreError(f"leads.csv {self.path} is not UTF-8 text (saved as ANSI or Unicode?) — in Excel save it "
                              "as «CSV UTF-8», or move it away and start again") from None
@@ -120,10 +117,7 @@ class Leads:
         if found != delimiter:
             log.warning("leads.csv uses %r, CSV_DELIMITER says %r — appending with %r", found, delimiter, found)
         self.delimiter = found
-        self._refuse_open_quote(text)
-
-    def _refuse_open_quote(self, text: str) -> None:
-        """StoreError if the file ends inside a quoted cell: it would swallow every row appended."""
+        # Refuse a file that ends inside a quoted cell: it would swallow every row appended.
         text += "" if text.endswith(("\n", "\r")) else "\r\n"
         for row in csv.reader(io.StringIO(text + PROBE + "\r\n", newline=""), delimiter=self.delimiter):
             pass
@@ -184,24 +178,21 @@ class Leads:
 
 
 class Journal:
-    """{data_dir}/state.jsonl: dialog state as JSON lines, appended and flushed (no fsync); a chat's last line wins.
-    With path None (the console) the dialogs live in memory only."""
+    """{data_dir}/state.jsonl: dialog states, appended without fsync, a chat's last line wins; None: in memory only."""
 
     def __init__(self, path: Path | None, valid):
         self.path, self._valid, self.dialogs, self._lock = path and Path(path).absolute(), valid, {}, threading.Lock()
-        self._lines, self._rewrite = 0, False
         if path is None:
             return
-        bad_file = self.path.with_name(self.path.name + ".bad")
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
             *lines, torn = text.split("\n")  # torn is "" when the file ends with a line break, else ignored
             bad = [line for line in lines if line.strip() and not self._apply(line)]
             if bad:
-                with open(bad_file, "a", encoding="utf-8") as f:
+                with open(f"{self.path}.bad", "a", encoding="utf-8") as f:
                     f.write("".join(line + "\n" for line in bad))
-                log.warning("%d malformed entries of %s were set aside in %s", len(bad), self.path.name, bad_file)
-            self._lines = len(lines)
+                log.warning("%d malformed entries of %s were set aside in %s.bad", len(bad), self.path.name, self.path)
+            self._lines, self._rewrite = len(lines), False
             if bad or torn:
                 self._compact()  # without the lines set aside, and the next line must not extend a torn one
         except OSError as e:
@@ -226,12 +217,12 @@ class Journal:
         else:
             self.dialogs[chat] = dialog
 
-    def save(self, chat_id, dialog: dict | None) -> bool:
-        """Record the dialog of a chat (None deletes it); False if the file could not be written this time."""
+    def save(self, chat_id, dialog: dict | None) -> None:
+        """Record the dialog of a chat (None deletes it); a write failure is logged and mended by the next save."""
         with self._lock:
             self._set(chat_id, dialog)
             if self.path is None:
-                return True
+                return
             try:
                 if self._rewrite or self._lines >= 2 * len(self.dialogs) + 1000:
                     self._compact()
@@ -239,21 +230,18 @@ class Journal:
                     with open(self.path, "a", encoding="utf-8") as f:
                         f.write(json.dumps({"chat": chat_id, "dialog": dialog}) + "\n")
                     self._lines += 1
-                return True
             except OSError as e:
                 log.warning("cannot write %s (%s); dialog state is kept in memory", self.path, type(e).__name__)
                 self._rewrite = True  # a half-written line must not stay in the middle
-                return False
 
     def erase(self, chat_id) -> None:
         """Remove the chat and rewrite the file so that no earlier line keeps its data; raises OSError."""
         with self._lock:
             self.dialogs.pop(chat_id, None)
-            self._compact()
+            if self.path is not None:
+                self._compact()
 
     def _compact(self) -> None:
-        if self.path is None:
-            return
         lines = [json.dumps({"chat": chat, "dialog": d}) + "\n" for chat, d in self.dialogs.items()]
         _write_atomically(self.path, "".join(lines).encode())
         self._lines, self._rewrite = len(lines), False
@@ -301,11 +289,7 @@ class Outbox:
             except OSError as e:  # the channels are still tried now, and again while this process runs
                 log.error("cannot write %s (%s); the lead is kept in memory only", self.folder, type(e).__name__)
                 self._items[lead_id] = copy.deepcopy(item)
-            return self.get(lead_id)
-
-    def get(self, lead_id: str) -> dict | None:
-        with self._lock:
-            return copy.deepcopy(self._items.get(lead_id))
+            return copy.deepcopy(self._items[lead_id])
 
     def items(self) -> list[dict]:
         with self._lock:
@@ -318,17 +302,14 @@ class Outbox:
                 return  # dropped by /forget meanwhile: never write it back
             if item["owed"] or not item.get("confirmed"):
                 return self._save(item)
-            self._file(item["id"]).unlink(missing_ok=True)
-            del self._items[item["id"]]
+            self.drop(item["id"])
 
     def retry_later(self, lead_id: str, delay: float) -> None:
         """Count a failed attempt and try again after delay seconds. Never raises."""
         with self._lock:
-            item = self._items.get(lead_id)
-            if item is None:
+            if (item := self._items.get(lead_id)) is None:
                 return  # dropped by /forget while it was being sent
-            item["attempts"] += 1
-            item["due"] = time.time() + delay
+            item.update(attempts=item["attempts"] + 1, due=time.time() + delay)
             try:
                 self._save(item)
             except OSError as e:
