@@ -152,8 +152,10 @@ def new_dialog(chat_id, name, source):
 
 def valid_dialog(dialog):
     """The shape the dispatcher relies on; the journal sets other entries aside."""
-    kinds = dict(id=str, answers=list, name=str, updated_at=(int, float), seen=list, waiting=list)
-    return dialog.get("stage") in STAGES and all(isinstance(dialog.get(key), kind) for key, kind in kinds.items())
+    kinds = dict(id=str, answers=list, name=str, updated_at=(int, float), seen=list, waiting=list, busy=bool)
+    return (dialog.get("stage") in STAGES and all(isinstance(dialog.get(key), kind) for key, kind in kinds.items())
+            and all(isinstance(msg, dict) and "chat_id" in msg and set(msg) <= set(Incoming._fields)
+                    for msg in dialog["waiting"]))
 
 
 # --- The dispatcher: one message through a command or the stage table, saved once -------------
@@ -248,6 +250,9 @@ def cancel_command(bot, msg, dialog):
 
 def forget_command(bot, msg, dialog):
     """Deletes the chat's dialog, its rows in leads.csv and its undelivered items."""
+    if bot.source == "console":  # every console dialog is chat 0: its rows are not this one's alone
+        end_dialog(bot, msg.chat_id, "forgotten")
+        return print("In the console /forget only ends this dialog; leads.csv keeps the console's rows.")
     try:
         end_dialog(bot, msg.chat_id, "forgotten")
         items = bot.outbox.drop_chat(msg.chat_id)  # first, so no owed row is written back
@@ -630,7 +635,8 @@ MAX_TEXT = 2000  # kept of a client's message
 PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d(?!\w)")
 EMAIL_RE = re.compile(r"[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}")
 USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?t\.me/)([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
-REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен))|неа|no(?! problem)|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
+REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен))|неа|no(?! problem)"
+                        r"|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
@@ -917,7 +923,8 @@ def build_prompt(sections, last_line):
     if missing:
         raise PromptError(f"prompt.txt line {last_line}: the section [{missing[0]}] is missing — add it with its text")
     if len(questions) < 2:
-        raise PromptError(f"prompt.txt line {last_line}: {len(questions)} questions — write 2 to 4 [question …] sections")
+        raise PromptError(f"prompt.txt line {last_line}: {len(questions)} questions — "
+                          "write 2 to 4 [question …] sections")
     return Prompt(named["system"], named["notes"], questions, {key: named[key] for key in TEXT_KEYS})
 
 
@@ -1276,7 +1283,10 @@ def main(argv=None):
         env, keys = read_env()
         if args.check:
             return run_check(env, keys)
-        cfg = read_config(env, telegram=not (args.console or args.stats))
+        try:
+            cfg = read_config(env, telegram=not (args.console or args.stats))
+        except ConfigError as e:  # a misspelt name is often why a setting seems missing
+            raise ConfigError(e.problems + typos(keys)) from None
         if args.stats:
             return run_stats(cfg, args.json)
         setup_logging(cfg, console_level="WARNING" if args.console else None)

@@ -95,6 +95,12 @@ def check(cfg) -> tuple[bool | None, str]:
     return True, f"DATA_DIR: {path} is writable; leads go to {leads.path}; {running}"
 
 
+def _delimiter_of(text: str) -> str | None:
+    """";" or "," as leads.csv's header line shows it; None for another header."""
+    header = text.removeprefix("\ufeff").partition("\n")[0].rstrip("\r")
+    return next((d for d in ";," if header == d.join(COLUMNS)), None)
+
+
 class Leads:
     """{data_dir}/leads.csv, the owner's file: rows are appended, or removed by /forget; it is never repaired."""
 
@@ -110,7 +116,7 @@ class Leads:
                              "close it in other programs or fix its permissions") from None
         if not text:
             return
-        found = next((d for d in ";," if text.partition("\n")[0].rstrip("\r") == d.join(COLUMNS)), None)
+        found = _delimiter_of(text)
         if found is None:
             raise StoreError(f"leads.csv {self.path} has other columns than {','.join(COLUMNS)} — "
                              "rename or move it and start again")
@@ -133,11 +139,13 @@ class Leads:
 
     def write(self, lead: dict, since: int) -> None:
         """Append the lead unless its exact row already stands at or after byte `since`; raises OSError."""
-        buffer, values = io.StringIO(), ["" if lead.get(c) is None else str(lead[c]) for c in COLUMNS]
-        csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(  # defuse formulas:
-            "'" + v if c in TEXT_FIELDS and v.startswith(FORMULA_STARTS) else v for c, v in zip(COLUMNS, values))
-        row = buffer.getvalue().encode("utf-8")
         with self._lock, open(self.path, "a+b", buffering=0) as f:
+            f.seek(0)  # the owner may have re-saved it with the other delimiter while the bot ran
+            self.delimiter = _delimiter_of(f.read(200).decode("utf-8", "replace")) or self.delimiter
+            buffer, values = io.StringIO(), ["" if lead.get(c) is None else str(lead[c]) for c in COLUMNS]
+            csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(  # defuse formulas:
+                "'" + v if c in TEXT_FIELDS and v.startswith(FORMULA_STARTS) else v for c, v in zip(COLUMNS, values))
+            row = buffer.getvalue().encode("utf-8")
             size = f.seek(0, os.SEEK_END)
             f.seek(since)
             if row in f.read():
@@ -163,6 +171,10 @@ class Leads:
             if not self.path.exists():
                 return 0
             text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")  # every byte comes back
+            delimiter = _delimiter_of(text)  # as it is now: the owner may have re-saved it
+            if text.strip() and not delimiter:  # never say «удалены» unsure
+                raise OSError("leads.csv has other columns now")
+            self.delimiter = delimiter or self.delimiter
             lines = io.StringIO(text, newline="").readlines()  # split where csv splits: at \r\n, \n and \r
             reader, chat = csv.reader(lines, delimiter=self.delimiter), [str(chat_id)]
             kept, kept_from, start, removed = [], 0, 0, 0

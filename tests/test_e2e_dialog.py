@@ -112,14 +112,14 @@ def test_a_console_lead_emailed_at_the_end_is_not_reported_as_unsent(smtp, tmp_p
     assert "email could not be sent now; it goes out at the next start" in unsent.stdout
 
 
-def test_cancel_and_forget_in_the_console_start_a_new_dialog(tmp_path):
+def test_cancel_and_forget_in_the_console_start_a_new_dialog_and_keep_earlier_console_leads(tmp_path):
     env = {"DATA_DIR": str(tmp_path / "data")}
+    run_bot(env, "--console", cwd=tmp_path, input="\n".join(ANSWERS + ["olga@example.ru"]) + "\n", timeout=20)
     lines = [ANSWERS[0], "/cancel", "/forget", "Здравствуйте", *ANSWERS, "anna@example.ru"]  # a greeting first
     result = run_bot(env, "--console", cwd=tmp_path, input="\n".join(lines) + "\n", timeout=20)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert TEXTS["cancelled"] in result.stdout and TEXTS["forgotten"] in result.stdout
-    [row] = read_rows(env)
-    assert row["contact"] == "anna@example.ru"
+    assert TEXTS["cancelled"] in result.stdout and "leads.csv keeps the console's rows" in result.stdout
+    assert [row["contact"] for row in read_rows(env)] == ["olga@example.ru", "anna@example.ru"]
 
 
 def test_a_card_the_telegram_bot_owes_stays_owed_after_a_console_dialog(tmp_path):

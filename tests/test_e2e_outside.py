@@ -1,5 +1,6 @@
 """What an outside tester broke: Excel holding leads.csv, «нет проблем», pasted phones, a question removed
 mid-dialog, a flood ending with the contact, /cancel while the LLM writes, files saved in other encodings."""
+import json
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,25 @@ def test_words_that_only_sound_like_no_are_not_a_refusal(bot, bot_env, telegram,
     reach_contact_step(telegram, 1515)
     say(telegram, 1515, text, CONTACT_REQUEST)
     assert not read_rows(bot_env)
+
+
+def test_a_lowercase_token_name_gets_the_hint_at_start_up_too(bot_env, tmp_path):
+    app = copy_app(tmp_path / "app")
+    (app.parent / ".env").write_text("telegram_bot_token=123456:ABCdef\n", encoding="utf-8")
+    result = run_bot({**bot_env, "TELEGRAM_BOT_TOKEN": None}, cwd=tmp_path, script=app, timeout=20)
+    assert result.returncode == 2
+    assert "telegram_bot_token is not a setting — did you mean TELEGRAM_BOT_TOKEN?" in result.stderr
+
+
+@pytest.mark.parametrize("odd", [{"waiting": [{"chat_id": 3501, "text": "hi", "reply_to": None}]},  # another version
+                                 {"busy": None}])
+def test_state_entries_of_another_shape_are_set_aside_and_the_bot_starts(bot, bot_env, telegram, odd):
+    data = Path(bot_env["DATA_DIR"])
+    data.mkdir(parents=True, exist_ok=True)
+    dialog = {"id": "a1b2c3d4e5f6", "stage": "qualifying", "answers": ["a"], "name": "A", "source": "telegram",
+              "started": 1.0, "updated_at": 2e9, "seen": [], "busy": False, "waiting": [], **odd}
+    (data / "state.jsonl").write_text(json.dumps({"chat": 3501, "dialog": dialog}) + "\n", encoding="utf-8")
+    process = bot()
+    say(telegram, 3502, "/start", QUESTIONS[0][1])
+    say(telegram, 3501, "Привет", QUESTIONS[0][1])  # its dialog was set aside: a new one begins
+    assert process.alive() and "3501" in (data / "state.jsonl.bad").read_text(encoding="utf-8")

@@ -418,3 +418,29 @@ def test_a_refused_message_is_a_failure_and_not_reported_as_accepted(serve):
     with pytest.raises(mailer.MailError) as error:
         mailer.send_lead(serve(Refusing()), LEAD, "4242-1", accepted=lambda: told.append(True))
     assert error.value.kind == "rejected" and told == []
+
+
+def test_leads_csv_resaved_with_the_other_delimiter_while_the_bot_runs(tmp_path):
+    """Excel re-saves the file with "," while the bot runs: /forget still finds the chat, new rows follow ","."""
+    path = tmp_path / "leads.csv"
+    leads = Leads(path, ";")
+    append(leads, make_lead(chat_id=42))
+    append(leads, make_lead(chat_id=43))
+    records = rows(path, ";")
+    with open(path, "w", encoding="utf-8-sig", newline="") as f:
+        csv.writer(f, delimiter=",").writerows(records)
+    assert leads.forget(42) == 1
+    append(leads, make_lead(chat_id=44))
+    assert [row[1] for row in rows(path, ",")] == ["chat_id", "43", "44"]
+    path.write_bytes(b"")  # emptied by hand
+    assert leads.forget(44) == 0
+
+
+def test_forget_on_a_file_with_other_columns_now_fails_instead_of_claiming_it_deleted(tmp_path):
+    path = tmp_path / "leads.csv"
+    leads = Leads(path, ";")
+    append(leads, make_lead(chat_id=42))
+    path.write_bytes(path.read_bytes().replace(b"chat_id", b"chat", 1))  # a column renamed while the bot runs
+    with pytest.raises(OSError):
+        leads.forget(42)
+    assert b"anna@example.com" in path.read_bytes()
