@@ -9,6 +9,7 @@ way to the manager, then the plumbing (the client's words, the Bot API, prompt.t
 import argparse
 import collections
 import contextlib
+import concurrent.futures
 import copy
 import difflib
 import json
@@ -214,11 +215,42 @@ def advance(bot, msg, dialog, step):
 
 
 def save(bot, chat_id, dialog):
+    """The dialog as the chat's next message sees it; written to the journal by flush(), after the replies."""
     dialog["updated_at"] = time.time()
-    bot.journal.save(chat_id, dialog)
-    for item in bot.unconfirmed:  # a lead made by this message is handed on only once the dialog says so
-        confirm(bot, item)
-    bot.unconfirmed.clear()
+    bot.journal.dialogs[chat_id] = dialog
+    bot.saves.append((chat_id, dialog, bot.unconfirmed))  # its lead is handed on only once the dialog says so
+    bot.unconfirmed = []
+
+
+def flush(bot):
+    """Sends the replies of the events just handled, each chat's in order and the chats at once, then writes
+    their dialogs: a crash in between repeats a reply, never loses one. The dispatcher waits for Telegram once
+    a batch, not once a message."""
+    replies, saves, bot.replies, bot.saves = bot.replies, bot.saves, [], []
+    chats = {}
+    for chat_id, text, markup in replies:
+        chats.setdefault(chat_id, []).append((text, markup))
+    failed = dict(zip(chats, bot.senders.map(lambda chat: send_replies(bot, chat, chats[chat]), chats)))
+    for chat_id, dialog, items in saves:
+        bot.journal.save(chat_id, dialog)
+        for item in items:
+            confirm(bot, item)
+    for chat_id, error in failed.items():
+        if isinstance(error, ChatGone):
+            log.info("chat %s blocked the bot; dialog ended", chat_id)
+            with contextlib.suppress(OSError):  # the state file is rewritten with the next dialog that ends
+                end_dialog(bot, chat_id, "blocked")
+        elif error:
+            log.error("replies for chat %s failed (%s)", chat_id, error.reason)
+
+
+def send_replies(bot, chat_id, replies):
+    """A chat's replies in order; the error that stopped them, or None."""
+    try:
+        for text, markup in replies:
+            bot.out.send(chat_id, text, texts=bot.prompt.texts, **markup)
+    except (ChatGone, TelegramError) as e:
+        return e
 
 
 def handle_llm(bot, event):
@@ -274,6 +306,7 @@ def end_dialog(bot, chat_id, why):
     if dialog:
         bot.funnel.record(dialog["id"], why, dialog.get("source", bot.source))
         log.info("dialog finished: chat %s, %s", chat_id, why)
+    flush(bot)  # no dialog saved before is written back after the erase
     bot.journal.erase(chat_id)
 
 
@@ -320,10 +353,16 @@ def run(bot):
     last_cleanup = time.monotonic()
     while not bot.stopping.is_set():
         try:
-            handle_event(bot, bot.inbox.get(timeout=0.05))  # short steps: a stop is noticed at once on any OS
-            bot.inbox.task_done()
+            events = [bot.inbox.get(timeout=0.05)]  # short steps: a stop is noticed at once on any OS
         except queue.Empty:
-            pass
+            events = []
+        while events and len(events) < 100 and not bot.inbox.empty():  # all at hand: their replies go together
+            events.append(bot.inbox.get())
+        for event in events:
+            handle_event(bot, event)
+        flush(bot)
+        for event in events:
+            bot.inbox.task_done()
         if time.monotonic() - last_cleanup > min(60, bot.cfg.session_ttl_hours * 3600):
             drop_idle(bot)
             last_cleanup = time.monotonic()
@@ -341,9 +380,6 @@ def handle_event(bot, event):
             handle_taken(bot, event)
         elif msg := incoming_from(bot, event):
             handle(bot, msg)
-    except ChatGone as gone:
-        log.info("chat %s blocked the bot; dialog ended", gone.args[0])
-        end_dialog(bot, gone.args[0], "blocked")
     except Exception as e:  # noqa: BLE001 - one poisoned update must not block the others
         where = traceback.extract_tb(e.__traceback__)[-1]
         log.error("update failed: %s at %s:%d", type(e).__name__, Path(where.filename).name, where.lineno)
@@ -612,6 +648,7 @@ def recover(bot):
             start_offer(bot, chat_id, dialog)
         elif dialog["waiting"]:
             replay(bot, chat_id)
+    flush(bot)
 
 
 def finish_lead(bot, item):
@@ -622,10 +659,10 @@ def finish_lead(bot, item):
     if dialog and dialog["stage"] != "done":
         log.info("finishing an interrupted lead: chat %s", item["chat_id"])
         text = "not_taken" if untaken else "refused" if not new else "thanks_saved" if "csv" in taken else "thanks_sent"
-        with contextlib.suppress(ChatGone, TelegramError):
-            bot.say(item["chat_id"], bot.text(text), remove_keyboard=not untaken, contact_button=bool(untaken))
+        bot.say(item["chat_id"], bot.text(text), remove_keyboard=not untaken, contact_button=bool(untaken))
+        bot.unconfirmed.append({**item, "untaken": untaken})
         stage = dialog["stage"] if untaken else "done"
-        bot.journal.save(item["chat_id"], {**dialog, "stage": stage, "seen": dialog["seen"] + [item["update_id"]]})
+        return save(bot, item["chat_id"], {**dialog, "stage": stage, "seen": dialog["seen"] + [item["update_id"]]})
     confirm(bot, {**item, "untaken": untaken})
 
 
@@ -1117,6 +1154,7 @@ class Bot:
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
         self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
+        self.replies, self.saves, self.senders = [], [], concurrent.futures.ThreadPoolExecutor(32)
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
@@ -1125,7 +1163,7 @@ class Bot:
         return self.prompt.texts[key]
 
     def say(self, chat_id, text, **markup):
-        self.out.send(chat_id, text, texts=self.prompt.texts, **markup)
+        self.replies.append((chat_id, text, markup))  # sent by flush()
 
 
 def run_telegram(cfg):
@@ -1170,8 +1208,10 @@ def run_console(cfg):
     try:
         while line:  # "" is the end of the input
             handle(bot, Incoming(chat_id=0, text=clean_text(line)))
+            flush(bot)
             while (dialog := bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM writes its offer and notes
                 handle_llm(bot, bot.inbox.get())
+                flush(bot)
             if dialog.get("stage") == "done":
                 break
             print("Вы: ", end="", flush=True)

@@ -82,6 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _HTTPServer(ThreadingHTTPServer):
     # server_close() must not wait for handlers: one may be in the middle of a long poll.
     block_on_close = False
+    request_queue_size = 128  # a real server's backlog: a burst of new connections is not dropped
 
     def __init__(self, address, fake):
         super().__init__(address, _Handler)
@@ -304,6 +305,7 @@ class FakeTelegram(_HTTPFake):
         self._drafts = []  # params of every draft that was accepted
         self.draft_error = None  # (code, description): refuse every sendMessageDraft, like an older Bot API
         self._faults = defaultdict(deque)
+        self._in_flight, self.peak = defaultdict(int), defaultdict(int)  # peak: the most calls of a method at once
         self._blocked = set()
         self._offset = 0
         self._downs = 0
@@ -358,15 +360,21 @@ class FakeTelegram(_HTTPFake):
         with self._cond:
             self._calls.append((method, params))
             fault = self._faults[method].popleft() if self._faults[method] else None
-        if fault and self._apply_fault(fault, handler):
-            return
+            self._in_flight[method] += 1
+            self.peak[method] = max(self.peak[method], self._in_flight[method])
         try:
-            status, payload = 200, {"ok": True, "result": self._methods[method](params)}
-        except _ApiError as error:
-            status, payload = error.code, error.payload
-        except (TypeError, ValueError):
-            status, payload = 400, _api_error(400, "Bad Request: invalid parameter type")
-        _send_json(handler, status, payload)
+            if fault and self._apply_fault(fault, handler):
+                return
+            try:
+                status, payload = 200, {"ok": True, "result": self._methods[method](params)}
+            except _ApiError as error:
+                status, payload = error.code, error.payload
+            except (TypeError, ValueError):
+                status, payload = 400, _api_error(400, "Bad Request: invalid parameter type")
+            _send_json(handler, status, payload)
+        finally:
+            with self._cond:
+                self._in_flight[method] -= 1
 
     def _apply_fault(self, fault, handler):
         """Carry out an injected fault; return True when the request needs no normal answer."""

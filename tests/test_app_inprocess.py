@@ -32,8 +32,10 @@ def make_bot(tmp_path, **settings):
 
 def say(bot, text, update_id=None):
     leadbot.handle(bot, leadbot.Incoming(chat_id=7, text=text, update_id=update_id))
+    leadbot.flush(bot)  # the replies go out, then the dialog is written, as the loop does after each batch
     while not bot.inbox.empty():  # what an LLM job answered, as the loop would hand it on
         leadbot.handle_event(bot, bot.inbox.get())
+        leadbot.flush(bot)
     return bot.out.sent[-1]
 
 
@@ -41,6 +43,7 @@ def settle(bot):
     wait_until(lambda: not bot.journal.dialogs[7]["busy"] or not bot.inbox.empty(), 5)
     while not bot.inbox.empty() or bot.journal.dialogs[7]["busy"]:
         leadbot.handle_event(bot, bot.inbox.get(timeout=5))
+        leadbot.flush(bot)
 
 
 def test_a_returning_client_is_reminded_and_asked_the_open_question_again(tmp_path):

@@ -333,3 +333,18 @@ def test_a_failing_delete_webhook_does_not_stop_the_bot(bot, telegram):
     process = bot(DELETE_WEBHOOK="1")
     say(telegram, 1204, "/start", QUESTIONS[0][1])
     assert "could not delete the webhook (400)" in process.output()
+
+
+def test_a_slow_telegram_does_not_serve_the_chats_of_a_batch_one_after_another(bot, telegram):
+    """Replies to different chats go out at once, each chat's in order: with Telegram 1 s away, three clients
+    who wrote together are not answered one second after another."""
+    bot()
+    telegram.stall("sendMessage", 1.0, times=3)
+    with telegram._cond:  # the three arrive in one getUpdates answer
+        for chat in (3601, 3602, 3603):
+            telegram.send_text(chat, "/start")
+    telegram.wait_for(lambda: all(len(telegram.texts(chat)) == 2 for chat in (3601, 3602, 3603)), 15,
+                      "greeting and first question in each chat")
+    assert telegram.peak["sendMessage"] >= 2
+    assert all(telegram.texts(chat) == [TEXTS["greeting"].replace("{name}", ", Иван"), QUESTIONS[0][1]]
+               for chat in (3601, 3602, 3603))
