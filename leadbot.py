@@ -196,7 +196,7 @@ def dispatch(bot, msg, old):
 def replay(bot, chat_id):
     """Runs the messages that waited for the LLM, oldest first; each leaves the queue with its answer's save."""
     while (old := bot.journal.dialogs.get(chat_id)) and not old["busy"] and old["waiting"]:
-        first, old["waiting"] = old["waiting"][0], old["waiting"][1:]
+        first, old["waiting"] = old["waiting"][0], old["waiting"][1:]  # saves are copies: none sees this early
         dispatch(bot, Incoming(**first), old)
 
 
@@ -218,7 +218,7 @@ def save(bot, chat_id, dialog):
     """The dialog as the chat's next message sees it; written to the journal by flush(), after the replies."""
     dialog["updated_at"] = time.time()
     bot.journal.dialogs[chat_id] = dialog
-    bot.saves.append((chat_id, dialog, bot.unconfirmed))  # its lead is handed on only once the dialog says so
+    bot.saves.append((chat_id, copy.deepcopy(dialog), bot.unconfirmed))  # its lead goes on once this is written
     bot.unconfirmed = []
 
 

@@ -200,3 +200,19 @@ def test_state_entries_of_another_shape_are_set_aside_and_the_bot_starts(bot, bo
     say(telegram, 3502, "/start", QUESTIONS[0][1])
     say(telegram, 3501, "Привет", QUESTIONS[0][1])  # its dialog was set aside: a new one begins
     assert process.alive() and "3501" in (data / "state.jsonl.bad").read_text(encoding="utf-8")
+
+
+def test_a_photo_and_a_phone_sent_while_the_llm_writes_are_answered_in_order(bot, bot_env, telegram, llm):
+    llm.delay = 0.5
+    bot()
+    say(telegram, 3701, "/start", QUESTIONS[0][1])
+    for answer in ANSWERS:
+        telegram.send_text(3701, answer)
+    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
+    telegram.send_media(3701, "photo")
+    telegram.send_text(3701, "+7 999 123-45-67")
+    telegram.wait_for(lambda: THANKS in telegram.texts(3701)[-1], 10, "the thank-you")
+    texts = telegram.texts(3701)
+    photo = texts.index(TEXTS["text_only"])  # after the offer, before the thank-you
+    assert CONTACT_REQUEST in "".join(texts[:photo]) and photo == len(texts) - 2
+    assert len(read_rows(bot_env)) == 1
