@@ -241,7 +241,7 @@ def flush(bot):
             with contextlib.suppress(OSError):  # the state file is rewritten with the next dialog that ends
                 end_dialog(bot, chat_id, "blocked")
         elif error:
-            log.error("replies for chat %s failed (%s)", chat_id, error.reason)
+            log.error("replies for chat %s failed (%s)", chat_id, getattr(error, "reason", type(error).__name__))
 
 
 def send_replies(bot, chat_id, replies):
@@ -249,7 +249,7 @@ def send_replies(bot, chat_id, replies):
     try:
         for text, markup in replies:
             bot.out.send(chat_id, text, texts=bot.prompt.texts, **markup)
-    except (ChatGone, TelegramError) as e:
+    except Exception as e:  # noqa: BLE001 - one chat's failure must not stop the others or the loop
         return e
 
 
