@@ -196,8 +196,8 @@ def dispatch(bot, msg, old):
 def replay(bot, chat_id):
     """Runs the messages that waited for the LLM, oldest first; each leaves the queue with its answer's save."""
     while (old := bot.journal.dialogs.get(chat_id)) and not old["busy"] and old["waiting"]:
-        first, old["waiting"] = old["waiting"][0], old["waiting"][1:]  # saves are copies: none sees this early
-        dispatch(bot, Incoming(**first), old)
+        save(bot, chat_id, {**old, "waiting": old["waiting"][1:]})  # written with its reply, like any save
+        dispatch(bot, Incoming(**old["waiting"][0]), bot.journal.dialogs[chat_id])
 
 
 def advance(bot, msg, dialog, step):
@@ -215,33 +215,43 @@ def advance(bot, msg, dialog, step):
 
 
 def save(bot, chat_id, dialog):
-    """The dialog as the chat's next message sees it; written to the journal by flush(), after the replies."""
+    """Keeps the dialog as the chat's next message sees it; flush() writes it once the replies are out."""
     dialog["updated_at"] = time.time()
-    bot.journal.dialogs[chat_id] = dialog
-    bot.saves.append((chat_id, copy.deepcopy(dialog), bot.unconfirmed))  # its lead goes on once this is written
-    bot.unconfirmed = []
+    before = bot.journal.dialogs.get(chat_id)
+    bot.saves.append((chat_id, copy.deepcopy(dialog), bot.unconfirmed, before))  # its leads go on once written
+    bot.journal.dialogs[chat_id], bot.unconfirmed = dialog, []
 
 
 def flush(bot):
     """Sends the replies of the events just handled, each chat's in order and the chats at once, then writes
-    their dialogs: a crash in between repeats a reply, never loses one. The dispatcher waits for Telegram once
-    a batch, not once a message."""
+    their dialogs: the dispatcher waits for Telegram once a batch, not once a message. A chat whose replies
+    did not go out keeps its dialog as it was, and bot.unsent says so: its update must come again."""
     replies, saves, bot.replies, bot.saves = bot.replies, bot.saves, [], []
     chats = {}
     for chat_id, text, markup in replies:
         chats.setdefault(chat_id, []).append((text, markup))
     failed = dict(zip(chats, bot.senders.map(lambda chat: send_replies(bot, chat, chats[chat]), chats)))
-    for chat_id, dialog, items in saves:
-        bot.journal.save(chat_id, dialog)
-        for item in items:
-            confirm(bot, item)
+    bot.unsent, restore = {chat for chat, error in failed.items() if isinstance(error, TelegramError)}, {}
+    for chat_id, _, _, before in saves:
+        if chat_id in bot.unsent:
+            restore.setdefault(chat_id, before)  # the first `before`: the dialog as it was before these events
+    for chat_id, before in restore.items():  # first, so no rewrite of the state file takes the newer one
+        bot.journal.dialogs[chat_id] = before
+        if before is None:
+            del bot.journal.dialogs[chat_id]
+    for chat_id, dialog, items, _ in saves:
+        if chat_id not in bot.unsent:
+            bot.journal.save(chat_id, dialog, remember=False)  # memory may hold a newer one already
+            for item in items:
+                confirm(bot, item)
     for chat_id, error in failed.items():
         if isinstance(error, ChatGone):
             log.info("chat %s blocked the bot; dialog ended", chat_id)
             with contextlib.suppress(OSError):  # the state file is rewritten with the next dialog that ends
                 end_dialog(bot, chat_id, "blocked")
         elif error:
-            log.error("replies for chat %s failed (%s)", chat_id, getattr(error, "reason", type(error).__name__))
+            log.error("replies for chat %s failed (%s)%s", chat_id, getattr(error, "reason", type(error).__name__),
+                      "; its messages come again" if chat_id in bot.unsent else "")
 
 
 def send_replies(bot, chat_id, replies):
@@ -306,7 +316,9 @@ def end_dialog(bot, chat_id, why):
     if dialog:
         bot.funnel.record(dialog["id"], why, dialog.get("source", bot.source))
         log.info("dialog finished: chat %s, %s", chat_id, why)
-    flush(bot)  # no dialog saved before is written back after the erase
+    for _, _, items, _ in [save for save in bot.saves if save[0] == chat_id]:
+        bot.unconfirmed += items  # its leads go on with the next save; /forget drops them first
+    bot.saves = [save for save in bot.saves if save[0] != chat_id]  # an erased dialog is not written back
     bot.journal.erase(chat_id)
 
 
@@ -361,6 +373,8 @@ def run(bot):
         for event in events:
             handle_event(bot, event)
         flush(bot)
+        if bot.unsent and (ids := [event["update_id"] for event in events if isinstance(event, dict)]):
+            bot.offset = min(ids)  # Telegram sends them again; those handled are known by their dialogs' `seen`
         for event in events:
             bot.inbox.task_done()
         if time.monotonic() - last_cleanup > min(60, bot.cfg.session_ttl_hours * 3600):
@@ -786,7 +800,8 @@ class Telegram:
             return body.get("result")
         body = body if isinstance(body, dict) else {}
         retry_after = (body.get("parameters") or {}).get("retry_after")
-        raise TelegramError(body.get("error_code") or response.status_code, str(body.get("description", "")),
+        code = body.get("error_code")
+        raise TelegramError(code if type(code) is int and code else response.status_code, str(body.get("description", "")),
                             retry_after if isinstance(retry_after, (int, float)) else None)
 
     def call_patiently(self, method, **params):
@@ -1154,7 +1169,7 @@ class Bot:
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
         self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
-        self.replies, self.saves, self.senders = [], [], concurrent.futures.ThreadPoolExecutor(32)
+        self.replies, self.saves, self.unsent, self.senders = [], [], set(), concurrent.futures.ThreadPoolExecutor(32)
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])

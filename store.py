@@ -229,10 +229,12 @@ class Journal:
         else:
             self.dialogs[chat] = dialog
 
-    def save(self, chat_id, dialog: dict | None) -> None:
-        """Record the dialog of a chat (None deletes it); a write failure is logged and mended by the next save."""
+    def save(self, chat_id, dialog: dict | None, remember=True) -> None:
+        """Record the dialog of a chat (None deletes it), in .dialogs too unless remember is False (the caller keeps
+        a newer one there); a write failure is logged and mended by the next save."""
         with self._lock:
-            self._set(chat_id, dialog)
+            if remember:
+                self._set(chat_id, dialog)
             if self.path is None:
                 return
             try:

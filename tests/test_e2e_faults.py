@@ -348,3 +348,28 @@ def test_a_slow_telegram_does_not_serve_the_chats_of_a_batch_one_after_another(b
     assert telegram.peak["sendMessage"] >= 2
     assert all(telegram.texts(chat) == [TEXTS["greeting"].replace("{name}", ", Иван"), QUESTIONS[0][1]]
                for chat in (3601, 3602, 3603))
+
+
+def test_a_reply_telegram_never_took_before_sigterm_is_sent_after_the_restart(bot, bot_env, telegram):
+    process = bot(RETRY_BASE_SECONDS="1", RETRY_MAX_SECONDS="2")
+    say(telegram, 3801, "/start", QUESTIONS[0][1])
+    telegram.fail("sendMessage", 502, "Bad Gateway", times=1000)
+    telegram.send_text(3801, ANSWERS[0])
+    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 3, 10, "the next question failing")
+    process.terminate()
+    assert process.wait(5) == 0
+    assert saved_dialogs(bot_env["DATA_DIR"])[3801]["answers"] == []  # as if the answer had not come yet
+    with telegram._cond:
+        telegram._faults.clear()
+    bot()
+    telegram.wait_for(lambda: QUESTIONS[1][1] in telegram.texts(3801), 10, "the next question after the restart")
+    say(telegram, 3801, ANSWERS[1], QUESTIONS[2][1])
+    wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[3801]["answers"] == ANSWERS[:2], 5)  # once, in order
+
+
+def test_an_error_answer_with_a_text_error_code_is_a_failure_not_a_crash(bot, telegram):
+    process = bot()
+    telegram.fail("sendMessage", "429", "Too Many Requests")  # a proxy may send the code as text
+    telegram.send_text(3802, "/start")
+    say(telegram, 3803, "/start", QUESTIONS[0][1])
+    assert process.alive()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fakes import (ANSWERS, CONTACT_REQUEST, QUESTIONS, TEXTS, copy_app, reach_contact_step, read_rows, run_bot, say,
-                   start_bot, wait_until)
+                   saved_dialogs, start_bot, wait_until)
 
 THANKS = "Спасибо"
 
@@ -216,3 +216,26 @@ def test_a_photo_and_a_phone_sent_while_the_llm_writes_are_answered_in_order(bot
     photo = texts.index(TEXTS["text_only"])  # after the offer, before the thank-you
     assert CONTACT_REQUEST in "".join(texts[:photo]) and photo == len(texts) - 2
     assert len(read_rows(bot_env)) == 1
+
+
+def test_a_photo_replayed_after_the_llm_wrote_is_not_answered_again_after_a_restart(bot, bot_env, telegram, llm):
+    llm.delay = 0.5
+    bot()
+    say(telegram, 3702, "/start", QUESTIONS[0][1])
+    for answer in ANSWERS:
+        telegram.send_text(3702, answer)
+    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
+    telegram.send_media(3702, "photo")
+    telegram.wait_for(lambda: TEXTS["text_only"] in telegram.texts(3702), 10, "the photo answered")
+    wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[3702]["waiting"] == [], 5)
+
+
+def test_a_contact_and_forget_in_one_batch_leave_no_row_and_send_no_email(bot, bot_env, telegram, smtp):
+    process = bot()
+    reach_contact_step(telegram, 3703)
+    with telegram._cond:  # one getUpdates answer
+        telegram.send_text(3703, "+7 999 111-22-33")
+        telegram.send_text(3703, "/forget")
+    telegram.wait_for(lambda: TEXTS["forgotten"] in telegram.texts(3703), 10, "«удалены»")
+    say(telegram, 3704, "/start", QUESTIONS[0][1])  # a later batch: the delivery thread had its chance
+    assert read_rows(bot_env) == [] and smtp.messages == [] and "111-22-33" not in process.output()
