@@ -225,13 +225,16 @@ def save(bot, chat_id, dialog):
 def flush(bot):
     """Sends the replies of the events just handled, each chat's in order and the chats at once, then writes
     their dialogs: the dispatcher waits for Telegram once a batch, not once a message. A chat whose replies
-    did not go out keeps its dialog as it was, and bot.unsent says so: its update must come again."""
+    did not go out before a stop keeps its dialog as it was, and bot.unsent says so: its updates must come
+    again."""
     replies, saves, bot.replies, bot.saves = bot.replies, bot.saves, [], []
     chats = {}
     for chat_id, text, markup in replies:
         chats.setdefault(chat_id, []).append((text, markup))
     failed = dict(zip(chats, bot.senders.map(lambda chat: send_replies(bot, chat, chats[chat]), chats)))
-    bot.unsent, restore = {chat for chat, error in failed.items() if isinstance(error, TelegramError)}, {}
+    # Only a stop ends call_patiently's retries: such a chat's updates come again after the restart.
+    stopped = {chat for chat, error in failed.items() if isinstance(error, TelegramError) and bot.stopping.is_set()}
+    bot.unsent, restore = stopped, {}
     for chat_id, _, _, before in saves:
         if chat_id in bot.unsent:
             restore.setdefault(chat_id, before)  # the first `before`: the dialog as it was before these events
@@ -374,7 +377,7 @@ def run(bot):
             handle_event(bot, event)
         flush(bot)
         if bot.unsent and (ids := [event["update_id"] for event in events if isinstance(event, dict)]):
-            bot.offset = min(ids)  # Telegram sends them again; those handled are known by their dialogs' `seen`
+            bot.offset = ids[0]  # Telegram sends them again; those handled are known by their dialogs' `seen`
         for event in events:
             bot.inbox.task_done()
         if time.monotonic() - last_cleanup > min(60, bot.cfg.session_ttl_hours * 3600):
