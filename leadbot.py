@@ -678,8 +678,9 @@ def finish_lead(bot, item):
         text = "not_taken" if untaken else "refused" if not new else "thanks_saved" if "csv" in taken else "thanks_sent"
         bot.say(item["chat_id"], bot.text(text), remove_keyboard=not untaken, contact_button=bool(untaken))
         bot.unconfirmed.append({**item, "untaken": untaken})
-        stage = dialog["stage"] if untaken else "done"
-        return save(bot, item["chat_id"], {**dialog, "stage": stage, "seen": dialog["seen"] + [item["update_id"]]})
+        waiting = [msg for msg in dialog["waiting"] if msg["update_id"] != item["update_id"]]  # it is this lead
+        return save(bot, item["chat_id"], {**dialog, "stage": dialog["stage"] if untaken else "done",
+                                           "seen": dialog["seen"] + [item["update_id"]], "waiting": waiting})
     confirm(bot, {**item, "untaken": untaken})
 
 

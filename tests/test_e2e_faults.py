@@ -1,11 +1,12 @@
 """Telegram, network and LLM faults, restarts and signals, against the real bot process."""
 import re
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fakes import ANSWERS, CONTACT_REQUEST, reach_contact_step, run_bot, saved_dialogs, say, wait_until
+from fakes import ANSWERS, CONTACT_REQUEST, reach_contact_step, read_rows, run_bot, saved_dialogs, say, wait_until
 from fakes import QUESTIONS, SUMMARY_PROMPT, TEXTS
 
 GREETING = "Здравствуйте"
@@ -373,3 +374,34 @@ def test_an_error_answer_with_a_text_error_code_is_a_failure_not_a_crash(bot, te
     telegram.send_text(3802, "/start")
     say(telegram, 3803, "/start", QUESTIONS[0][1])
     assert process.alive()
+
+
+def test_a_contact_replayed_after_the_notes_whose_thanks_a_stop_cut_off_is_thanked_once(
+        bot, bot_env, telegram, llm, smtp):
+    notes_may_come = threading.Event()
+
+    def reply(request):
+        if request["messages"][0]["content"] == SUMMARY_PROMPT:
+            notes_may_come.wait(10)
+        return llm.reply
+    llm.reply_fn = reply
+    process = bot(RETRY_BASE_SECONDS="1")
+    reach_contact_step(telegram, 3901)
+    telegram.send_text(3901, "+7 999 123-45-67")  # waits for the notes
+    wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"]).get(3901, {}).get("waiting"), 5)
+    telegram.fail("sendMessage", 502, "Bad Gateway", times=1000)
+    sent = len(telegram.calls("sendMessage"))
+    notes_may_come.set()
+    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) > sent, 10, "the thank-you tried")
+    process.terminate()
+    assert process.wait(5) == 0
+    with telegram._cond:
+        telegram._faults.clear()
+    before = len(telegram.texts(3901))
+    bot()
+    telegram.wait_for(lambda: len(telegram.texts(3901)) > before, 10, "the thank-you after the restart")
+    wait_until(lambda: not saved_dialogs(bot_env["DATA_DIR"])[3901]["busy"], 10)  # the notes came again
+    say(telegram, 3902, "/start", QUESTIONS[0][1])  # a later batch: all the restart did is done
+    after = telegram.texts(3901)[before:]
+    assert len(after) == 1 and "Спасибо" in after[0]  # not a new dialog for the phone already taken
+    assert len(read_rows(bot_env)) == 1 and len(smtp.messages) == 1
