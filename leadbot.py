@@ -169,6 +169,7 @@ def handle(bot, msg):
         return  # Telegram sent it again after a crash
     if not within_rate(bot, msg.chat_id) and not (msg.shared or find_contacts(msg.text)):
         return
+    bot.batch.setdefault(msg.chat_id, []).append(msg)  # kept to run again if its replies never go out
     if old and old["busy"] and command_of(msg.text) not in ("start", *COMMANDS):
         # the LLM is writing for this chat: its messages wait their turn, in order (commands do not wait)
         waiting = old["waiting"][-19:] + [msg._asdict()]
@@ -225,25 +226,26 @@ def save(bot, chat_id, dialog):
 def flush(bot):
     """Sends the replies of the events just handled, each chat's in order and the chats at once, then writes
     their dialogs: the dispatcher waits for Telegram once a batch, not once a message. A chat whose replies
-    did not go out before a stop keeps its dialog as it was, and bot.unsent says so: its updates must come
-    again."""
-    replies, saves, bot.replies, bot.saves = bot.replies, bot.saves, [], []
+    had not gone out when the bot was stopped keeps its dialog as it was, with its messages waiting in it
+    to be run again at the next start."""
+    replies, saves, batch, bot.replies, bot.saves, bot.batch = bot.replies, bot.saves, bot.batch, [], [], {}
     chats = {}
     for chat_id, text, markup in replies:
         chats.setdefault(chat_id, []).append((text, markup))
     failed = dict(zip(chats, bot.senders.map(lambda chat: send_replies(bot, chat, chats[chat]), chats)))
-    # Only a stop ends call_patiently's retries: such a chat's updates come again after the restart.
-    stopped = {chat for chat, error in failed.items() if isinstance(error, TelegramError) and bot.stopping.is_set()}
-    bot.unsent, restore = stopped, {}
+    # Only a stop ends call_patiently's retries: such a chat's messages run again at the next start.
+    unsent = {chat for chat, error in failed.items() if isinstance(error, TelegramError) and bot.stopping.is_set()}
+    restore = {}
     for chat_id, _, _, before in saves:
-        if chat_id in bot.unsent:
+        if chat_id in unsent:
             restore.setdefault(chat_id, before)  # the first `before`: the dialog as it was before these events
-    for chat_id, before in restore.items():  # first, so no rewrite of the state file takes the newer one
-        bot.journal.dialogs[chat_id] = before
-        if before is None:
-            del bot.journal.dialogs[chat_id]
+    for chat_id in unsent:
+        kept = restore.get(chat_id, bot.journal.dialogs.get(chat_id)) or new_dialog(chat_id, "", bot.source)
+        queued = [msg._asdict() for msg in batch.get(chat_id, [])]
+        bot.journal.save(chat_id, {**kept, "waiting": kept["waiting"] + queued,
+                                   "seen": kept["seen"][-19:] + [msg["update_id"] for msg in queued]})
     for chat_id, dialog, items, _ in saves:
-        if chat_id not in bot.unsent:
+        if chat_id not in unsent:
             bot.journal.save(chat_id, dialog, remember=False)  # memory may hold a newer one already
             for item in items:
                 confirm(bot, item)
@@ -254,7 +256,7 @@ def flush(bot):
                 end_dialog(bot, chat_id, "blocked")
         elif error:
             log.error("replies for chat %s failed (%s)%s", chat_id, getattr(error, "reason", type(error).__name__),
-                      "; its messages come again" if chat_id in bot.unsent else "")
+                      "; its messages run again at the next start" if chat_id in unsent else "")
 
 
 def send_replies(bot, chat_id, replies):
@@ -376,8 +378,6 @@ def run(bot):
         for event in events:
             handle_event(bot, event)
         flush(bot)
-        if bot.unsent and (ids := [event["update_id"] for event in events if isinstance(event, dict)]):
-            bot.offset = ids[0]  # Telegram sends them again; those handled are known by their dialogs' `seen`
         for event in events:
             bot.inbox.task_done()
         if time.monotonic() - last_cleanup > min(60, bot.cfg.session_ttl_hours * 3600):
@@ -1173,7 +1173,7 @@ class Bot:
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
         self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
-        self.replies, self.saves, self.unsent, self.senders = [], [], set(), concurrent.futures.ThreadPoolExecutor(32)
+        self.replies, self.saves, self.batch, self.senders = [], [], {}, concurrent.futures.ThreadPoolExecutor(32)
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
@@ -1187,9 +1187,10 @@ class Bot:
 
 def run_telegram(cfg):
     """Start-up with Telegram (the token, DELETE_WEBHOOK=1, the command menu), then the loop until it stops."""
-    bot = Bot(cfg, Telegram(cfg, threading.Event()), "telegram")
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: bot.stopping.set())
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before anything else: a stop during start-up is clean too
+        signal.signal(signum, lambda *_: stopping.set())
+    bot = Bot(cfg, Telegram(cfg, stopping), "telegram")
     try:
         me = bot.out.call_patiently("getMe")
     except TelegramError:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import fakes
 from fakes import ANSWERS, CONTACT_REQUEST, reach_contact_step, read_rows, run_bot, saved_dialogs, say, wait_until
 from fakes import QUESTIONS, SUMMARY_PROMPT, TEXTS
 
@@ -404,4 +405,35 @@ def test_a_contact_replayed_after_the_notes_whose_thanks_a_stop_cut_off_is_thank
     say(telegram, 3902, "/start", QUESTIONS[0][1])  # a later batch: all the restart did is done
     after = telegram.texts(3901)[before:]
     assert len(after) == 1 and "Спасибо" in after[0]  # not a new dialog for the phone already taken
+    wait_until(lambda: smtp.messages, 10)  # the delivery thread's
+    say(telegram, 3902, "Сайт", QUESTIONS[1][1])
     assert len(read_rows(bot_env)) == 1 and len(smtp.messages) == 1
+
+
+def test_a_stop_while_one_chat_goes_unanswered_runs_only_that_chats_messages_again(bot, bot_env, telegram):
+    """Chat 3952's replies get 502 until the bot is stopped; chat 3951 in the same batch is answered and starts
+    over. After the restart 3952's answer is run again, and nothing of 3951's."""
+    process = bot(RETRY_BASE_SECONDS="1")
+    say(telegram, 3951, "/start", QUESTIONS[0][1])
+    say(telegram, 3952, "/start", QUESTIONS[0][1])
+    send = telegram._methods["sendMessage"]
+
+    def refuse_3952(params):
+        if int(params["chat_id"]) == 3952:
+            raise fakes._ApiError(502, "Bad Gateway")
+        return send(params)
+    telegram._methods["sendMessage"] = refuse_3952
+    with telegram._cond:  # one getUpdates answer
+        telegram.send_text(3951, ANSWERS[0])
+        telegram.send_text(3951, "/start")
+        telegram.send_text(3952, ANSWERS[0])
+    telegram.wait_for(lambda: telegram.texts(3951)[-1] == QUESTIONS[0][1] and len(telegram.texts(3951)) == 5, 10,
+                      "3951 answered and greeted anew")
+    process.terminate()
+    assert process.wait(5) == 0
+    telegram._methods["sendMessage"] = send
+    bot()
+    telegram.wait_for(lambda: QUESTIONS[1][1] in telegram.texts(3952), 10, "3952's answer run again")
+    say(telegram, 3953, "/start", QUESTIONS[0][1])  # a later batch
+    assert len(telegram.texts(3951)) == 5  # nothing of 3951's came again
+    wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[3952]["answers"] == ANSWERS[:1], 5)
