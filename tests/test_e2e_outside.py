@@ -202,14 +202,19 @@ def test_state_entries_of_another_shape_are_set_aside_and_the_bot_starts(bot, bo
     assert process.alive() and "3501" in (data / "state.jsonl.bad").read_text(encoding="utf-8")
 
 
-def test_a_photo_and_a_phone_sent_while_the_llm_writes_are_answered_in_order(bot, bot_env, telegram, llm):
+def photo_while_the_llm_writes(bot, telegram, llm, chat_id):
+    """The last answer, then a photo while the LLM writes the offer (0.5 s)."""
     llm.delay = 0.5
     bot()
-    say(telegram, 3701, "/start", QUESTIONS[0][1])
+    say(telegram, chat_id, "/start", QUESTIONS[0][1])
     for answer in ANSWERS:
-        telegram.send_text(3701, answer)
+        telegram.send_text(chat_id, answer)
     telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
-    telegram.send_media(3701, "photo")
+    telegram.send_media(chat_id, "photo")
+
+
+def test_a_photo_and_a_phone_sent_while_the_llm_writes_are_answered_in_order(bot, bot_env, telegram, llm):
+    photo_while_the_llm_writes(bot, telegram, llm, 3701)
     telegram.send_text(3701, "+7 999 123-45-67")
     telegram.wait_for(lambda: THANKS in telegram.texts(3701)[-1], 10, "the thank-you")
     texts = telegram.texts(3701)
@@ -219,13 +224,7 @@ def test_a_photo_and_a_phone_sent_while_the_llm_writes_are_answered_in_order(bot
 
 
 def test_a_photo_replayed_after_the_llm_wrote_is_not_answered_again_after_a_restart(bot, bot_env, telegram, llm):
-    llm.delay = 0.5
-    bot()
-    say(telegram, 3702, "/start", QUESTIONS[0][1])
-    for answer in ANSWERS:
-        telegram.send_text(3702, answer)
-    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
-    telegram.send_media(3702, "photo")
+    photo_while_the_llm_writes(bot, telegram, llm, 3702)
     telegram.wait_for(lambda: TEXTS["text_only"] in telegram.texts(3702), 10, "the photo answered")
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[3702]["waiting"] == [], 5)
 
