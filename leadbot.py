@@ -240,10 +240,14 @@ def flush(bot):
         if chat_id in unsent:
             restore.setdefault(chat_id, before)  # the first `before`: the dialog as it was before these events
     for chat_id in unsent:
-        kept = restore.get(chat_id, bot.journal.dialogs.get(chat_id)) or new_dialog(chat_id, "", bot.source)
-        queued = [msg._asdict() for msg in batch.get(chat_id, [])]
-        bot.journal.save(chat_id, {**kept, "waiting": kept["waiting"] + queued,
-                                   "seen": kept["seen"][-19:] + [msg["update_id"] for msg in queued]})
+        kept = restore[chat_id] if chat_id in restore else bot.journal.dialogs.get(chat_id)
+        queued = [msg._asdict() for msg in batch.get(chat_id, [])]  # those after a /cancel or /forget only
+        if kept or queued:
+            kept = kept or new_dialog(chat_id, "", bot.source)
+            bot.journal.save(chat_id, {**kept, "waiting": kept["waiting"] + queued,
+                                       "seen": kept["seen"][-19:] + [msg["update_id"] for msg in queued]})
+        else:
+            bot.journal.save(chat_id, None)
     for chat_id, dialog, items, _ in saves:
         if chat_id not in unsent:
             bot.journal.save(chat_id, dialog, remember=False)  # memory may hold a newer one already
@@ -324,6 +328,7 @@ def end_dialog(bot, chat_id, why):
     for _, _, items, _ in [save for save in bot.saves if save[0] == chat_id]:
         bot.unconfirmed += items  # its leads go on with the next save; /forget drops them first
     bot.saves = [save for save in bot.saves if save[0] != chat_id]  # an erased dialog is not written back
+    bot.batch.pop(chat_id, None)  # nor are the messages before the erase run again after a stop
     bot.journal.erase(chat_id)
 
 

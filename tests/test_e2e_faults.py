@@ -437,3 +437,30 @@ def test_a_stop_while_one_chat_goes_unanswered_runs_only_that_chats_messages_aga
     say(telegram, 3953, "/start", QUESTIONS[0][1])  # a later batch
     assert len(telegram.texts(3951)) == 5  # nothing of 3951's came again
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[3952]["answers"] == ANSWERS[:1], 5)
+
+
+def test_a_stop_cutting_off_the_reply_after_forget_keeps_nothing_from_before_it(bot, bot_env, telegram):
+    """In one batch a client answers, sends /forget, then writes anew; the greeting for the new message gets 502
+    until the bot is stopped. State keeps nothing of the forgotten answer, and the new message is run after."""
+    process = bot(RETRY_BASE_SECONDS="1")
+    say(telegram, 3961, "/start", QUESTIONS[0][1])
+    send = telegram._methods["sendMessage"]
+
+    def refuse_greeting(params):
+        if int(params["chat_id"]) == 3961 and params["text"].startswith("Здравствуйте"):
+            raise fakes._ApiError(502, "Bad Gateway")
+        return send(params)
+    telegram._methods["sendMessage"] = refuse_greeting
+    with telegram._cond:  # one getUpdates answer
+        telegram.send_text(3961, "Сайт для кафе, звоните +7 999 555-44-33")
+        telegram.send_text(3961, "/forget")
+        telegram.send_text(3961, "Другой вопрос: нужен логотип")
+    telegram.wait_for(lambda: TEXTS["forgotten"] in telegram.texts(3961), 10, "«удалены»")
+    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 6, 10, "the greeting refused")
+    process.terminate()
+    assert process.wait(5) == 0
+    assert "555-44-33" not in (Path(bot_env["DATA_DIR"]) / "state.jsonl").read_text(encoding="utf-8")
+    telegram._methods["sendMessage"] = send
+    bot()
+    telegram.wait_for(lambda: telegram.texts(3961)[-1] == QUESTIONS[0][1], 10, "the new message answered")
+    assert telegram.texts(3961).count(TEXTS["forgotten"]) == 1
