@@ -173,7 +173,7 @@ def handle(bot, msg):
     if old and old["busy"] and command_of(msg.text) not in ("start", *COMMANDS):
         # the LLM is writing for this chat: its messages wait their turn, in order (commands do not wait)
         waiting = old["waiting"][-19:] + [msg._asdict()]
-        return save(bot, msg.chat_id, {**old, "waiting": waiting, "seen": old["seen"][-19:] + [msg.update_id]})
+        return save(bot, msg.chat_id, {**old, "waiting": waiting, "seen": seen_with(old, msg.update_id)})
     dispatch(bot, msg, old)
 
 
@@ -210,9 +210,13 @@ def advance(bot, msg, dialog, step):
     if dialog["stage"] != before:
         log.info("stage changed: chat %s, %s -> %s", msg.chat_id, before, dialog["stage"])
         bot.funnel.record(dialog["id"], "stage", bot.source, stage=dialog["stage"])
-    if msg.update_id is not None:
-        dialog["seen"] = dialog["seen"][-19:] + [msg.update_id]
+    dialog["seen"] = seen_with(dialog, msg.update_id)
     save(bot, msg.chat_id, dialog)
+
+
+def seen_with(dialog, *update_ids):
+    """The dialog's last 20 update ids with these: enough to know a message Telegram sends again."""
+    return (dialog["seen"] + [update_id for update_id in update_ids if update_id is not None])[-20:]
 
 
 def save(bot, chat_id, dialog):
@@ -245,7 +249,7 @@ def flush(bot):
         if kept or queued:
             kept = kept or new_dialog(chat_id, "", bot.source)
             bot.journal.save(chat_id, {**kept, "waiting": kept["waiting"] + queued,
-                                       "seen": kept["seen"][-19:] + [msg["update_id"] for msg in queued]})
+                                       "seen": seen_with(kept, *(msg["update_id"] for msg in queued))})
         else:
             bot.journal.save(chat_id, None)
     for chat_id, dialog, items, _ in saves:
@@ -685,7 +689,7 @@ def finish_lead(bot, item):
         bot.unconfirmed.append({**item, "untaken": untaken})
         waiting = [msg for msg in dialog["waiting"] if msg["update_id"] != item["update_id"]]  # it is this lead
         return save(bot, item["chat_id"], {**dialog, "stage": dialog["stage"] if untaken else "done",
-                                           "seen": dialog["seen"] + [item["update_id"]], "waiting": waiting})
+                                           "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
     confirm(bot, {**item, "untaken": untaken})
 
 
@@ -810,7 +814,8 @@ class Telegram:
         body = body if isinstance(body, dict) else {}
         retry_after = (body.get("parameters") or {}).get("retry_after")
         code = body.get("error_code")
-        raise TelegramError(code if type(code) is int and code else response.status_code, str(body.get("description", "")),
+        code = code if type(code) is int and code else response.status_code  # a proxy may send it as text
+        raise TelegramError(code, str(body.get("description", "")),
                             retry_after if isinstance(retry_after, (int, float)) else None)
 
     def call_patiently(self, method, **params):
