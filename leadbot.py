@@ -515,12 +515,14 @@ class Draft:
 
     def __init__(self, bot, chat_id, dialog_id):
         self.bot, self.chat_id, self.dialog_id, self.id = bot, chat_id, dialog_id, random.randint(1, 2**31 - 1)
-        self.live, self.last = threading.Event(), 0.0
+        self.live, self.last, self.words_since = threading.Event(), 0.0, None
 
     def show(self, text):
         now = time.monotonic()
         gone = (self.bot.journal.dialogs.get(self.chat_id) or {}).get("id") != self.dialog_id  # /cancel, /start
-        if now - self.last < 0.5 or now < self.bot.drafts_off_until or gone:
+        self.words_since = self.words_since or (now if text else None)
+        # An answer that arrives all at once within 0.1 s goes out as the message alone, not after a draft of it.
+        if now - self.last < 0.5 or now < self.bot.drafts_off_until or gone or text and now - self.words_since < 0.1:
             return
         self.last = now
         try:

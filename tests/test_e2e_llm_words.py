@@ -19,7 +19,7 @@ def offer_of(telegram, chat_id):
 
 
 def test_the_recommendation_grows_as_a_draft_and_ends_as_one_message(bot, telegram, llm):
-    llm.reply, llm.chunk_delay = OFFER, 0.12  # 0.72 s from the first words to the last: two drafts at least
+    llm.reply, llm.chunk_delay = OFFER, 0.15  # 0.9 s from the first words to the last: two drafts at least
     bot()
     reach_contact_step(telegram, 1201)
     drafts = [d["text"] for d in telegram.drafts(1201)]
@@ -51,7 +51,7 @@ def test_reasoning_reaches_no_client_no_file_no_manager_and_no_log(bot, bot_env,
 
 def test_refused_drafts_fall_back_to_one_message_and_the_dialog_completes(bot, bot_env, telegram, llm):
     telegram.draft_error = (400, "Bad Request: method not found")
-    llm.reply, llm.chunk_delay = OFFER, 0.01
+    llm.reply, llm.chunk_delay = OFFER, 0.05  # long enough for a draft
     bot()
     reach_contact_step(telegram, 1203)
     assert offer_of(telegram, 1203) == OFFER
@@ -59,6 +59,15 @@ def test_refused_drafts_fall_back_to_one_message_and_the_dialog_completes(bot, b
     wait_until(lambda: read_rows(bot_env))
     reach_contact_step(telegram, 1204)  # drafts are not tried again for a while
     assert len(telegram.calls("sendMessageDraft")) == 1
+
+
+def test_an_answer_that_arrives_all_at_once_is_sent_without_a_draft_before_it(bot, telegram, llm):
+    # A draft of the whole answer would only delay the message (one more call to Telegram before it).
+    llm.reply = OFFER
+    bot()
+    reach_contact_step(telegram, 1210)
+    assert offer_of(telegram, 1210) == OFFER
+    assert not telegram.drafts(1210)
 
 
 def test_a_server_that_does_not_stream_still_gives_the_offer(bot, telegram, llm):
