@@ -195,10 +195,14 @@ def dispatch(bot, msg, old):
 
 
 def replay(bot, chat_id):
-    """Runs the messages that waited for the LLM, oldest first; each leaves the queue with its answer's save."""
+    """Runs the messages that waited for the LLM, oldest first, texts in a row as one message: details a client
+    added while the LLM wrote get one answer, not one each. Each leaves the queue with its answer's save."""
     while (old := bot.journal.dialogs.get(chat_id)) and not old["busy"] and old["waiting"]:
-        save(bot, chat_id, {**old, "waiting": old["waiting"][1:]})  # written with its reply, like any save
-        dispatch(bot, Incoming(**old["waiting"][0]), bot.journal.dialogs[chat_id])
+        msgs = [Incoming(**msg) for msg in old["waiting"]]
+        texts = next((i for i, msg in enumerate(msgs) if not msg.text or command_of(msg.text)), len(msgs)) or 1
+        joined = msgs[texts - 1]._replace(text="\n".join(msg.text for msg in msgs[:texts]))
+        save(bot, chat_id, {**old, "waiting": old["waiting"][texts:]})  # written with its reply, like any save
+        dispatch(bot, joined, bot.journal.dialogs[chat_id])
 
 
 def advance(bot, msg, dialog, step):
@@ -689,7 +693,8 @@ def finish_lead(bot, item):
         text = "not_taken" if untaken else "refused" if not new else "thanks_saved" if "csv" in taken else "thanks_sent"
         bot.say(item["chat_id"], bot.text(text), remove_keyboard=not untaken, contact_button=bool(untaken))
         bot.unconfirmed.append({**item, "untaken": untaken})
-        waiting = [msg for msg in dialog["waiting"] if msg["update_id"] != item["update_id"]]  # it is this lead
+        ids = [msg["update_id"] for msg in dialog["waiting"]]  # the lead's message and those joined to it are done
+        waiting = dialog["waiting"][ids.index(item["update_id"]) + 1:] if item["update_id"] in ids else dialog["waiting"]
         return save(bot, item["chat_id"], {**dialog, "stage": dialog["stage"] if untaken else "done",
                                            "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
     confirm(bot, {**item, "untaken": untaken})

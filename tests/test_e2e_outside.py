@@ -238,3 +238,27 @@ def test_a_contact_and_forget_in_one_batch_leave_no_row_and_send_no_email(bot, b
     telegram.wait_for(lambda: TEXTS["forgotten"] in telegram.texts(3703), 10, "«удалены»")
     say(telegram, 3704, "/start", QUESTIONS[0][1])  # a later batch: the delivery thread had its chance
     assert read_rows(bot_env) == [] and smtp.messages == [] and "111-22-33" not in process.output()
+
+
+def test_details_added_while_the_llm_writes_get_one_answer_not_one_each(bot, bot_env, telegram, llm):
+    llm.delay = 0.5
+    bot()
+    say(telegram, 3801, "/start", QUESTIONS[0][1])
+    for answer in ANSWERS:
+        telegram.send_text(3801, answer)
+    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
+    telegram.send_text(3801, "ещё нужна доставка")
+    telegram.send_text(3801, "и оплата картой")
+    telegram.wait_for(lambda: TEXTS["contact_format"] in telegram.texts(3801)[-2], 10, "the answer to the details")
+    wait_until(lambda: not saved_dialogs(bot_env["DATA_DIR"])[3801]["waiting"], 5)
+    assert telegram.texts(3801).count(TEXTS["contact_format"]) == 1
+    # The contact written with more details while the LLM wrote: one lead, one thank-you, no «контакт не найден».
+    say(telegram, 3802, "/start", QUESTIONS[0][1])
+    for answer in ANSWERS:
+        telegram.send_text(3802, answer)
+    telegram.wait_for(lambda: len(llm.requests) >= 3, 10, "the LLM asked for the second offer")
+    telegram.send_text(3802, "звоните после обеда")
+    telegram.send_text(3802, "+7 999 123-45-67")
+    telegram.wait_for(lambda: THANKS in telegram.texts(3802)[-1], 10, "the thank-you")
+    assert TEXTS["contact_format"] not in telegram.texts(3802)
+    assert [row["contact"].lstrip("'") for row in read_rows(bot_env)] == ["+7 999 123-45-67"]
