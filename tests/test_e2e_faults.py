@@ -377,8 +377,9 @@ def test_an_error_answer_with_a_text_error_code_is_a_failure_not_a_crash(bot, te
     assert process.alive()
 
 
+@pytest.mark.parametrize("details", [[], ["звоните после обеда"]])  # joined to the phone when replayed
 def test_a_contact_replayed_after_the_notes_whose_thanks_a_stop_cut_off_is_thanked_once(
-        bot, bot_env, telegram, llm, smtp):
+        bot, bot_env, telegram, llm, smtp, details):
     notes_may_come = threading.Event()
 
     def reply(request):
@@ -388,8 +389,9 @@ def test_a_contact_replayed_after_the_notes_whose_thanks_a_stop_cut_off_is_thank
     llm.reply_fn = reply
     process = bot(RETRY_BASE_SECONDS="1")
     reach_contact_step(telegram, 3901)
-    telegram.send_text(3901, "+7 999 123-45-67")  # waits for the notes
-    wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"]).get(3901, {}).get("waiting"), 5)
+    for text in [*details, "+7 999 123-45-67"]:  # wait for the notes
+        telegram.send_text(3901, text)
+    wait_until(lambda: len(saved_dialogs(bot_env["DATA_DIR"]).get(3901, {}).get("waiting", [])) > len(details), 5)
     telegram.fail("sendMessage", 502, "Bad Gateway", times=1000)
     sent = len(telegram.calls("sendMessage"))
     notes_may_come.set()
