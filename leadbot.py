@@ -243,19 +243,9 @@ def flush(bot):
     failed = dict(zip(chats, bot.senders.map(lambda chat: send_replies(bot, chat, chats[chat]), chats)))
     # Only a stop ends call_patiently's retries: such a chat's messages run again at the next start.
     unsent = {chat for chat, error in failed.items() if isinstance(error, TelegramError) and bot.stopping.is_set()}
-    restore = {}
-    for chat_id, _, _, before in saves:
-        if chat_id in unsent:
-            restore.setdefault(chat_id, before)  # the first `before`: the dialog as it was before these events
-    for chat_id in unsent:
-        kept = restore[chat_id] if chat_id in restore else bot.journal.dialogs.get(chat_id)
-        queued = [msg._asdict() for msg in batch.get(chat_id, [])]  # those after a /cancel or /forget only
-        if kept or queued:
-            kept = kept or new_dialog(chat_id, "", bot.source)
-            bot.journal.save(chat_id, {**kept, "waiting": kept["waiting"] + queued,
-                                       "seen": seen_with(kept, *(msg["update_id"] for msg in queued))})
-        else:
-            bot.journal.save(chat_id, None)
+    for chat_id in unsent:  # the first save's `before` is the dialog as it was before these events
+        before = next((before for chat, _, _, before in saves if chat == chat_id), bot.journal.dialogs.get(chat_id))
+        keep_to_run_again(bot, chat_id, before, batch.get(chat_id, []))
     for chat_id, dialog, items, _ in saves:
         if chat_id not in unsent:
             bot.journal.save(chat_id, dialog, remember=False)  # memory may hold a newer one already
@@ -269,6 +259,17 @@ def flush(bot):
         elif error:
             log.error("replies for chat %s failed (%s)%s", chat_id, getattr(error, "reason", type(error).__name__),
                       "; its messages run again at the next start" if chat_id in unsent else "")
+
+
+def keep_to_run_again(bot, chat_id, dialog, msgs):
+    """Writes the dialog as it was before a batch whose replies never went out, with the batch's messages of the
+    chat (those after a /cancel or /forget only) waiting in it."""
+    if dialog or msgs:
+        dialog = dialog or new_dialog(chat_id, "", bot.source)
+        bot.journal.save(chat_id, {**dialog, "waiting": dialog["waiting"] + [msg._asdict() for msg in msgs],
+                                   "seen": seen_with(dialog, *(msg.update_id for msg in msgs))})
+    else:
+        bot.journal.save(chat_id, None)
 
 
 def send_replies(bot, chat_id, replies):
