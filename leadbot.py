@@ -97,7 +97,9 @@ def thank_later(bot, dialog, msg):
 
 def start_over(bot, dialog, msg):
     """Begins a new dialog and takes this message as the answer to the first question."""
-    dialog.update(new_dialog(msg.chat_id, dialog["name"], bot.source))
+    old = dict(dialog)
+    dialog.clear()  # nothing of the finished dialog (offer, notes) stays in the new one but what is still to run:
+    dialog.update(new_dialog(msg.chat_id, old["name"], bot.source), waiting=old["waiting"], seen=old["seen"])
     return take_answer(bot, dialog, msg)
 
 

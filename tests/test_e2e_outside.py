@@ -262,3 +262,21 @@ def test_details_added_while_the_llm_writes_get_one_answer_not_one_each(bot, bot
     telegram.wait_for(lambda: THANKS in telegram.texts(3802)[-1], 10, "the thank-you")
     assert TEXTS["contact_format"] not in telegram.texts(3802)
     assert [row["contact"].lstrip("'") for row in read_rows(bot_env)] == ["+7 999 123-45-67"]
+
+
+def test_messages_queued_behind_a_lead_are_all_answered_after_it(bot, bot_env, telegram, llm):
+    llm.delay = 0.5
+    bot()
+    say(telegram, 3803, "/start", QUESTIONS[0][1])
+    for answer in ANSWERS:
+        telegram.send_text(3803, answer)
+    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
+    telegram.send_contact(3803, "+79991234567")  # the lead, then more that waited with it
+    telegram.send_text(3803, "Ещё нужен логотип")
+    telegram.send_media(3803, "photo")
+    telegram.send_text(3803, "Срок — месяц")
+    telegram.wait_for(lambda: telegram.texts(3803)[-1] == QUESTIONS[2][1], 10, "the last queued message answered")
+    wait_until(lambda: len(saved_dialogs(bot_env["DATA_DIR"])[3803]["answers"]) == 2, 5)
+    dialog = saved_dialogs(bot_env["DATA_DIR"])[3803]
+    assert dialog["answers"] == ["Ещё нужен логотип", "Срок — месяц"] and "offer" not in dialog
+    assert TEXTS["text_only"] in telegram.texts(3803) and len(read_rows(bot_env)) == 1
