@@ -382,7 +382,8 @@ def run(bot):
     """The main loop: the poller thread and LLM jobs put what they get into bot.inbox; only this thread touches a
     dialog."""
     threading.Thread(target=poll_telegram, args=(bot,), daemon=True).start()
-    threading.Thread(target=deliver_owed, args=(bot,), daemon=True).start()
+    delivery = threading.Thread(target=deliver_owed, args=(bot,), daemon=True)
+    delivery.start()
     last_cleanup = time.monotonic()
     while not bot.stopping.is_set():
         try:
@@ -402,6 +403,8 @@ def run(bot):
     if bot.offset is not None:  # tells Telegram what is handled, so that after a restart none comes twice
         with contextlib.suppress(TelegramError):
             bot.out.call("getUpdates", http_timeout=2, offset=bot.offset, timeout=0, limit=1)
+    bot.wake.set()  # an email on its way is let finish: cut off after the server took it, it would go twice
+    delivery.join(mailer.TIMEOUT * 2)
 
 
 def handle_event(bot, event):
@@ -658,6 +661,8 @@ def deliver_owed(bot):
     first = True  # an owner who fixed a setting and restarted expects the backlog now
     while not bot.stopping.is_set():
         for item in bot.outbox.items():
+            if bot.stopping.is_set():
+                return
             if item["confirmed"] and item["owed"] and (first or item["due"] <= time.time()):
                 try:
                     if deliver(bot, item, list(item["owed"])) and item.get("untaken"):

@@ -804,9 +804,10 @@ class FakeSMTP:
     it requires AUTH (plain-text allowed) and rejects other credentials; .logins lists the user
     of every AUTH attempt, right or wrong. With tls="starttls" it offers STARTTLS, with
     tls="ssl" it speaks TLS from the start, presenting the test certificate named by
-    certificate. RCPT TO an address in .refused gets "550". .quits counts QUIT commands;
-    after accepting a message the server can answer QUIT late (.quit_delay seconds) or with an
-    error (.quit_reply, e.g. "421 ...").
+    certificate. RCPT TO an address in .refused gets "550". A message is kept as soon as it
+    arrives, and its "250" comes .data_delay seconds later (a server scanning it first). .quits
+    counts QUIT commands; after accepting a message the server can answer QUIT late
+    (.quit_delay seconds) or with an error (.quit_reply, e.g. "421 ...").
     """
 
     def __init__(self, auth=None, tls=None, certificate="selfsigned"):
@@ -818,7 +819,7 @@ class FakeSMTP:
         self.logins = []
         self.refused = set()
         self.quits = 0
-        self.quit_delay = 0
+        self.quit_delay = self.data_delay = 0
         self.quit_reply = None
         self._controller = None
         self.start()
@@ -867,6 +868,7 @@ class FakeSMTP:
         message.mail_options = list(envelope.mail_options)
         message.raw = envelope.original_content
         self.messages.append(message)
+        await asyncio.sleep(self.data_delay)
         return "250 Message accepted for delivery"
 
     async def handle_QUIT(self, server, session, envelope):

@@ -119,6 +119,19 @@ def test_killed_right_after_the_server_accepted_the_email_no_second_email(bot, b
     assert len(rows_of(bot_env, 2002)) == 1
 
 
+def test_a_stop_while_the_mail_server_checks_the_email_lets_it_finish_and_sends_it_once(bot, bot_env, telegram, smtp):
+    smtp.data_delay = 1  # the server keeps the message at once, its "250" comes a second later (a virus scan)
+    first = bot()
+    full_dialog(telegram, 2003)
+    wait_until(lambda: smtp.messages, message="the email reaching the server")
+    stop(first)  # systemctl restart: a stop, not a crash
+    smtp.data_delay = 0
+    second = restart(bot, telegram)
+    telegram.wait_for(lambda: not owed(bot_env), 10, "the outbox empty")
+    stop(second)
+    assert len(mails_of(smtp, 2003)) == 1 and len(rows_of(bot_env, 2003)) == 1
+
+
 def test_killed_at_random_moments_every_finished_dialog_gives_one_row_and_its_email(
         bot, bot_env, telegram, smtp):
     chats = range(2101, 2107)
