@@ -493,9 +493,9 @@ def ask_offer(bot, chat_id, dialog_id, answers):
     if not bot.cfg.llm_base_url:
         return bot.text("no_llm")
     draft = Draft(bot, chat_id, dialog_id)
-    threading.Thread(target=bot.out.typing, args=(chat_id, draft.live), daemon=True).start()
+    threading.Thread(target=bot.out.typing, args=(chat_id, draft.typing_done), daemon=True).start()
     offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show)
-    draft.live.set()  # a draft is up or the answer is complete: no more 'typing…'
+    draft.close()
     return bot.text("llm_failed") if not offer or leaks_prompt(offer, bot.prompt.system) else offer
 
 
@@ -521,28 +521,47 @@ def ask_llm(bot, system, user, what, on_text=None):
 
 
 class Draft:
-    """The recommendation as Telegram shows it while the LLM writes: at most two updates a second."""
+    """The recommendation as Telegram shows it while the LLM writes: at most two updates a second, each sent on a
+    thread of its own, so that a slow Telegram never holds up the LLM's answer."""
 
     def __init__(self, bot, chat_id, dialog_id):
         self.bot, self.chat_id, self.dialog_id, self.id = bot, chat_id, dialog_id, random.randint(1, 2**31 - 1)
-        self.live, self.last, self.words_since = threading.Event(), 0.0, None
+        self.live, self.lock, self.sending, self.closed = threading.Event(), threading.Lock(), None, False
+        self.last, self.words_since = 0.0, None
+
+    def gone(self):  # /cancel, /forget or /start meanwhile
+        return (self.bot.journal.dialogs.get(self.chat_id) or {}).get("id") != self.dialog_id
+
+    def typing_done(self):
+        return self.live.is_set() or self.gone()
 
     def show(self, text):
         now = time.monotonic()
-        gone = (self.bot.journal.dialogs.get(self.chat_id) or {}).get("id") != self.dialog_id  # /cancel, /start
         self.words_since = self.words_since or (now if text else None)
-        # An answer that arrives all at once within 0.1 s goes out as the message alone, not after a draft of it.
-        if now - self.last < 0.5 or now < self.bot.drafts_off_until or gone or text and now - self.words_since < 0.1:
-            return
-        self.last = now
+        with self.lock:
+            # An answer that arrives all at once within 0.1 s goes out as the message alone, not after a draft of it.
+            if (self.closed or self.sending and self.sending.is_alive() or now - self.last < 0.5 or self.gone()
+                    or now < self.bot.drafts_off_until or text and now - self.words_since < 0.1):
+                return
+            self.last, self.sending = now, threading.Thread(target=self.send, args=(text[:4000],), daemon=True)
+            self.sending.start()
+
+    def send(self, text):
         try:
-            self.bot.out.call("sendMessageDraft", http_timeout=3, chat_id=self.chat_id,
-                              draft_id=self.id, text=text[:4000])
+            self.bot.out.call("sendMessageDraft", http_timeout=3, chat_id=self.chat_id, draft_id=self.id, text=text)
             self.live.set()
         except TelegramError as e:
             if e.error_code in (400, 404, 501):  # an older or self-hosted Bot API: not for an hour
                 log.info("drafts are off for an hour (Telegram answered %s)", e.reason)
-                self.bot.drafts_off_until = now + 3600
+                self.bot.drafts_off_until = time.monotonic() + 3600
+
+    def close(self):
+        """No draft after this, and none on its way: a draft after the message would stay up for 30 s."""
+        with self.lock:
+            self.closed = True
+        self.live.set()  # no more 'typing…' either
+        if self.sending:
+            self.sending.join(15)  # the longest a call can take (TELEGRAM_TIMEOUT aside): connecting 10 s, 3 s
 
 
 def answers_text(bot, dialog):
@@ -862,12 +881,13 @@ class Telegram:
                     raise
                 log.warning("Telegram refused a message (400) for chat %s; skipped", chat_id)
 
-    def typing(self, chat_id, until, every=4.5):
-        """Shows 'typing…' until `until` is set, renewed every 4.5 s (Telegram shows it for 5 s)."""
-        while not until.is_set():
+    def typing(self, chat_id, done, every=4.5):
+        """Shows 'typing…' until done() is true, renewed every 4.5 s (Telegram shows it for 5 s)."""
+        while not done():
             with contextlib.suppress(TelegramError):  # a missing indicator is not worth a retry
                 self.call("sendChatAction", http_timeout=5, chat_id=chat_id, action="typing")
-            until.wait(every)
+            if self.stopping.wait(every):
+                return
 
 
 @contextlib.contextmanager
@@ -938,7 +958,7 @@ class Console:
             print(("Бот: " if not self.streamed else "") + text[len(self.streamed):], end="", flush=True)
             self.streamed = text
 
-    def typing(self, chat_id, until):
+    def typing(self, chat_id, done):
         """The terminal shows no 'typing…'."""
 
 

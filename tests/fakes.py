@@ -301,6 +301,7 @@ class FakeTelegram(_HTTPFake):
         self._cond = threading.Condition()
         self._updates = []  # pushed and not yet confirmed by an offset
         self._calls = []  # (method, params), failed calls included
+        self._timeline = []  # (time.monotonic(), "in" or "out", method, chat_id): each call arriving, answered
         self._sent = []  # params of every message that was sent
         self._drafts = []  # params of every draft that was accepted
         self.draft_error = None  # (code, description): refuse every sendMessageDraft, like an older Bot API
@@ -359,6 +360,7 @@ class FakeTelegram(_HTTPFake):
             return _send_json(handler, error.code, error.payload)
         with self._cond:
             self._calls.append((method, params))
+            self._timeline.append((time.monotonic(), "in", method, str(params.get("chat_id"))))
             fault = self._faults[method].popleft() if self._faults[method] else None
             self._in_flight[method] += 1
             self.peak[method] = max(self.peak[method], self._in_flight[method])
@@ -375,6 +377,7 @@ class FakeTelegram(_HTTPFake):
         finally:
             with self._cond:
                 self._in_flight[method] -= 1
+                self._timeline.append((time.monotonic(), "out", method, str(params.get("chat_id"))))
 
     def _apply_fault(self, fault, handler):
         """Carry out an injected fault; return True when the request needs no normal answer."""
@@ -559,6 +562,11 @@ class FakeTelegram(_HTTPFake):
         """Parameters of every call of method, failed ones included."""
         with self._cond:
             return [dict(params) for name, params in self._calls if name == method]
+
+    def timeline(self, chat_id):
+        """(time.monotonic(), "in" or "out", method) for each call about chat_id arriving and being answered."""
+        with self._cond:
+            return [(at, what, method) for at, what, method, chat in self._timeline if chat == str(chat_id)]
 
     @property
     def confirmed_offset(self):

@@ -1,4 +1,5 @@
 """What a client sees in Telegram: command menu, buttons, typing…, /cancel, /help and /forget."""
+import contextlib
 import inspect
 import json
 import re
@@ -122,17 +123,16 @@ def test_typing_is_shown_before_the_llm_call(bot, telegram, llm):
     # The renewal every 4.5 s is seen in-process, at 50 times the pace: the next test.
 
 
-def test_typing_is_renewed_while_the_llm_is_slow(tmp_path, telegram, llm):
+@contextlib.contextmanager
+def quick_typing_bot(tmp_path, telegram, llm, asked):
     """The bot's loop (leadbot.run) in this process against the fakes, its Telegram renewing 'typing…' 50 times
-    faster than the bot asks (the interval asked for is checked against Telegram's 5 s on its own)."""
-    asked = []
-
+    faster than the bot asks; each interval asked for goes into `asked`."""
     class QuickTyping(leadbot.Telegram):
-        def typing(self, chat_id, until, *args, **kwargs):
-            call = inspect.signature(leadbot.Telegram.typing).bind(self, chat_id, until, *args, **kwargs)
+        def typing(self, chat_id, done, *args, **kwargs):
+            call = inspect.signature(leadbot.Telegram.typing).bind(self, chat_id, done, *args, **kwargs)
             call.apply_defaults()
             asked.append(call.arguments["every"])
-            super().typing(chat_id, until, every=call.arguments["every"] / 50)
+            super().typing(chat_id, done, every=call.arguments["every"] / 50)
 
     cfg = leadbot.read_config({"TELEGRAM_BOT_TOKEN": telegram.token, "TELEGRAM_API_URL": telegram.url,
                                "LLM_BASE_URL": llm.url, "LLM_MODEL": "test-model", "LLM_TIMEOUT": "10",
@@ -141,6 +141,15 @@ def test_typing_is_renewed_while_the_llm_is_slow(tmp_path, telegram, llm):
     loop = threading.Thread(target=leadbot.run, args=(bot,), daemon=True)
     loop.start()
     try:
+        yield
+    finally:
+        bot.stopping.set()
+        loop.join(5)
+
+
+def test_typing_is_renewed_while_the_llm_is_slow(tmp_path, telegram, llm):
+    asked = []
+    with quick_typing_bot(tmp_path, telegram, llm, asked):
         llm.delay = 0.6  # longer than several renewals at this pace, as 6 s is at the real one
         reach_contact_step_without_the_last_answer(telegram, 2009)
         telegram.send_text(2009, ANSWERS[-1])
@@ -148,9 +157,18 @@ def test_typing_is_renewed_while_the_llm_is_slow(tmp_path, telegram, llm):
         telegram.wait_for(lambda: len(typing_actions(telegram, 2009)) >= 2, message="a renewed typing action")
         assert llm.reply not in telegram.texts(2009)  # renewed while the answer was still coming
         assert asked and all(every < 5 for every in asked)  # Telegram shows one typing action for 5 s
-    finally:
-        bot.stopping.set()
-        loop.join(5)
+
+
+def test_typing_stops_when_the_client_cancels_while_the_llm_writes(tmp_path, telegram, llm):
+    with quick_typing_bot(tmp_path, telegram, llm, []):
+        llm.delay = 1.0  # ten renewals at this pace
+        reach_contact_step_without_the_last_answer(telegram, 2010)
+        telegram.send_text(2010, ANSWERS[-1])
+        telegram.wait_for(lambda: len(typing_actions(telegram, 2010)) >= 2, message="a renewed typing action")
+        say(telegram, 2010, "/cancel", "ничего не сохранено")
+        typed = len(typing_actions(telegram, 2010))
+        wait_until(lambda: len(llm.requests) >= 2, message="the offer written (the notes asked for)")
+        assert len(typing_actions(telegram, 2010)) <= typed + 1  # one may have been on its way
 
 
 def test_cancel_saves_nothing_and_removes_the_keyboard(bot, bot_env, telegram, llm, smtp):

@@ -61,6 +61,32 @@ def test_refused_drafts_fall_back_to_one_message_and_the_dialog_completes(bot, b
     assert len(telegram.calls("sendMessageDraft")) == 1
 
 
+def drafts_answered_before_the_offer(telegram, chat_id):
+    """True when every draft Telegram answered for chat_id was answered before the recommendation arrived."""
+    timeline = telegram.timeline(chat_id)
+    offer_sent = [at for at, what, method in timeline if what == "in" and method == "sendMessage"][4]
+    return all(at < offer_sent for at, what, method in timeline if what == "out" and method == "sendMessageDraft")
+
+
+def test_a_telegram_slow_to_take_drafts_never_costs_the_recommendation_nor_shows_a_draft_after_it(
+        bot, telegram, llm):
+    telegram.stall("sendMessageDraft", 0.6, times=1000)  # a loaded Bot API or a slow proxy
+    llm.reply, llm.chunks, llm.chunk_delay = " ".join([OFFER] * 2), 5, 0.02  # 60 pieces in 1.2 s
+    bot(LLM_TIMEOUT="4")
+    reach_contact_step(telegram, 1211)
+    assert offer_of(telegram, 1211) == " ".join([OFFER] * 2)
+    assert telegram.drafts(1211) and drafts_answered_before_the_offer(telegram, 1211)
+
+
+def test_a_draft_on_its_way_when_the_answer_ends_is_answered_before_the_message(bot, telegram, llm):
+    telegram.stall("sendMessageDraft", 1.0, times=1000)
+    llm.reply, llm.chunk_delay = OFFER, 0.1  # the answer ends while the first draft is still on its way
+    bot()
+    reach_contact_step(telegram, 1212)
+    assert offer_of(telegram, 1212) == OFFER
+    assert telegram.drafts(1212) and drafts_answered_before_the_offer(telegram, 1212)
+
+
 def test_an_answer_that_arrives_all_at_once_is_sent_without_a_draft_before_it(bot, telegram, llm):
     # A draft of the whole answer would only delay the message (one more call to Telegram before it).
     llm.reply = OFFER
