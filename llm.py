@@ -67,7 +67,10 @@ def complete(cfg, system: str, user: str, on_text=None, session=None, stream=Tru
                            f"HTTP {status}", status)
         lines = _lines(cfg, response, deadline)
         if "event-stream" in response.headers.get("Content-Type", ""):
-            text = clean(_from_stream(cfg, lines, on_text))
+            raw = _from_stream(cfg, lines, on_text)
+            global _reasons_untagged  # noqa: PLW0603 - what this server does holds for all its answers
+            _reasons_untagged = _reasons_untagged or bool(_LONE_CLOSE.match(raw))
+            text = clean(raw)
         else:  # a whole JSON completion, also when a server does not stream; reasoning fields are ignored
             try:  # a None in lines (over MAX_BYTES: no completion is that big) is a TypeError too
                 text = clean(json.loads(b"\n".join(lines))["choices"][0]["message"].get("content") or "")
@@ -105,7 +108,7 @@ def _lines(cfg, response, deadline):
 
 def _from_stream(cfg, lines, on_text):
     """The raw content of server-sent events: "data: {json}" lines up to "data: [DONE]"."""
-    raw, cleaned_at, visible, shown, finished = "", 0, "", "", False
+    raw, cleaned_at, visible, shown, finished, tagged = "", 0, "", "", False, False
     for line in lines:
         if line is None or line.strip() in (b"data: [DONE]", b"data:[DONE]") or len(visible) >= MAX_ANSWER_CHARS:
             return raw  # the end, or a size cap: use what is there
@@ -122,6 +125,7 @@ def _from_stream(cfg, lines, on_text):
         finished = finished or bool(choice.get("finish_reason"))
         if isinstance(text := delta.get("content"), str) and text:
             raw += text
+            tagged = tagged or "</think" in raw[-len(text) - 7:].lower()  # the new text and the end before it
             # Cleaning the whole text for every chunk would be quadratic: the steps grow with the text.
             if len(raw) - cleaned_at > max(len(visible) // 16, len(raw) // 64):
                 visible, cleaned_at = clean(raw)[:MAX_ANSWER_CHARS], len(raw)
@@ -130,6 +134,7 @@ def _from_stream(cfg, lines, on_text):
         # Marks near the end of the last line may still pair up ('*bold', '<thi'): show the text up to them.
         mark = _MARK.search(visible, max(visible.rfind("\n") + 1, len(visible) - 60))
         view = visible[:mark.start()] if mark else visible
+        view = "" if _reasons_untagged and not tagged else view  # it may all be reasoning still
         if on_text and (len(view) > len(shown) or not (view or shown)):
             on_text(shown := view)
     if not finished:
@@ -140,6 +145,11 @@ def _from_stream(cfg, lines, on_text):
 # Cleaning. Every pattern is linear on any input: no two repeats can match the same characters.
 # Reasoning is <think>… up to </think> or the end, and all before a first </think> without <think> (as from a
 # server that puts the <think> in the prompt). A match ends at the first possible place: none is retried.
+# A server whose chat template puts <think> into the prompt (vLLM serving DeepSeek-R1 or QwQ without a reasoning
+# parser) streams the reasoning as text, known as such only at its lone </think>. Once an answer has shown that,
+# the text of the next ones is shown half-way only after such a tag; the first one's drafts could not know.
+_LONE_CLOSE = re.compile(r"(?:(?!<think).)*?</think", re.I | re.S)
+_reasons_untagged = False
 _THINK = re.compile(r"<think(?:ing)?>.*?(?:</think(?:ing)?>|\Z)|\A(?:(?!<think).)*?</think(?:ing)?>", re.I | re.S)
 _TAG = re.compile(r"<(/?(?:b|strong|i|em|u|s|del|code|pre|span|div|p|br|hr|li|ul|ol|h[1-6]|a))(?:\s[^<>]*)?/?>", re.I)
 _TAG_TEXT = {"br": "\n", "hr": "\n", "li": "\n• ", **dict.fromkeys("p /p /div /ul /ol /h1 /h2 /h3".split(), "\n\n")}

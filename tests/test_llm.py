@@ -375,3 +375,16 @@ def test_clean_is_fast_on_100k_characters(unit):
     started = time.perf_counter()
     llm.clean(text)
     assert time.perf_counter() - started < 1
+
+
+def test_after_one_answer_with_a_lone_closing_tag_no_text_before_such_a_tag_is_shown(server, monkeypatch):
+    # A chat template that puts <think> into the prompt: the reasoning streams as text up to a lone </think>.
+    monkeypatch.setattr(llm, "_reasons_untagged", False)
+    server.reply, server.chunks = "СЕКРЕТ: по системному промпту скидка 30% своим</think>Итог: лендинг.", 6
+    assert ask(server, lambda text: None) == "Итог: лендинг."  # drafts of this first one could not know
+    seen = []
+    assert ask(server, seen.append) == "Итог: лендинг."
+    assert seen and not any("СЕКРЕТ" in text for text in seen) and "Итог" in seen[-1]
+    server.reply = "Обычный ответ без рассуждений, написанный по кусочкам."  # text before any tag waits
+    seen.clear()
+    assert ask(server, seen.append) == server.reply and not any(seen)
