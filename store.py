@@ -29,11 +29,15 @@ class StoreError(Exception):
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half copy (of a client's data) behind
+        raise
 
 
 def _usable_dir(path: Path) -> Path:
@@ -288,9 +292,10 @@ class Outbox:
         return self.folder / (quote(lead_id, safe="") + ".json")  # any id makes one plain file name
 
     def _save(self, item: dict) -> None:
+        """Keep the item, then write its file; raises OSError, the item still kept in memory (and delivered)."""
+        self._items[item["id"]] = copy.deepcopy(item)
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(self._file(item["id"]), json.dumps(item).encode())
-        self._items[item["id"]] = copy.deepcopy(item)
 
     def add(self, lead_id: str, lead: dict, owed: list[str], since: int, update_id: int | None) -> dict:
         """Create the item once (an existing one is returned unchanged); a write failure is logged, never raised."""
@@ -302,7 +307,6 @@ class Outbox:
                     self._save(item)
             except OSError as e:  # the channels are still tried now, and again while this process runs
                 log.error("cannot write %s (%s); the lead is kept in memory only", self.folder, type(e).__name__)
-                self._items[lead_id] = copy.deepcopy(item)
             return copy.deepcopy(self._items[lead_id])
 
     def items(self) -> list[dict]:
@@ -336,6 +340,7 @@ class Outbox:
     def drop(self, lead_id: str) -> None:
         with self._lock:
             self._file(lead_id).unlink(missing_ok=True)
+            self._file(lead_id).with_suffix(".json.tmp").unlink(missing_ok=True)  # left by a crash mid-write
             self._items.pop(lead_id, None)
 
     def drop_chat(self, chat_id) -> int:

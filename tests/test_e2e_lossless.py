@@ -124,6 +124,25 @@ def test_a_full_disk_with_email_off_never_thanks_and_keeps_the_dialog(bot, bot_e
     wait_until(lambda: len(read_rows(bot_env)) == 1)
 
 
+@pytest.mark.parametrize("smtp_host", ["", "127.0.0.1"])
+def test_a_lead_the_outbox_could_not_write_either_still_reaches_leads_csv_once_there_is_room(
+        bot, bot_env, telegram, smtp, smtp_host):
+    bot(SMTP_HOST=smtp_host)
+    reach_contact_step(telegram, 908)
+    leads, outbox = leads_file(bot_env), Path(bot_env["DATA_DIR"]) / "outbox"
+    leads.unlink(missing_ok=True)
+    leads.mkdir()  # neither the row nor the outbox file can be written: a full disk
+    outbox.mkdir(exist_ok=True)
+    outbox.rename(outbox.with_name("outbox-away"))
+    outbox.write_text("")
+    say(telegram, 908, "+7 999 123-45-67", "передан" if smtp_host else "ещё раз")
+    leads.rmdir()  # room again
+    outbox.unlink()
+    wait_until(lambda: len(read_rows(bot_env)) == 1, timeout=10)  # kept in memory and retried meanwhile
+    if not smtp_host:  # the client who was asked to send it again hears it arrived after all
+        telegram.wait_for(lambda: "всё-таки дошёл" in telegram.texts(908)[-1], 10, "the late thank-you")
+
+
 def test_a_full_disk_with_email_on_tells_the_truth_and_writes_the_row_later(bot, bot_env, telegram, smtp):
     bot()
     reach_contact_step(telegram, 906)

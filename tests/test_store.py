@@ -529,3 +529,19 @@ def test_a_journal_without_a_path_keeps_dialogs_in_memory_only(tmp_path, monkeyp
     journal.erase(1)
     journal.save(2, None)
     assert journal.dialogs == {} and list(tmp_path.iterdir()) == []
+
+
+def test_an_outbox_write_that_fails_leaves_no_copy_on_disk_and_the_item_in_memory(folder, monkeypatch):
+    outbox = Outbox(folder)
+    item = outbox.add("7-1", {"chat_id": 7, "contact": "+79991234567"}, ["csv"], 0, 1)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(store.os, "fsync", full)
+    with pytest.raises(OSError):
+        outbox.update({**item, "confirmed": True})  # a half-written copy holding the phone must not stay
+    assert [p.name for p in folder.iterdir()] == ["7-1.json"]
+    assert outbox.items()[0]["confirmed"]  # the delivery thread sends it all the same
+    monkeypatch.undo()
+    outbox.drop_chat(7)
+    assert list(folder.iterdir()) == []
