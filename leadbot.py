@@ -320,7 +320,7 @@ def forget_command(bot, msg, dialog):
         items = bot.outbox.drop_chat(msg.chat_id)  # first, so no owed row is written back
         rows = bot.leads.forget(msg.chat_id)
     except OSError as e:
-        log.error("could not forget chat %s (%s)", msg.chat_id, type(e).__name__)
+        log.error("could not forget chat %s (%s)", msg.chat_id, e)  # OSError's text: a path at most, no data
         return bot.say(msg.chat_id, bot.text("forget_failed"), remove_keyboard=True)
     log.info("forgot chat %s: %d lead rows, %d outbox items", msg.chat_id, rows, items)
     bot.say(msg.chat_id, bot.text("forgotten"), remove_keyboard=True)

@@ -105,6 +105,13 @@ def _delimiter_of(text: str) -> str | None:
     return next((d for d in ";," if header == d.join(COLUMNS)), None)
 
 
+def _row_chat(line: str, delimiter: str) -> str | None:
+    """The chat id of the row a physical line of leads.csv starts (its second field is a number), else None."""
+    fields = line.split(delimiter, 2)
+    chat = fields[1].strip('"') if len(fields) == 3 else ""
+    return chat if chat.lstrip("-").isdigit() else None
+
+
 class Leads:
     """{data_dir}/leads.csv, the owner's file: rows are appended, or removed by /forget; it is never repaired."""
 
@@ -170,7 +177,8 @@ class Leads:
                 raise
 
     def forget(self, chat_id) -> int:
-        """Remove every row of that chat, every other byte identical; returns how many; raises OSError."""
+        """Remove every row of that chat, every other byte identical; returns how many. Raises OSError, and removes
+        nothing, when a row of the chat is not a clean record of its own (a quote the owner left open joins rows)."""
         with self._lock:
             if not self.path.exists():
                 return 0
@@ -184,11 +192,16 @@ class Leads:
             kept, kept_from, start, removed = [], 0, 0, 0
             for row in reader:  # csv's own rules; reader.line_num tells which lines a record took
                 if start and row[1:2] == chat:  # start == 0: the header
+                    if len(row) != len(COLUMNS) or any(_row_chat(line, self.delimiter)
+                                                       for line in lines[start + 1:reader.line_num]):
+                        raise OSError("leads.csv: a row of that chat runs into other rows (a quote left open?)")
                     kept += lines[kept_from:start]
                     kept_from, removed = reader.line_num, removed + 1
                 start = reader.line_num
+            kept += lines[kept_from:]
+            if any(_row_chat(line, self.delimiter) == chat[0] for line in kept):  # inside another row's cell
+                raise OSError("leads.csv: a row of that chat is inside another row (a quote left open?)")
             if removed:
-                kept += lines[kept_from:]
                 _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))
             return removed
 

@@ -444,3 +444,29 @@ def test_forget_on_a_file_with_other_columns_now_fails_instead_of_claiming_it_de
     with pytest.raises(OSError):
         leads.forget(42)
     assert b"anna@example.com" in path.read_bytes()
+
+
+@pytest.mark.parametrize("edit", [
+    ('";telegram;new', ";telegram;new"),  # the closing quote of a notes cell deleted in Notepad
+    (";срочно;", ';"срочно, потом;'),  # a cell typed to start with a quote that is never closed
+])
+@pytest.mark.parametrize("chat", [111, 222, 333, 444])
+def test_forget_after_an_unclosed_quote_never_removes_another_chats_row_nor_keeps_its_own(path, edit, chat):
+    leads = Leads(path, ";")
+    for n in (111, 222, 333, 444):
+        append(leads, make_lead(chat_id=n, contact=f"+7900000{n}", intent="срочно" if n == 111 else "сайт",
+                                notes=f"Задача: сайт {n}; Бюджет: 50"))
+    lines = path.read_bytes().decode("utf-8-sig").split("\r\n")
+    broken = next(i for i, line in enumerate(lines) if ";111;" in line)
+    lines[broken] = lines[broken].replace(*edit, 1)
+    path.write_bytes(BOM + "\r\n".join(lines).encode())
+    before = path.read_bytes()
+    try:
+        removed = leads.forget(chat)
+    except OSError:  # the client hears «не получилось», and nothing was changed
+        assert path.read_bytes() == before
+        return
+    after = path.read_bytes().decode("utf-8-sig")
+    assert f"+7900000{chat}" not in after  # what the client is told is gone is gone
+    assert all(f"+7900000{n}" in after for n in (111, 222, 333, 444) if n != chat)
+    assert removed == 1
