@@ -654,7 +654,7 @@ SENDERS = {"csv": write_row, "email": send_email, "telegram": send_card}
 
 def failure_reason(channel, error):
     if channel == "csv":
-        return f"could not write leads.csv ({type(error).__name__}); the outbox tries again later"
+        return f"could not write leads.csv ({error}); the outbox tries again later"  # a path at most, no data
     if isinstance(error, TelegramError) and error.error_code in (400, 403):
         return (f"Telegram refused the card ({error.error_code}): check MANAGER_CHAT_ID and that the manager "
                 "sent /start" + ("; it is not sent again" if error.error_code == 400 else ""))

@@ -1,5 +1,6 @@
 """Everything leadbot keeps in DATA_DIR: the lock, leads.csv, the dialog journal, the outbox and the funnel."""
 
+import codecs
 import copy
 import csv
 import io
@@ -151,8 +152,11 @@ class Leads:
     def write(self, lead: dict, since: int) -> None:
         """Append the lead unless its exact row already stands at or after byte `since`; raises OSError."""
         with self._lock, open(self.path, "a+b", buffering=0) as f:
-            f.seek(0)  # the owner may have re-saved it with the other delimiter while the bot ran
-            self.delimiter = _delimiter_of(f.read(200).decode("utf-8", "replace")) or self.delimiter
+            f.seek(0)  # the owner may have re-saved it while the bot ran: with the other delimiter is fine
+            head = f.read(200).decode("utf-8", "replace")
+            if head.lstrip("\ufeff") and not _delimiter_of(head):  # a row under the wrong columns is silent harm
+                raise OSError(f"leads.csv has other columns than {','.join(COLUMNS)} now — put that header back")
+            self.delimiter = _delimiter_of(head) or self.delimiter
             buffer, values = io.StringIO(), ["" if lead.get(c) is None else str(lead[c]) for c in COLUMNS]
             csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(  # defuse formulas:
                 "'" + v if c in TEXT_FIELDS and v.startswith(FORMULA_STARTS) else v for c, v in zip(COLUMNS, values))
@@ -161,8 +165,13 @@ class Leads:
             f.seek(since)
             if row in f.read():
                 return  # written before a crash: exactly once
-            f.seek(max(size - 3, 0))
-            end = f.read()
+            f.seek(max(size - 4096, 0))
+            tail = f.read()
+            try:  # re-saved as ANSI, the owner's Excel would show a UTF-8 row as «Р‘РѕСЂРёСЃ»
+                codecs.getincrementaldecoder("utf-8")().decode(tail.lstrip(bytes(range(0x80, 0xC0))))
+            except UnicodeDecodeError:
+                raise OSError("leads.csv is not UTF-8 now (saved as ANSI?) — save it as «CSV UTF-8»") from None
+            end = tail[-3:]
             if size <= len(BOM) and end in (b"", BOM):  # new, or emptied down to its BOM
                 row = (b"" if end else BOM) + (self.delimiter.join(COLUMNS) + "\r\n").encode() + row
             elif not end.endswith(b"\n"):  # complete the last line (saved by Notepad, or an earlier cut)

@@ -470,3 +470,18 @@ def test_forget_after_an_unclosed_quote_never_removes_another_chats_row_nor_keep
     assert f"+7900000{chat}" not in after  # what the client is told is gone is gone
     assert all(f"+7900000{n}" in after for n in (111, 222, 333, 444) if n != chat)
     assert removed == 1
+
+
+@pytest.mark.parametrize("resave", [
+    lambda text: text.replace("client_name;contact", "contact;client_name", 1).encode("utf-8"),  # columns moved
+    lambda text: text.encode("cp1251"),  # Excel's «CSV (разделители — запятые)»: ANSI
+    lambda text: text.encode("utf-16"),
+])
+def test_a_file_re_saved_with_other_columns_or_encoding_while_the_bot_runs_gets_no_row(path, resave):
+    leads = Leads(path, ";")
+    append(leads, make_lead(chat_id=1, client_name="Борис"))
+    path.write_bytes(resave(path.read_bytes().decode("utf-8-sig")))
+    before = path.read_bytes()
+    with pytest.raises(OSError):  # the lead stays in the outbox and the log says what to fix
+        append(leads, make_lead(chat_id=2, client_name="Ольга"))
+    assert path.read_bytes() == before
