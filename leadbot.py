@@ -1157,6 +1157,9 @@ def read_env():
             files.append(dotenv_values(path, encoding="utf-8-sig"))
         except UnicodeError:
             raise ConfigError([f"{path} is not UTF-8 text — open it in Notepad and save it as UTF-8"]) from None
+        except OSError as e:  # made by another user (sudo nano) for a service that runs as its own
+            raise ConfigError([f"{path} cannot be read ({type(e).__name__}) — let the user the bot runs as "
+                               "read it (chown or chmod)"]) from None
     from_files = {key.lstrip("\ufeff"): value or "" for values in files for key, value in values.items()}
     return {**from_files, **os.environ}, list(from_files)
 

@@ -91,9 +91,14 @@ def check(cfg) -> tuple[bool | None, str]:
     try:
         path = _usable_dir(cfg.data_dir)
         leads = Leads(path / "leads.csv", cfg.csv_delimiter)
+        if leads.path.exists():
+            open(leads.path, "ab").close()  # opened for adding, as the bot does; nothing written
         handle = _try_lock(path)
     except StoreError as e:
         return False, str(e)
+    except OSError as e:
+        return False, (f"DATA_DIR: {leads.path} cannot be written ({type(e).__name__}) — close it in other programs "
+                       "or let the user the bot runs as write it")
     if handle:
         handle.close()  # only a momentary try: closing the file releases the lock
     running = "no bot is running on it now" if handle else "the bot is running on this folder"

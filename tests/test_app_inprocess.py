@@ -2,6 +2,8 @@
 import threading
 import time
 
+import pytest
+
 import leadbot
 from fakes import QUESTIONS, TEXTS, wait_until
 
@@ -96,3 +98,13 @@ def test_a_stop_ends_the_loop_at_once_on_every_os_while_the_long_poll_still_hang
     loop.join(2)
     assert not loop.is_alive() and not bot.out.release.is_set()  # the poll was abandoned, not waited for
     bot.out.release.set()
+
+
+@pytest.mark.parametrize("args", [[], ["--check"], ["--console"]])
+def test_an_env_file_the_bot_may_not_read_gives_one_line_and_exit_2(monkeypatch, capsys, args):
+    def unreadable(path, **kwargs):  # chmod 600 by another user; as root this cannot be made for real
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(leadbot, "dotenv_values", unreadable)
+    assert leadbot.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".env cannot be read (PermissionError)" in err[0]

@@ -142,6 +142,21 @@ def test_check_reports_a_leads_csv_the_bot_would_refuse(tmp_path, content, words
     assert ok is False and words in text and str(tmp_path / "leads.csv") in text
 
 
+def test_check_fails_for_a_leads_csv_the_bot_could_not_add_to(tmp_path, monkeypatch):
+    (tmp_path / "leads.csv").write_bytes(b"")
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):  # chmod 444, or another user's file: root writes anyway
+        if str(path).endswith("leads.csv") and "a" in mode:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(store, "open", read_only, raising=False)
+    ok, text = check(cfg(tmp_path))
+    assert ok is False and "cannot be written (PermissionError)" in text
+    monkeypatch.undo()
+    assert check(cfg(tmp_path))[0] is True  # and the lock was let go
+
+
 # --- journal ------------------------------------------------------------------------------------
 
 def always(dialog):
