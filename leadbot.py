@@ -990,8 +990,10 @@ def read_prompt(path):
         header = re.fullmatch(r"\s*\[\s*([^\]]*?)\s*\]\s*", line)
         if header:
             sections.append((header.group(1), number, []))
-        elif line.startswith("#") or (not sections and not line.strip()):
+        elif line.lstrip().startswith("#") or (not sections and not line.strip()):
             continue
+        elif line.lstrip().startswith("[") and "]" not in line:  # else its text would reach the clients
+            raise PromptError(f"prompt.txt line {number}: a [section] header without its closing ] — add the ]")
         elif not sections:
             raise PromptError(f"prompt.txt line {number}: text before the first [section] — "
                               "put it under a section or start the line with #")
@@ -1031,8 +1033,9 @@ def build_prompt(sections, last_line):
 
 def parse_question(where, name, body):
     label = name[len("question"):].strip()
-    buttons = [line[2:].strip() for line in body if line.startswith("* ") and line[2:].strip()]
-    text = "\n".join(line for line in body if not line.startswith("* ")).strip()
+    is_button = re.compile(r"\*\s*\S").match  # "* Да", also "*\tДа" and "*Да"
+    buttons = [line[1:].strip() for line in body if is_button(line)]
+    text = "\n".join(line for line in body if not is_button(line)).strip()
     if not label:
         raise PromptError(f"{where} needs a label for the manager, e.g. [question Бюджет]")
     if not text:

@@ -40,11 +40,26 @@ def test_a_fourth_question_and_a_new_greeting_need_only_prompt_txt(app, bot_env,
     process.terminate()
 
 
+def test_buttons_typed_with_a_tab_or_no_space_are_buttons_and_an_indented_comment_is_not_sent(
+        app, bot_env, telegram, tmp_path):
+    edit_prompt(app, "\n[greeting]", "\n[question Город]\nВ каком вы городе?\n  # TODO: спросить район\n"
+                                       "*\tМосква\n*Другой\n\n[greeting]")
+    start_bot(bot_env, cwd=tmp_path, script=app)
+    say(telegram, 1102, "/start", "Здравствуйте")
+    for answer in ANSWERS[:-1]:
+        say(telegram, 1102, answer, "")
+    say(telegram, 1102, ANSWERS[-1], "В каком вы городе?")
+    question = telegram.messages(1102)[-1]
+    assert question["text"] == "В каком вы городе?"
+    assert [row[0]["text"] for row in question["reply_markup"]["keyboard"]] == ["Москва", "Другой"]
+
+
 @pytest.mark.parametrize("old, new, line_hint", [
     ("[refused]", "[refused_typo]", "did you mean [refused]"),
     ("\n[greeting]", "\n[question Город]\nГде вы?\n[question Район]\nКакой?\n[greeting]", "fifth question"),
     ("\n[greeting]", "\n[question Пусто]\n\n[greeting]", "is empty"),
     ("[help]\n", "[help]\n", None),
+    ("[question Бюджет]", "[question Бюджет", "without its closing ]"),  # its text would go to the clients
 ])
 def test_each_kind_of_prompt_txt_mistake_stops_start_up_with_its_line(app, bot_env, tmp_path, old, new, line_hint):
     if line_hint is None:  # a stray line before the first section
