@@ -1278,8 +1278,9 @@ def run_console(cfg):
     line = "/start"
     try:
         while line:  # "" is the end of the input
-            handle(bot, Incoming(chat_id=0, text=clean_text(line)))
-            flush(bot)
+            if clean_text(line):  # an empty Enter is no answer: Telegram cannot send one either
+                handle(bot, Incoming(chat_id=0, text=clean_text(line)))
+                flush(bot)
             while (dialog := bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM writes its offer and notes
                 handle_llm(bot, bot.inbox.get())
                 flush(bot)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import statistics
 import threading
@@ -396,7 +397,8 @@ class Funnel:
 
 def _period(dialogs: list[dict]) -> dict:
     ends = [d["end"] for d in dialogs]
-    seconds = [d["seconds"] for d in dialogs if d["end"] == "contact" and isinstance(d["seconds"], (int, float))]
+    seconds = [d["seconds"] for d in dialogs if d["end"] == "contact" and isinstance(d["seconds"], (int, float))
+               and math.isfinite(d["seconds"])]  # a hand-edited NaN would make --stats --json invalid JSON
     stages = [STAGES[d["stage"]] for d in dialogs if d["end"] is None]  # still open, expired or blocked
     return {"started": len(dialogs), "qualified": sum(d["stage"] >= STAGES.index("offering") for d in dialogs),
             "offered": sum(d["stage"] >= STAGES.index("collecting_contact") for d in dialogs),
@@ -408,7 +410,11 @@ def _period(dialogs: list[dict]) -> dict:
 def stats(path: Path, now: float) -> dict:
     """Funnel counts of telegram dialogs started in the last 7 and 30 days and ever, and of console ones."""
     path, dialogs = Path(path), {}
-    for line in (path.read_text(encoding="utf-8", errors="replace") if path.exists() else "").split("\n"):
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    except OSError as e:
+        raise StoreError(f"{path} cannot be read ({type(e).__name__}) — it must be a file this user may read") from None
+    for line in text.split("\n"):
         try:
             ev = json.loads(line)  # a dialog starts with its first event
             d = dialogs.setdefault(ev["d"], {"start": float(ev["t"]), "source": ev.get("s"), "stage": 0, "end": None})

@@ -2,7 +2,7 @@
 
 import json
 
-from fakes import TEXTS, ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say
+from fakes import ANSWERS, QUESTIONS, TEXTS, full_dialog, reach_contact_step, read_rows, run_bot, say
 
 COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
 
@@ -100,6 +100,15 @@ def test_console_mode_needs_no_token_and_saves_a_console_lead(tmp_path):
     assert TEXTS["no_llm"] in result.stdout and "Спасибо" in result.stdout  # no LLM: nothing claims a breakdown
     [row] = read_rows(env)
     assert row["source"] == "console" and row["contact"] == "anna@example.ru"
+
+
+def test_an_empty_enter_in_the_console_is_no_answer(tmp_path):
+    dialog = "\n".join(["", "  ", ANSWERS[0], "", *ANSWERS[1:], "anna@example.ru"]) + "\n"
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    result = run_bot(env, "--console", cwd=tmp_path, input=dialog, timeout=20)
+    assert result.returncode == 0, result.stderr
+    [row] = read_rows(env)
+    assert row["contact"] == "anna@example.ru" and f"{QUESTIONS[0][0]}: {ANSWERS[0]};" in row["notes"]
 
 
 def test_a_console_lead_emailed_at_the_end_is_not_reported_as_unsent(smtp, tmp_path):

@@ -497,6 +497,16 @@ def test_stats_of_a_missing_empty_or_foreign_file_are_zeros(tmp_path, content):
     assert stats(path, NOW) == {"7d": zeros(), "30d": zeros(), "all": zeros(), "console": zeros()}
 
 
+def test_stats_of_a_hand_edited_nan_stay_json_and_of_a_folder_give_one_line(tmp_path):
+    path = tmp_path / "funnel.jsonl"
+    path.write_text('{"t": %d, "d": "a", "e": "contact", "s": "telegram", "seconds": NaN}\n' % NOW)
+    assert json.loads(json.dumps(stats(path, NOW), allow_nan=False))["all"]["median_seconds_to_contact"] is None
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(StoreError, match="cannot be read"):
+        stats(path, NOW)
+
+
 def test_stats_of_a_hand_made_funnel(tmp_path):
     path = tmp_path / "funnel.jsonl"
     full = [stage("greeting"), stage("qualifying", 5), stage("offering", 60), stage("collecting_contact", 70)]
