@@ -161,7 +161,7 @@ def test_typing_is_renewed_while_the_llm_is_slow(tmp_path, telegram, llm):
 
 def test_typing_stops_when_the_client_cancels_while_the_llm_writes(tmp_path, telegram, llm):
     with quick_typing_bot(tmp_path, telegram, llm, []):
-        llm.delay = 1.0  # ten renewals at this pace
+        llm.delay = 0.6  # six renewals at this pace
         reach_contact_step_without_the_last_answer(telegram, 2010)
         telegram.send_text(2010, ANSWERS[-1])
         telegram.wait_for(lambda: len(typing_actions(telegram, 2010)) >= 2, message="a renewed typing action")

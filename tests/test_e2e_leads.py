@@ -120,7 +120,7 @@ def test_killed_right_after_the_server_accepted_the_email_no_second_email(bot, b
 
 
 def test_a_stop_while_the_mail_server_checks_the_email_lets_it_finish_and_sends_it_once(bot, bot_env, telegram, smtp):
-    smtp.data_delay = 1  # the server keeps the message at once, its "250" comes a second later (a virus scan)
+    smtp.data_delay = 0.5  # the server keeps the message at once, its "250" comes later (a virus scan)
     first = bot()
     full_dialog(telegram, 2003)
     wait_until(lambda: smtp.messages, message="the email reaching the server")

@@ -1,6 +1,7 @@
 """What an outside tester broke: Excel holding leads.csv, «нет проблем», pasted phones, a question removed
 mid-dialog, a flood ending with the contact, /cancel while the LLM writes, files saved in other encodings."""
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -202,20 +203,25 @@ def test_state_entries_of_another_shape_are_set_aside_and_the_bot_starts(bot, bo
     assert process.alive() and "3501" in (data / "state.jsonl.bad").read_text(encoding="utf-8")
 
 
-def photo_while_the_llm_writes(bot, telegram, llm, chat_id):
-    """The last answer, then a photo while the LLM writes the offer (0.5 s)."""
-    llm.delay = 0.5
+def while_the_llm_writes(bot, bot_env, telegram, llm, chat_id, *messages):
+    """The last answer, then these messages (a text, or a function sending one) queued while the LLM writes the
+    offer; the offer comes once they are all in the saved queue."""
+    written = threading.Event()
+    llm.reply_fn = lambda request: written.wait(10) and llm.reply
     bot()
     say(telegram, chat_id, "/start", QUESTIONS[0][1])
     for answer in ANSWERS:
         telegram.send_text(chat_id, answer)
     telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
-    telegram.send_media(chat_id, "photo")
+    for message in messages:
+        message() if callable(message) else telegram.send_text(chat_id, message)
+    wait_until(lambda: len(saved_dialogs(bot_env["DATA_DIR"])[chat_id]["waiting"]) == len(messages), 5)
+    written.set()
 
 
 def test_a_photo_and_a_phone_sent_while_the_llm_writes_are_answered_in_order(bot, bot_env, telegram, llm):
-    photo_while_the_llm_writes(bot, telegram, llm, 3701)
-    telegram.send_text(3701, "+7 999 123-45-67")
+    while_the_llm_writes(bot, bot_env, telegram, llm, 3701, lambda: telegram.send_media(3701, "photo"),
+                         "+7 999 123-45-67")
     telegram.wait_for(lambda: THANKS in telegram.texts(3701)[-1], 10, "the thank-you")
     texts = telegram.texts(3701)
     photo = texts.index(TEXTS["text_only"])  # after the offer, before the thank-you
@@ -224,7 +230,7 @@ def test_a_photo_and_a_phone_sent_while_the_llm_writes_are_answered_in_order(bot
 
 
 def test_a_photo_replayed_after_the_llm_wrote_is_not_answered_again_after_a_restart(bot, bot_env, telegram, llm):
-    photo_while_the_llm_writes(bot, telegram, llm, 3702)
+    while_the_llm_writes(bot, bot_env, telegram, llm, 3702, lambda: telegram.send_media(3702, "photo"))
     telegram.wait_for(lambda: TEXTS["text_only"] in telegram.texts(3702), 10, "the photo answered")
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[3702]["waiting"] == [], 5)
 
@@ -241,40 +247,22 @@ def test_a_contact_and_forget_in_one_batch_leave_no_row_and_send_no_email(bot, b
 
 
 def test_details_added_while_the_llm_writes_get_one_answer_not_one_each(bot, bot_env, telegram, llm):
-    llm.delay = 0.5
-    bot()
-    say(telegram, 3801, "/start", QUESTIONS[0][1])
-    for answer in ANSWERS:
-        telegram.send_text(3801, answer)
-    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
-    telegram.send_text(3801, "ещё нужна доставка")
-    telegram.send_text(3801, "и оплата картой")
+    while_the_llm_writes(bot, bot_env, telegram, llm, 3801, "ещё нужна доставка", "и оплата картой")
     telegram.wait_for(lambda: TEXTS["contact_format"] in telegram.texts(3801)[-2], 10, "the answer to the details")
     wait_until(lambda: not saved_dialogs(bot_env["DATA_DIR"])[3801]["waiting"], 5)
     assert telegram.texts(3801).count(TEXTS["contact_format"]) == 1
-    # The contact written with more details while the LLM wrote: one lead, one thank-you, no «контакт не найден».
-    say(telegram, 3802, "/start", QUESTIONS[0][1])
-    for answer in ANSWERS:
-        telegram.send_text(3802, answer)
-    telegram.wait_for(lambda: len(llm.requests) >= 3, 10, "the LLM asked for the second offer")
-    telegram.send_text(3802, "звоните после обеда")
-    telegram.send_text(3802, "+7 999 123-45-67")
+
+
+def test_a_contact_written_with_more_details_while_the_llm_writes_is_one_lead(bot, bot_env, telegram, llm):
+    while_the_llm_writes(bot, bot_env, telegram, llm, 3802, "звоните после обеда", "+7 999 123-45-67")
     telegram.wait_for(lambda: THANKS in telegram.texts(3802)[-1], 10, "the thank-you")
-    assert TEXTS["contact_format"] not in telegram.texts(3802)
+    assert TEXTS["contact_format"] not in telegram.texts(3802)  # no «контакт не найден» for the first line
     assert [row["contact"].lstrip("'") for row in read_rows(bot_env)] == ["+7 999 123-45-67"]
 
 
 def test_messages_queued_behind_a_lead_are_all_answered_after_it(bot, bot_env, telegram, llm):
-    llm.delay = 0.5
-    bot()
-    say(telegram, 3803, "/start", QUESTIONS[0][1])
-    for answer in ANSWERS:
-        telegram.send_text(3803, answer)
-    telegram.wait_for(lambda: llm.requests, 10, "the LLM asked for the offer")
-    telegram.send_contact(3803, "+79991234567")  # the lead, then more that waited with it
-    telegram.send_text(3803, "Ещё нужен логотип")
-    telegram.send_media(3803, "photo")
-    telegram.send_text(3803, "Срок — месяц")
+    while_the_llm_writes(bot, bot_env, telegram, llm, 3803, lambda: telegram.send_contact(3803, "+79991234567"),
+                         "Ещё нужен логотип", lambda: telegram.send_media(3803, "photo"), "Срок — месяц")
     telegram.wait_for(lambda: telegram.texts(3803)[-1] == QUESTIONS[2][1], 10, "the last queued message answered")
     wait_until(lambda: len(saved_dialogs(bot_env["DATA_DIR"])[3803]["answers"]) == 2, 5)
     dialog = saved_dialogs(bot_env["DATA_DIR"])[3803]
