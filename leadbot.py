@@ -375,6 +375,16 @@ def drop_idle(bot):
     bot.recent = {chat: times for chat, times in bot.recent.items() if time.monotonic() - times[-1] < 10}
 
 
+def keep_lock(bot):
+    """DATA_DIR's .lock deleted while the bot runs is taken again at once; if a second copy took it, this one stops:
+    two copies would answer every client twice."""
+    try:
+        bot.lock = store.relock(bot.cfg.data_dir, bot.lock)
+    except store.StoreError as e:
+        bot.fatal = str(e)
+        bot.stopping.set()
+
+
 # --- The loop: Telegram updates and LLM answers reach the dispatcher one at a time -------------
 
 
@@ -400,6 +410,7 @@ def run(bot):
         if time.monotonic() - last_cleanup > min(60, bot.cfg.session_ttl_hours * 3600):
             drop_idle(bot)
             last_cleanup = time.monotonic()
+        keep_lock(bot)  # two system calls
     if bot.offset is not None:  # tells Telegram what is handled, so that after a restart none comes twice
         with contextlib.suppress(TelegramError):
             bot.out.call("getUpdates", http_timeout=2, offset=bot.offset, timeout=0, limit=1)

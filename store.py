@@ -1,6 +1,7 @@
 """Everything leadbot keeps in DATA_DIR: the lock, leads.csv, the dialog journal, the outbox and the funnel."""
 
 import codecs
+import contextlib
 import copy
 import csv
 import io
@@ -85,6 +86,21 @@ def open_data_dir(path: Path) -> object:
     if (handle := _try_lock(path)) is None:
         raise StoreError(f"another copy of leadbot is already running on DATA_DIR {path} — stop it first")
     return handle
+
+
+def relock(path: Path, handle) -> object:
+    """The lock handle to keep: `handle` while its file is still DATA_DIR's .lock; if the owner deleted the file (a
+    second copy could then start), a new one taken now; raises StoreError when another copy took it first."""
+    path = Path(path).absolute()
+    with contextlib.suppress(OSError):  # deleted: FileNotFoundError
+        if os.name == "nt" or os.path.samestat(os.fstat(handle.fileno()), os.stat(path / ".lock")):
+            return handle  # Windows does not let a file another process has open be deleted
+    if (new := _try_lock(path)) is None:
+        raise StoreError(f"another copy of leadbot started on DATA_DIR {path} after its .lock was deleted — "
+                         "stop one of them, and leave .lock in place")
+    handle.close()
+    log.warning("%s was deleted while the bot ran; it is back (leave it in place)", path / ".lock")
+    return new
 
 
 def check(cfg) -> tuple[bool | None, str]:

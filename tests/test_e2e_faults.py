@@ -1,4 +1,5 @@
 """Telegram, network and LLM faults, restarts and signals, against the real bot process."""
+import os
 import re
 import threading
 import time
@@ -466,3 +467,14 @@ def test_a_stop_cutting_off_the_reply_after_forget_keeps_nothing_from_before_it(
     bot()
     telegram.wait_for(lambda: telegram.texts(3961)[-1] == QUESTIONS[0][1], 10, "the new message answered")
     assert telegram.texts(3961).count(TEXTS["forgotten"]) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows does not let the open .lock be deleted")
+def test_a_deleted_lock_file_never_lets_two_copies_run_on_one_data_dir(bot, bot_env, telegram):
+    first = bot()
+    first.wait_log("started as")
+    (Path(bot_env["DATA_DIR"]) / ".lock").unlink()  # the owner cleaning up "junk"
+    second = bot()
+    wait_until(lambda: not (first.alive() and second.alive()), 10)
+    (stopped,) = [process for process in (first, second) if not process.alive()]
+    assert stopped.wait(5) == 2 and "another copy of leadbot" in stopped.output()

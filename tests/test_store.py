@@ -79,6 +79,26 @@ def test_a_second_copy_is_refused_until_the_first_is_killed(tmp_path):
     open_data_dir(data).close()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows does not let an open file be deleted")
+def test_a_deleted_lock_file_is_taken_again_or_names_the_copy_that_took_it(tmp_path):
+    data = tmp_path / "data"
+    handle = open_data_dir(data)
+    assert store.relock(data, handle) is handle
+    (data / ".lock").unlink()  # the owner cleaning up "junk"
+    handle = store.relock(data, handle)  # taken again at the next check
+    with pytest.raises(StoreError):
+        open_data_dir(data)
+    (data / ".lock").unlink()
+    holder = python(HOLD, data)  # and a second copy starts before the next check
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(StoreError, match="after its .lock was deleted"):
+            store.relock(data, handle)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def test_a_data_dir_that_is_a_file(tmp_path):
     data = tmp_path / "data"
     data.write_text("not a folder")
