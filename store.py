@@ -230,7 +230,7 @@ class Leads:
                     kept_from, removed = reader.line_num, removed + 1
                 start = reader.line_num
             kept += lines[kept_from:]
-            if any(_row_chat(line, self.delimiter) == chat[0] for line in kept):  # inside another row's cell
+            if any(chat[0] in line and _row_chat(line, self.delimiter) == chat[0] for line in kept):  # in a cell
                 raise OSError("leads.csv: a row of that chat is inside another row (a quote left open?)")
             if removed:
                 _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))
