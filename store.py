@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import threading
 import time
@@ -124,7 +125,7 @@ def check(cfg) -> tuple[bool | None, str]:
 
 def _delimiter_of(text: str) -> str | None:
     """";" or "," as leads.csv's header line shows it; None for another header."""
-    header = text.removeprefix("\ufeff").partition("\n")[0].rstrip("\r")
+    header = re.match(r"[^\r\n]*", text.removeprefix("\ufeff")).group()  # a line ends at \r\n, \n or \r (old Macs)
     return next((d for d in ";," if header == d.join(COLUMNS)), None)
 
 

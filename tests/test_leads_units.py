@@ -485,3 +485,10 @@ def test_a_file_re_saved_with_other_columns_or_encoding_while_the_bot_runs_gets_
     with pytest.raises(OSError):  # the lead stays in the outbox and the log says what to fix
         append(leads, make_lead(chat_id=2, client_name="Ольга"))
     assert path.read_bytes() == before
+
+
+def test_a_file_with_old_mac_line_ends_is_read_written_and_forgotten_in(path):
+    path.write_bytes(BOM + header(";").rstrip(b"\r\n") + b"\r" + f"{TS};7;Ann;x;y;z;telegram;new\r".encode())
+    leads = Leads(path, ";")  # not "other columns": its lines end with \r alone
+    append(leads, make_lead(chat_id=8))
+    assert leads.forget(7) == 1 and [row[1] for row in rows(path, ";")] == ["chat_id", "8"]
