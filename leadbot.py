@@ -616,6 +616,8 @@ def commit_lead(bot, dialog, msg, contact, status):
 def deliver(bot, item, channels):
     """Tries these owed channels of one lead now; returns every channel that has it so far (item["took"])."""
     for channel in [c for c in channels if c in item["owed"]]:
+        if not bot.outbox.has(item["id"]):
+            break  # the client's /forget dropped it while the delivery thread held its copy
         def done(channel=channel, took=True):  # from now on it is never sent again
             item["owed"].remove(channel)
             item["took"] = item.get("took", []) + [channel] * took
@@ -646,7 +648,7 @@ def record_lead(bot, dialog, end):
 
 
 def write_row(bot, item, done):
-    bot.leads.write(item["lead"], item["since"])
+    bot.leads.write(item["lead"], item["since"], wanted=lambda: bot.outbox.has(item["id"]))  # /forget drops it first
     done()
 
 

@@ -172,9 +172,12 @@ class Leads:
         """Where the next row will start: the size of the file (0 if it is missing)."""
         return self.path.stat().st_size if self.path.exists() else 0
 
-    def write(self, lead: dict, since: int) -> None:
-        """Append the lead unless its exact row already stands at or after byte `since`; raises OSError."""
+    def write(self, lead: dict, since: int, wanted=lambda: True) -> None:
+        """Append the lead unless its exact row already stands at or after byte `since`, or wanted() (asked under
+        the file's lock, which forget() takes too) says it was forgotten meanwhile; raises OSError."""
         with self._lock, open(self.path, "a+b", buffering=0) as f:
+            if not wanted():
+                return
             f.seek(0)  # the owner may have re-saved it while the bot ran: with the other delimiter is fine
             head = f.read(200).decode("utf-8", "replace")
             if head.lstrip("\ufeff") and not _delimiter_of(head):  # a row under the wrong columns is silent harm
@@ -353,6 +356,10 @@ class Outbox:
             except OSError as e:  # the channels are still tried now, and again while this process runs
                 log.error("cannot write %s (%s); the lead is kept in memory only", self.folder, type(e).__name__)
             return copy.deepcopy(self._items[lead_id])
+
+    def has(self, lead_id: str) -> bool:
+        with self._lock:
+            return lead_id in self._items
 
     def items(self) -> list[dict]:
         with self._lock:

@@ -108,3 +108,19 @@ def test_an_env_file_the_bot_may_not_read_gives_one_line_and_exit_2(monkeypatch,
     assert leadbot.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ".env cannot be read (PermissionError)" in err[0]
+
+
+def test_a_lead_forgotten_while_the_delivery_thread_holds_its_copy_gets_no_row(tmp_path):
+    bot = make_bot(tmp_path)
+    leads = bot.cfg.data_dir / "leads.csv"
+    leads.mkdir(parents=True)  # the row cannot be written now (Excel holds the file)
+    for text in ["/start", "Сайт", "3", "Пока не знаю"]:
+        say(bot, text)
+    settle(bot)
+    say(bot, "+7 999 123-45-67", update_id=5)  # «не получилось, пришлите ещё раз»: the outbox keeps trying
+    held = bot.outbox.items()  # the delivery thread's round, taken just before the file is free again
+    leads.rmdir()
+    assert say(bot, "/forget") == TEXTS["forgotten"]  # while the delivery thread goes through that round
+    for item in held:
+        leadbot.deliver(bot, item, list(item["owed"]))
+    assert not leads.exists() or b"123-45-67" not in leads.read_bytes()
