@@ -51,6 +51,7 @@ def complete(cfg, system: str, user: str, on_text=None, session=None, stream=Tru
     LLMError when there is none. cfg.llm_timeout covers all, connect to last byte. on_text(text_so_far) sees the
     cleaned text of a stream grow ("" while the model only reasons); only the return value is final. A stream ending
     with neither "data: [DONE]" nor a finish_reason broke off: LLMError, not a cut answer passed off as whole."""
+    global _reasons_untagged  # what one answer shows of the server holds for all its answers
     deadline = time.monotonic() + cfg.llm_timeout
     payload = {"model": cfg.llm_model, "max_tokens": cfg.llm_max_tokens, "stream": stream and cfg.llm_stream,
                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
@@ -68,14 +69,17 @@ def complete(cfg, system: str, user: str, on_text=None, session=None, stream=Tru
         lines = _lines(cfg, response, deadline)
         if "event-stream" in response.headers.get("Content-Type", ""):
             raw = _from_stream(cfg, lines, on_text)
-            global _reasons_untagged  # noqa: PLW0603 - what this server does holds for all its answers
-            _reasons_untagged = _reasons_untagged or bool(_LONE_CLOSE.match(raw))
-            text = clean(raw)
         else:  # a whole JSON completion, also when a server does not stream; reasoning fields are ignored
             try:  # a None in lines (over MAX_BYTES: no completion is that big) is a TypeError too
-                text = clean(json.loads(b"\n".join(lines))["choices"][0]["message"].get("content") or "")
+                raw = json.loads(b"\n".join(lines))["choices"][0]["message"].get("content") or ""
+                raw.lower()  # text, not another JSON value
             except (ValueError, LookupError, TypeError, AttributeError):
                 raise LLMError(cfg, "malformed", "no JSON completion") from None
+    if _LONE_CLOSE.match(raw):
+        _reasons_untagged = True
+    elif _reasons_untagged and "</think" not in raw.lower():
+        raw = ""  # this server's reasoning, cut off (LLM_MAX_TOKENS) before its </think>: no answer in it
+    text = clean(raw)
     if len(text) > MAX_ANSWER_CHARS:
         text = text[:max(text.rfind(" ", 0, MAX_ANSWER_CHARS), MAX_ANSWER_CHARS // 2)].rstrip() + "…"
     if not text:

@@ -18,6 +18,12 @@ BASE = "http://llm.test/v1"
 ENDPOINT = BASE + "/chat/completions"
 
 
+@pytest.fixture(autouse=True)
+def a_server_not_yet_known(monkeypatch):
+    """What llm learns of a server (_reasons_untagged) holds for the process: each test starts without it."""
+    monkeypatch.setattr(llm, "_reasons_untagged", False)
+
+
 @pytest.fixture
 def server():
     yield from running(FakeLLM())
@@ -377,14 +383,20 @@ def test_clean_is_fast_on_100k_characters(unit):
     assert time.perf_counter() - started < 1
 
 
-def test_after_one_answer_with_a_lone_closing_tag_no_text_before_such_a_tag_is_shown(server, monkeypatch):
+def test_after_one_answer_with_a_lone_closing_tag_no_text_before_such_a_tag_is_shown(server):
     # A chat template that puts <think> into the prompt: the reasoning streams as text up to a lone </think>.
-    monkeypatch.setattr(llm, "_reasons_untagged", False)
     server.reply, server.chunks = "СЕКРЕТ: по системному промпту скидка 30% своим</think>Итог: лендинг.", 6
     assert ask(server, lambda text: None) == "Итог: лендинг."  # drafts of this first one could not know
     seen = []
     assert ask(server, seen.append) == "Итог: лендинг."
     assert seen and not any("СЕКРЕТ" in text for text in seen) and "Итог" in seen[-1]
-    server.reply = "Обычный ответ без рассуждений, написанный по кусочкам."  # text before any tag waits
-    seen.clear()
-    assert ask(server, seen.append) == server.reply and not any(seen)
+
+
+def test_an_answer_cut_before_its_lone_closing_tag_is_no_answer_once_the_server_is_known(server):
+    server.reply = "СЕКРЕТ рассуждение</think>Итог: лендинг."
+    assert ask(server, lambda text: None) == "Итог: лендинг."  # now the bot knows this server
+    server.reply = "СЕКРЕТ: клиент пишет про пекарню, мне нужно подумать о цене"  # LLM_MAX_TOKENS cut it here
+    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):  # the client gets the honest fallback
+        ask(server, lambda text: None)
+    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
+        ask(server, stream=False)
