@@ -63,12 +63,14 @@ def test_contact_search_is_linear_on_a_huge_word():
 
 
 @pytest.mark.parametrize("text", ["нет", "Нет.", "не хочу", "Не буду!", "не надо, спасибо",
-                                  "отказываюсь", "без контактов"])
+                                  "отказываюсь", "без контактов",
+                                  "Понятно, спасибо\nНет, не хочу оставлять контакт"])  # joined while the LLM wrote
 def test_refusals_are_recognised(text):
     assert leadbot.is_refusal(text)
 
 
-@pytest.mark.parametrize("text", ["нетрудно", "хочу", "да", "позже напишу номер", "интернет-магазин"])
+@pytest.mark.parametrize("text", ["нетрудно", "хочу", "да", "позже напишу номер", "интернет-магазин",
+                                  "Нет-нет\nсейчас найду номер", "У меня нет сайта\nнужен новый"])
 def test_other_text_is_not_a_refusal(text):
     assert not leadbot.is_refusal(text)
 

@@ -260,6 +260,13 @@ def test_a_contact_written_with_more_details_while_the_llm_writes_is_one_lead(bo
     assert [row["contact"].lstrip("'") for row in read_rows(bot_env)] == ["+7 999 123-45-67"]
 
 
+def test_a_refusal_written_after_another_text_while_the_llm_writes_is_a_refusal(bot, bot_env, telegram, llm):
+    while_the_llm_writes(bot, bot_env, telegram, llm, 3804, "Понятно, спасибо", "Нет, не хочу оставлять контакт")
+    telegram.wait_for(lambda: TEXTS["refused"][:20] in telegram.texts(3804)[-1], 10, "the goodbye")
+    wait_until(lambda: read_rows(bot_env), 5)
+    assert [row["status"] for row in read_rows(bot_env)] == ["rejected"]
+
+
 def test_messages_queued_behind_a_lead_are_all_answered_after_it(bot, bot_env, telegram, llm):
     while_the_llm_writes(bot, bot_env, telegram, llm, 3803, lambda: telegram.send_contact(3803, "+79991234567"),
                          "Ещё нужен логотип", lambda: telegram.send_media(3803, "photo"), "Срок — месяц")
