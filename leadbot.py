@@ -111,6 +111,7 @@ STAGES = {
     "done": start_over,                  # a message after the end -> a new dialog
 }
 RETURN_AFTER = 3600  # seconds of silence after which a client in mid-dialog is welcomed back
+STOP_WAIT = 15  # seconds a stop waits for an email on its way (doc/deploy.md gives systemd 30 in all)
 
 
 def remind(bot, dialog, msg):
@@ -414,8 +415,10 @@ def run(bot):
     if bot.offset is not None:  # tells Telegram what is handled, so that after a restart none comes twice
         with contextlib.suppress(TelegramError):
             bot.out.call("getUpdates", http_timeout=2, offset=bot.offset, timeout=0, limit=1)
-    bot.wake.set()  # an email on its way is let finish: cut off after the server took it, it would go twice
-    delivery.join(mailer.TIMEOUT * 2)
+    bot.wake.set()  # the delivery thread ends after the lead at hand
+    if bot.mailing.is_set():  # an email cut off after the server took it would go twice: let it finish
+        log.info("waiting up to %d s for the mail server to take an email on its way", STOP_WAIT)
+        delivery.join(STOP_WAIT)
 
 
 def handle_event(bot, event):
@@ -653,7 +656,10 @@ def write_row(bot, item, done):
 
 
 def send_email(bot, item, done):
-    mailer.send_lead(bot.cfg, item["lead"], item["id"], accepted=done)
+    try:
+        mailer.send_lead(bot.cfg, item["lead"], item["id"], accepted=done, sending=bot.mailing.set)
+    finally:
+        bot.mailing.clear()
 
 
 def send_card(bot, item, done):
@@ -1237,6 +1243,7 @@ class Bot:
         self.outbox, self.funnel = store.Outbox(cfg.data_dir / "outbox"), store.Funnel(cfg.data_dir / "funnel.jsonl")
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
         self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
+        self.mailing = threading.Event()  # set while an email itself goes out: a stop waits for it
         self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
         self.replies, self.saves, self.batch, self.senders = [], [], {}, concurrent.futures.ThreadPoolExecutor(32)
         self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None

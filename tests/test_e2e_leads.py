@@ -5,6 +5,7 @@ exactly one e-mail (and manager card) per lead, and the client never told "saved
 """
 import json
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -130,6 +131,20 @@ def test_a_stop_while_the_mail_server_checks_the_email_lets_it_finish_and_sends_
     telegram.wait_for(lambda: not owed(bot_env), 10, "the outbox empty")
     stop(second)
     assert len(mails_of(smtp, 2003)) == 1 and len(rows_of(bot_env, 2003)) == 1
+
+
+def test_a_stop_while_the_mail_server_does_not_even_greet_does_not_wait_for_it(bot, bot_env, telegram, tmp_path):
+    silent = socket.create_server(("127.0.0.1", 0))  # takes the connection, never says a word (a black hole)
+    try:
+        process = bot(SMTP_PORT=str(silent.getsockname()[1]))
+        full_dialog(telegram, 2004)
+        wait_until(lambda: rows_of(bot_env, 2004), message="the row")
+        connection, _ = silent.accept()  # the delivery thread now waits for the greeting (up to 20 s)
+        process.terminate()
+        assert process.wait(5) == 0  # nothing was sent yet, so nothing can go twice: no reason to wait
+        connection.close()
+    finally:
+        silent.close()
 
 
 def test_killed_at_random_moments_every_finished_dialog_gives_one_row_and_its_email(
