@@ -96,7 +96,11 @@ def relock(path: Path, handle) -> object:
     with contextlib.suppress(OSError):  # deleted: FileNotFoundError
         if os.name == "nt" or os.path.samestat(os.fstat(handle.fileno()), os.stat(path / ".lock")):
             return handle  # Windows does not let a file another process has open be deleted
-    if (new := _try_lock(path)) is None:
+    try:
+        new = _try_lock(path)
+    except StoreError:  # the folder itself is gone or renamed for now: each file's write says so; tried again
+        return handle
+    if new is None:
         raise StoreError(f"another copy of leadbot started on DATA_DIR {path} after its .lock was deleted — "
                          "stop one of them, and leave .lock in place")
     handle.close()

@@ -3,6 +3,7 @@ leads.csv is tested in test_leads_units.py."""
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,23 @@ def test_a_deleted_lock_file_is_taken_again_or_names_the_copy_that_took_it(tmp_p
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows does not let a folder with an open file be renamed")
+def test_a_data_dir_renamed_or_deleted_while_the_bot_runs_is_no_reason_to_stop(tmp_path):
+    data = tmp_path / "data"
+    handle = open_data_dir(data)
+    data.rename(tmp_path / "away")
+    assert store.relock(data, handle) is handle  # renamed for a moment
+    (tmp_path / "away").rename(data)
+    assert store.relock(data, handle) is handle
+    shutil.rmtree(data)
+    assert store.relock(data, handle) is handle  # deleted: nothing to lock until a write makes it again
+    data.mkdir()
+    handle = store.relock(data, handle)
+    with pytest.raises(StoreError):
+        open_data_dir(data)
+    handle.close()
 
 
 def test_a_data_dir_that_is_a_file(tmp_path):
