@@ -575,7 +575,7 @@ class Draft:
             self.closed = True
         self.live.set()  # no more 'typing…' either
         if self.sending:
-            self.sending.join(15)  # the longest a call can take (TELEGRAM_TIMEOUT aside): connecting 10 s, 3 s
+            self.sending.join(5)  # a draft call answers within 3 s; a Bot API slower still must not hold the offer
 
 
 def answers_text(bot, dialog):

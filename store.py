@@ -133,11 +133,17 @@ def _delimiter_of(text: str) -> str | None:
     return next((d for d in ";," if header == d.join(COLUMNS)), None)
 
 
+def _chat_of(cell: str) -> str:
+    """A chat id cell as the bot wrote it: Excel or pandas may have made 42 into " 42", "42" or 42.0."""
+    return re.sub(r"\.0+$", "", cell.strip().strip('"').strip())
+
+
 def _row_chat(line: str, delimiter: str) -> str | None:
-    """The chat id of the row a physical line of leads.csv starts (its second field is a number), else None."""
+    """The chat id of the row a physical line of leads.csv starts (a date, then a number), else None."""
     fields = line.split(delimiter, 2)
-    chat = fields[1].strip('"') if len(fields) == 3 else ""
-    return chat if chat.lstrip("-").isdigit() else None
+    if len(fields) < 3 or not re.match(r'\s*"?\d{1,4}[-./]\d{1,2}[-./]\d{1,4}', fields[0]):
+        return None
+    return chat if (chat := _chat_of(fields[1])).lstrip("-").isdigit() else None
 
 
 class Leads:
@@ -227,10 +233,10 @@ class Leads:
                 raise OSError("leads.csv has other columns now")
             self.delimiter = delimiter or self.delimiter
             lines = io.StringIO(text, newline="").readlines()  # split where csv splits: at \r\n, \n and \r
-            reader, chat = csv.reader(lines, delimiter=self.delimiter), [str(chat_id)]
+            reader, chat = csv.reader(lines, delimiter=self.delimiter), str(chat_id)
             kept, kept_from, start, removed = [], 0, 0, 0
             for row in reader:  # csv's own rules; reader.line_num tells which lines a record took
-                if start and row[1:2] == chat:  # start == 0: the header
+                if start and len(row) > 1 and _chat_of(row[1]) == chat:  # start == 0: the header
                     if len(row) != len(COLUMNS) or any(_row_chat(line, self.delimiter)
                                                        for line in lines[start + 1:reader.line_num]):
                         raise OSError("leads.csv: a row of that chat runs into other rows (a quote left open?)")
@@ -238,7 +244,7 @@ class Leads:
                     kept_from, removed = reader.line_num, removed + 1
                 start = reader.line_num
             kept += lines[kept_from:]
-            if any(chat[0] in line and _row_chat(line, self.delimiter) == chat[0] for line in kept):  # in a cell
+            if any(chat in line and _row_chat(line, self.delimiter) == chat for line in kept):  # inside a cell
                 raise OSError("leads.csv: a row of that chat is inside another row (a quote left open?)")
             if removed:
                 _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))

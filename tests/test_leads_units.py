@@ -492,3 +492,16 @@ def test_a_file_with_old_mac_line_ends_is_read_written_and_forgotten_in(path):
     leads = Leads(path, ";")  # not "other columns": its lines end with \r alone
     append(leads, make_lead(chat_id=8))
     assert leads.forget(7) == 1 and [row[1] for row in rows(path, ";")] == ["chat_id", "8"]
+
+
+@pytest.mark.parametrize("delimiter, row, other", [
+    (",", f'{TS},7,Ann,x,y,"first line\nсумма 1,500,000",telegram,new\r\n', ""),  # numbers in the owner's note
+    (";", f'{TS};7;Ann;x;y;"заказ\nИтог;25000;оплачено";telegram;new\r\n', ""),
+    (";", f"{TS};7.0;Ann;x;y;z;telegram;new\r\n", ""),  # re-saved by pandas
+    (";", f"{TS}; 7 ;Ann;x;y;z;telegram;new\r\n", ""),  # typed with spaces
+    (";", f"{TS};7;Ann;x;y;z;telegram;new\r\n", f'{TS};8;Bob;x;y;"заказ\nпозиция;7;шт";telegram;new\r\n'),
+])
+def test_forget_takes_rows_the_owner_edited_and_not_a_cell_that_only_looks_like_a_row(path, delimiter, row, other):
+    path.write_bytes(BOM + header(delimiter) + (row + other).encode())
+    assert Leads(path, delimiter).forget(7) == 1
+    assert path.read_bytes() == BOM + header(delimiter) + other.encode()
