@@ -111,7 +111,7 @@ STAGES = {
     "done": start_over,                  # a message after the end -> a new dialog
 }
 RETURN_AFTER = 3600  # seconds of silence after which a client in mid-dialog is welcomed back
-STOP_WAIT = 15  # seconds a stop waits for an email on its way (doc/deploy.md gives systemd 30 in all)
+STOP_WAIT = mailer.TIMEOUT + 2  # seconds a stop waits for an email on its way (doc/deploy.md gives systemd 30)
 
 
 def remind(bot, dialog, msg):
@@ -627,7 +627,8 @@ def deliver(bot, item, channels):
             update_item(bot, item)
         try:
             SENDERS[channel](bot, item, done)
-            log.info("%s delivered for chat %s", channel, item["chat_id"])
+            if channel not in item["owed"]:  # not when /forget dropped it on the way
+                log.info("%s delivered for chat %s", channel, item["chat_id"])
         except (OSError, TelegramError, mailer.MailError) as e:
             log.warning("%s for chat %s failed: %s", channel, item["chat_id"], failure_reason(channel, e))
             if isinstance(e, TelegramError) and e.error_code == 400:
@@ -656,8 +657,14 @@ def write_row(bot, item, done):
 
 
 def send_email(bot, item, done):
+    def sending():  # the login may take long: the client's /forget may have come meanwhile
+        bot.mailing.set()
+        if not bot.outbox.has(item["id"]):
+            log.info("email for chat %s not sent: the lead was forgotten meanwhile", item["chat_id"])
+        return bot.outbox.has(item["id"])
     try:
-        mailer.send_lead(bot.cfg, item["lead"], item["id"], accepted=done, sending=bot.mailing.set)
+        mailer.send_lead(bot.cfg, item["lead"], item["id"], accepted=lambda: (done(), bot.mailing.clear()),
+                         sending=sending)
     finally:
         bot.mailing.clear()
 

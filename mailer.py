@@ -61,9 +61,9 @@ def subject(lead: dict) -> str:
     return _headline(lead) + (f": {intent}" if intent else "") + (f" — {name}" if name else "")
 
 
-def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None, sending=lambda: None) -> None:
-    """E-mail the card to the manager; raises MailError. sending() runs when the message itself starts to go out,
-    accepted() once the server took it, before QUIT."""
+def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None, sending=lambda: True) -> None:
+    """E-mail the card to the manager; raises MailError. sending() is asked just before the message itself goes
+    out (False: send nothing after all), accepted() runs once the server took it, before QUIT."""
     body = "\n".join(line if len(line) <= _WRAPPER.width else _WRAPPER.fill(line) for line in card(lead).split("\n"))
     with contextlib.closing(_login(cfg)) as smtp:
         with _translated():
@@ -73,7 +73,8 @@ def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None, sending=lamb
             message["Date"], message["Message-ID"] = datetime.datetime.now().astimezone(), f"<{lead_id}@leadbot>"
             eight_bit = smtp.has_extn("8bitmime")  # then the body is readable UTF-8
             message.set_content(body, charset="utf-8", cte="8bit" if eight_bit else "base64")
-            sending()
+            if not sending():
+                return
             smtp.send_message(message, mail_options=["BODY=8BITMIME"] if eight_bit else [])
         accepted()  # from here on the lead must never be sent again, whatever happens next
         with contextlib.suppress(OSError):  # a failed goodbye changes nothing: the server has the message

@@ -400,10 +400,12 @@ class Outbox:
             return min((item["due"] for item in self._items.values() if item["owed"]), default=None)
 
     def drop(self, lead_id: str) -> None:
+        """Forget the item, then remove its file; raises OSError, the item gone from memory all the same (a stale
+        copy there would be delivered again and again)."""
         with self._lock:
+            self._items.pop(lead_id, None)
             self._file(lead_id).unlink(missing_ok=True)
             self._file(lead_id).with_suffix(".json.tmp").unlink(missing_ok=True)  # left by a crash mid-write
-            self._items.pop(lead_id, None)
 
     def drop_chat(self, chat_id) -> int:
         """Remove every item of that chat (/forget); returns how many; raises OSError."""

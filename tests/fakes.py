@@ -815,7 +815,8 @@ class FakeSMTP:
     certificate. RCPT TO an address in .refused gets "550". A message is kept as soon as it
     arrives, and its "250" comes .data_delay seconds later (a server scanning it first). .quits
     counts QUIT commands; after accepting a message the server can answer QUIT late
-    (.quit_delay seconds) or with an error (.quit_reply, e.g. "421 ...").
+    (.quit_delay seconds) or with an error (.quit_reply, e.g. "421 ..."). .ehlos counts EHLO
+    commands, each answered .ehlo_delay seconds late (a slow login).
     """
 
     def __init__(self, auth=None, tls=None, certificate="selfsigned"):
@@ -827,7 +828,7 @@ class FakeSMTP:
         self.logins = []
         self.refused = set()
         self.quits = 0
-        self.quit_delay = self.data_delay = 0
+        self.quit_delay = self.data_delay = self.ehlo_delay = self.ehlos = 0
         self.quit_reply = None
         self._controller = None
         self.start()
@@ -878,6 +879,12 @@ class FakeSMTP:
         self.messages.append(message)
         await asyncio.sleep(self.data_delay)
         return "250 Message accepted for delivery"
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self.ehlos += 1
+        await asyncio.sleep(self.ehlo_delay)
+        session.host_name = hostname  # what aiosmtpd's own EHLO does besides answering
+        return responses
 
     async def handle_QUIT(self, server, session, envelope):
         self.quits += 1

@@ -147,6 +147,25 @@ def test_a_stop_while_the_mail_server_does_not_even_greet_does_not_wait_for_it(b
         silent.close()
 
 
+def test_a_forget_while_the_bot_logs_in_to_the_mail_server_sends_no_email(bot, bot_env, telegram, smtp):
+    smtp.ehlo_delay = 0.5
+    process = bot()
+    full_dialog(telegram, 2005)
+    wait_until(lambda: smtp.ehlos, message="the delivery thread logging in")
+    say(telegram, 2005, "/forget", "удалены")
+    process.wait_log("email for chat 2005 not sent")
+    assert not mails_of(smtp, 2005) and not rows_of(bot_env, 2005)
+
+
+def test_a_stop_after_the_server_took_the_email_does_not_wait_for_its_goodbye(bot, bot_env, telegram, smtp):
+    smtp.quit_delay = 30  # the server took the message and hangs at QUIT
+    process = bot()
+    full_dialog(telegram, 2006)
+    wait_until(lambda: smtp.quits, message="the bot saying QUIT")
+    process.terminate()
+    assert process.wait(5) == 0 and len(mails_of(smtp, 2006)) == 1
+
+
 def test_killed_at_random_moments_every_finished_dialog_gives_one_row_and_its_email(
         bot, bot_env, telegram, smtp):
     chats = range(2101, 2107)

@@ -608,3 +608,16 @@ def test_an_outbox_write_that_fails_leaves_no_copy_on_disk_and_the_item_in_memor
     monkeypatch.undo()
     outbox.drop_chat(7)
     assert list(folder.iterdir()) == []
+
+
+def test_an_item_delivered_while_its_file_cannot_be_removed_is_not_delivered_again(folder, monkeypatch):
+    outbox = Outbox(folder)
+    item = outbox.add("7-1", {"chat_id": 7}, ["email"], 0, 1)
+    outbox.update({**item, "confirmed": True})
+
+    def read_only(self, *args, **kwargs):  # a read-only disk, or an antivirus holding the file on Windows
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError):
+        outbox.update({**item, "confirmed": True, "owed": []})  # the email went out
+    assert outbox.items() == [] and outbox.next_due() is None  # so it is not sent again every 50 ms
