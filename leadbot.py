@@ -781,10 +781,10 @@ def is_phone(candidate):
 
 
 def is_refusal(text):
-    """«Нет, не хочу» is a refusal, also as a line after «Понятно, спасибо»; «нет-нет, сейчас напишу» is not."""
-    lines = [" ".join(re.sub(r"[^\w\s]", " ", line.lower().replace("ё", "е")).split()) for line in text.splitlines()]
-    return (any(REFUSAL_RE.match(line) for line in lines)
-            and not re.search(r"\b(сейчас|минут|секунд|напиш|скин|отправ|пришл)", " ".join(lines)))
+    """«Нет, не хочу» is a refusal; «нет-нет, сейчас напишу» is not, nor a «нет» further on (a lost lead is worse
+    than asking once more)."""
+    words = " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
+    return bool(REFUSAL_RE.match(words)) and not re.search(r"\b(сейчас|минут|секунд|напиш|скин|отправ|пришл)", words)
 
 
 def scrub(text):

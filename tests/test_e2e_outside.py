@@ -260,11 +260,11 @@ def test_a_contact_written_with_more_details_while_the_llm_writes_is_one_lead(bo
     assert [row["contact"].lstrip("'") for row in read_rows(bot_env)] == ["+7 999 123-45-67"]
 
 
-def test_a_refusal_written_after_another_text_while_the_llm_writes_is_a_refusal(bot, bot_env, telegram, llm):
-    while_the_llm_writes(bot, bot_env, telegram, llm, 3804, "Понятно, спасибо", "Нет, не хочу оставлять контакт")
-    telegram.wait_for(lambda: TEXTS["refused"][:20] in telegram.texts(3804)[-1], 10, "the goodbye")
-    wait_until(lambda: read_rows(bot_env), 5)
-    assert [row["status"] for row in read_rows(bot_env)] == ["rejected"]
+def test_a_no_further_on_in_texts_joined_while_the_llm_writes_is_not_a_refusal(bot, bot_env, telegram, llm):
+    while_the_llm_writes(bot, bot_env, telegram, llm, 3804, "Забыл добавить", "нет логотипа, его тоже нужно сделать")
+    telegram.wait_for(lambda: CONTACT_REQUEST in telegram.texts(3804)[-1], 10, "the contact asked again")
+    assert not read_rows(bot_env)  # no «rejected» row: the lead is not lost
+    say(telegram, 3804, "+7 999 123-45-67", THANKS)
 
 
 def test_messages_queued_behind_a_lead_are_all_answered_after_it(bot, bot_env, telegram, llm):
