@@ -505,3 +505,14 @@ def test_forget_takes_rows_the_owner_edited_and_not_a_cell_that_only_looks_like_
     path.write_bytes(BOM + header(delimiter) + (row + other).encode())
     assert Leads(path, delimiter).forget(7) == 1
     assert path.read_bytes() == BOM + header(delimiter) + other.encode()
+
+
+def test_forget_never_takes_the_owners_own_row_without_a_time_when_a_quote_joins_it(path):
+    rows = [f'{TS};7;"Иван;+79991112233;сайт;перезвонить;telegram;new\r\n',  # a quote typed before the name
+            ';99;"ООО ""Ромашка""";+74950000000;лендинг;звонил сам;manual;new\r\n',  # the owner's row, no time
+            f"{TS};12;Пётр;@petr;магазин;каталог;telegram;new\r\n"]
+    path.write_bytes(BOM + header(";") + "".join(rows).encode())
+    before = path.read_bytes()
+    with pytest.raises(OSError):  # «не получилось», and nothing changed
+        Leads(path, ";").forget(7)
+    assert path.read_bytes() == before
