@@ -796,7 +796,8 @@ def scrub(text):
 
 def clean_text(text):
     """Client text as the bot keeps it: no control or invisible characters, at most MAX_TEXT."""
-    return CONTROL_CHARS.sub("", text[:MAX_TEXT * 2] if isinstance(text, str) else "").strip()[:MAX_TEXT]
+    text = CONTROL_CHARS.sub("", text[:MAX_TEXT * 2] if isinstance(text, str) else "")
+    return re.sub(r"</?think", "<_think", text, flags=re.I).strip()[:MAX_TEXT]  # an LLM echoing it cuts its answer
 
 
 def command_of(text):

@@ -68,17 +68,18 @@ def complete(cfg, system: str, user: str, on_text=None, session=None, stream=Tru
                            f"HTTP {status}", status)
         lines = _lines(cfg, response, deadline)
         if "event-stream" in response.headers.get("Content-Type", ""):
-            raw = _from_stream(cfg, lines, on_text)
+            raw, finish = _from_stream(cfg, lines, on_text)
         else:  # a whole JSON completion, also when a server does not stream; reasoning fields are ignored
             try:  # a None in lines (over MAX_BYTES: no completion is that big) is a TypeError too
-                raw = json.loads(b"\n".join(lines))["choices"][0]["message"].get("content") or ""
+                choice = json.loads(b"\n".join(lines))["choices"][0]
+                raw, finish = choice["message"].get("content") or "", choice.get("finish_reason")
                 raw.lower()  # text, not another JSON value
             except (ValueError, LookupError, TypeError, AttributeError):
                 raise LLMError(cfg, "malformed", "no JSON completion") from None
     if _LONE_CLOSE.match(raw):
         _reasons_untagged = True
-    elif _reasons_untagged and "</think" not in raw.lower():
-        raw = ""  # this server's reasoning, cut off (LLM_MAX_TOKENS) before its </think>: no answer in it
+    elif _reasons_untagged and finish == "length" and "</think" not in raw.lower():
+        raw = ""  # this server's reasoning, cut off at LLM_MAX_TOKENS before its </think>: no answer in it
     text = clean(raw)
     if len(text) > MAX_ANSWER_CHARS:
         text = text[:max(text.rfind(" ", 0, MAX_ANSWER_CHARS), MAX_ANSWER_CHARS // 2)].rstrip() + "…"
@@ -111,11 +112,11 @@ def _lines(cfg, response, deadline):
 
 
 def _from_stream(cfg, lines, on_text):
-    """The raw content of server-sent events: "data: {json}" lines up to "data: [DONE]"."""
+    """The raw content of server-sent events ("data: {json}" lines up to "data: [DONE]") and the finish_reason."""
     raw, cleaned_at, visible, shown, finished, tagged = "", 0, "", "", False, False
     for line in lines:
         if line is None or line.strip() in (b"data: [DONE]", b"data:[DONE]") or len(visible) >= MAX_ANSWER_CHARS:
-            return raw  # the end, or a size cap: use what is there
+            return raw, finished  # the end, or a size cap: use what is there
         if not line.startswith(b"data:"):  # blank, ": OPENROUTER PROCESSING", "event: …"
             continue
         try:
@@ -126,7 +127,7 @@ def _from_stream(cfg, lines, on_text):
             raise LLMError(cfg, "malformed", "no JSON event") from None
         if event.get("error"):
             raise LLMError(cfg, "server", "an error event mid-answer")
-        finished = finished or bool(choice.get("finish_reason"))
+        finished = choice.get("finish_reason") or finished
         if isinstance(text := delta.get("content"), str) and text:
             raw += text
             tagged = tagged or "</think" in raw[-len(text) - 7:].lower()  # the new text and the end before it
@@ -143,7 +144,7 @@ def _from_stream(cfg, lines, on_text):
             on_text(shown := view)
     if not finished:
         raise LLMError(cfg, "broken")
-    return raw
+    return raw, finished
 
 
 # Cleaning. Every pattern is linear on any input: no two repeats can match the same characters.

@@ -646,7 +646,8 @@ class FakeLLM(_HTTPFake):
 
     A request with "stream": true gets text/event-stream, one server-sent event per HTTP chunk:
     a role chunk, then .reasoning (if set) as delta[.reasoning_field], then the content — .think
-    (if set) inside <think>…</think>, then the reply — then a finish_reason chunk and "data: [DONE]".
+    (if set) inside <think>…</think>, then the reply — then a finish_reason chunk (.finish_reason,
+    "stop"; "length" says the answer was cut at max_tokens) and "data: [DONE]".
     .chunks splits the texts: None for three words a chunk, an int for that many characters, or a
     list of strings sent as the content instead. .chunk_delay seconds pass between events;
     .comments adds ": OPENROUTER PROCESSING" lines; .break_after = n closes the connection after n
@@ -670,6 +671,7 @@ class FakeLLM(_HTTPFake):
         self.break_after = None
         self.no_stream = False
         self.trickle = 0
+        self.finish_reason = "stop"
         self.requests = []  # {"json": body, "headers": case-insensitive headers}
         self._failures = deque()
         self._lock = threading.Lock()
@@ -752,7 +754,7 @@ class FakeLLM(_HTTPFake):
         deltas += [{"content": piece} for piece in
                    (self.chunks if isinstance(self.chunks, list) else self._split(content))]
         comment = ": OPENROUTER PROCESSING\n\n" if self.comments else ""
-        events = (self._chunk(request_json, *delta) for delta in [*((d, None) for d in deltas), ({}, "stop")])
+        events = (self._chunk(request_json, *delta) for delta in [*((d, None) for d in deltas), ({}, self.finish_reason)])
         # Made one by one as they are sent: a client that stops reading (a megabyte answer) costs no more.
         return (comment + f"data: {event}\n\n" for event in itertools.chain(events, ["[DONE]"]))
 
@@ -771,7 +773,7 @@ class FakeLLM(_HTTPFake):
             "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
             "model": request_json["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": "stop"}],
+                         "finish_reason": self.finish_reason}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }

@@ -148,3 +148,9 @@ def test_a_typo_in_env_is_named_with_the_setting_meant():
     assert list(leadbot.typos(["CSV_DELIMETER", "PRIVACY_ULR", "HOME", "LLM_MODEL"])) == [
         "CSV_DELIMETER is not a setting — did you mean CSV_DELIMITER?",
         "PRIVACY_ULR is not a setting — did you mean PRIVACY_URL?"]
+
+
+def test_a_think_tag_typed_by_a_client_cannot_reach_the_llm_as_one():
+    # An LLM echoing it would have its answer cut before the tag (and the bot would take it for reasoning).
+    text = leadbot.clean_text("Скрыть тег </think> и <THINKING> от клиентов")
+    assert "</think" not in text.lower() and "<think" not in text.lower() and "от клиентов" in text

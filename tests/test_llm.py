@@ -395,8 +395,11 @@ def test_after_one_answer_with_a_lone_closing_tag_no_text_before_such_a_tag_is_s
 def test_an_answer_cut_before_its_lone_closing_tag_is_no_answer_once_the_server_is_known(server):
     server.reply = "СЕКРЕТ рассуждение</think>Итог: лендинг."
     assert ask(server, lambda text: None) == "Итог: лендинг."  # now the bot knows this server
-    server.reply = "СЕКРЕТ: клиент пишет про пекарню, мне нужно подумать о цене"  # LLM_MAX_TOKENS cut it here
-    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):  # the client gets the honest fallback
+    server.reply, server.finish_reason = "СЕКРЕТ: клиент пишет про пекарню, мне нужно подумать", "length"
+    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):  # cut at max_tokens: the honest fallback
         ask(server, lambda text: None)
     with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
         ask(server, stream=False)
+    # A model that only quoted the tag once (a client typed it) must not lose every later answer.
+    server.reply, server.finish_reason = "Рекомендуем лендинг.", "stop"
+    assert ask(server, lambda text: None) == ask(server, stream=False) == "Рекомендуем лендинг."
