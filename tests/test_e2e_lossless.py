@@ -3,8 +3,6 @@
 Each test is named after the situation in the world it reproduces.
 """
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import (ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say, saved_dialogs,
-                   start_bot, wait_until)
+from fakes import ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say, saved_dialogs, wait_until
 
 COLUMNS = "timestamp;chat_id;client_name;contact;intent;notes;source;status"
 THANKS = "Спасибо"
