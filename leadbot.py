@@ -784,20 +784,21 @@ def is_refusal(text):
     """«Нет, не хочу» is a refusal; «нет-нет, сейчас напишу» is not, nor a «нет» further on (a lost lead is worse
     than asking once more)."""
     words = " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
-    return bool(REFUSAL_RE.match(words)) and not re.search(r"\b(сейчас|минут|секунд|напиш|скин|отправ|пришл)", words)
+    return bool(REFUSAL_RE.match(words)) and not re.search(  # «нет, лучше пишите в телеграм» wants contact
+        r"\b(сейчас|минут|секунд|напиш|пиш|скин|отправ|пришл|звон|почт|телеграм|номер)", words)
 
 
 def scrub(text):
-    """Removes anything that looks like a contact, for text that goes to the LLM or the notes."""
-    text = EMAIL_RE.sub("[контакт]", text)
+    """Removes anything that looks like a contact, for text that goes to the LLM or the notes; and <think> tags,
+    which an LLM echoing them would take for the end of its reasoning."""
+    text = EMAIL_RE.sub("[контакт]", re.sub(r"</?think", "<_think", text, flags=re.I))
     text = PHONE_RE.sub(lambda m: "[контакт]" if is_phone(m.group()) else m.group(), text)
     return USERNAME_RE.sub("[контакт]", text)
 
 
 def clean_text(text):
     """Client text as the bot keeps it: no control or invisible characters, at most MAX_TEXT."""
-    text = CONTROL_CHARS.sub("", text[:MAX_TEXT * 2] if isinstance(text, str) else "")
-    return re.sub(r"</?think", "<_think", text, flags=re.I).strip()[:MAX_TEXT]  # an LLM echoing it cuts its answer
+    return CONTROL_CHARS.sub("", text[:MAX_TEXT * 2] if isinstance(text, str) else "").strip()[:MAX_TEXT]
 
 
 def command_of(text):

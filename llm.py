@@ -78,8 +78,8 @@ def complete(cfg, system: str, user: str, on_text=None, session=None, stream=Tru
                 raise LLMError(cfg, "malformed", "no JSON completion") from None
     if _LONE_CLOSE.match(raw):
         _reasons_untagged = True
-    elif _reasons_untagged and finish == "length" and "</think" not in raw.lower():
-        raw = ""  # this server's reasoning, cut off at LLM_MAX_TOKENS before its </think>: no answer in it
+    elif _reasons_untagged and finish != "stop" and "</think" not in raw.lower():
+        raw = ""  # this server's reasoning, cut off (max_tokens, the size cap) before its </think>: no answer
     text = clean(raw)
     if len(text) > MAX_ANSWER_CHARS:
         text = text[:max(text.rfind(" ", 0, MAX_ANSWER_CHARS), MAX_ANSWER_CHARS // 2)].rstrip() + "…"

@@ -139,10 +139,10 @@ def _chat_of(cell: str) -> str:
 
 
 def _row_chat(line: str, delimiter: str) -> str | None:
-    """The chat id of the row a physical line of leads.csv starts (a time in any shape, or none, then a number),
-    else None: a line of notes such as "Итог;25000;…" starts with a word."""
-    fields = line.split(delimiter, 2)
-    if len(fields) < 3 or not re.fullmatch(r'\s*"?(\d.*)?', fields[0]):
+    """The chat id of the row a physical line of leads.csv starts (a time in any shape, or none, then a number,
+    then more cells), else None: a line of notes such as "Итог;25000;…" starts with a word."""
+    fields = line.split(delimiter, 5)  # a row's first line holds five of its cells at least: «150,000, …» does not
+    if len(fields) < 6 or not re.fullmatch(r'\s*"?(\d.*)?', fields[0]):
         return None
     return chat if (chat := _chat_of(fields[1])).lstrip("-").isdigit() else None
 

@@ -71,7 +71,9 @@ def test_refusals_are_recognised(text):
 @pytest.mark.parametrize("text", ["нетрудно", "хочу", "да", "позже напишу номер", "интернет-магазин",
                                   "Нет-нет\nсейчас найду номер", "У меня нет сайта\nнужен новый",
                                   "Забыл добавить\nнет логотипа, его тоже нужно сделать",  # joined while the LLM wrote
-                                  "Звучит хорошо, спасибо!\nНе нужно ничего сложного"])
+                                  "Звучит хорошо, спасибо!\nНе нужно ничего сложного",
+                                  "Нет, лучше пишите сюда в телеграм", "Нет, звоните на этот номер: восемь девятьсот",
+                                  "нет телефона, только почта, скажите куда писать"])
 def test_other_text_is_not_a_refusal(text):
     assert not leadbot.is_refusal(text)
 
@@ -150,7 +152,8 @@ def test_a_typo_in_env_is_named_with_the_setting_meant():
         "PRIVACY_ULR is not a setting — did you mean PRIVACY_URL?"]
 
 
-def test_a_think_tag_typed_by_a_client_cannot_reach_the_llm_as_one():
+def test_a_think_tag_typed_by_a_client_cannot_reach_the_llm_as_one_and_a_contact_stays_as_typed():
     # An LLM echoing it would have its answer cut before the tag (and the bot would take it for reasoning).
-    text = leadbot.clean_text("Скрыть тег </think> и <THINKING> от клиентов")
+    text = leadbot.scrub("Скрыть тег </think> и <THINKING> от клиентов")
     assert "</think" not in text.lower() and "<think" not in text.lower() and "от клиентов" in text
+    assert leadbot.clean_text("Иван Петров <ThinkBig@mail.ru>") == "Иван Петров <ThinkBig@mail.ru>"

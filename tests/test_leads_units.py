@@ -497,6 +497,7 @@ def test_a_file_with_old_mac_line_ends_is_read_written_and_forgotten_in(path):
 @pytest.mark.parametrize("delimiter, row, other", [
     (",", f'{TS},7,Ann,x,y,"first line\nсумма 1,500,000",telegram,new\r\n', ""),  # numbers in the owner's note
     (";", f'{TS};7;Ann;x;y;"заказ\nИтог;25000;оплачено";telegram;new\r\n', ""),
+    (",", f'{TS},7,Ann,x,y,"Бюджет: 150\n150,000, можно обсудить",telegram,new\r\n', ""),  # a comma file
     (";", f"{TS};7.0;Ann;x;y;z;telegram;new\r\n", ""),  # re-saved by pandas
     (";", f"{TS}; 7 ;Ann;x;y;z;telegram;new\r\n", ""),  # typed with spaces
     (";", f"{TS};7;Ann;x;y;z;telegram;new\r\n", f'{TS};8;Bob;x;y;"заказ\nпозиция;7;шт";telegram;new\r\n'),

@@ -400,6 +400,12 @@ def test_an_answer_cut_before_its_lone_closing_tag_is_no_answer_once_the_server_
         ask(server, lambda text: None)
     with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
         ask(server, stream=False)
+    server.finish_reason = None  # a stream ending with "data: [DONE]" alone: no sign it ended by itself
+    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
+        ask(server, lambda text: None)
+    server.finish_reason, server.reply = "stop", "СЕКРЕТ " * 2000  # longer than the size cap, never closed
+    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
+        ask(server, lambda text: None)
     # A model that only quoted the tag once (a client typed it) must not lose every later answer.
     server.reply, server.finish_reason = "Рекомендуем лендинг.", "stop"
     assert ask(server, lambda text: None) == ask(server, stream=False) == "Рекомендуем лендинг."
