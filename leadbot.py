@@ -657,14 +657,18 @@ def write_row(bot, item, done):
 
 
 def send_email(bot, item, done):
-    def sending():  # the login may take long: the client's /forget may have come meanwhile
+    def sending():  # asked just before the message: the client's /forget may have come during the login
         bot.mailing.set()
-        if not bot.outbox.has(item["id"]):
-            log.info("email for chat %s not sent: the lead was forgotten meanwhile", item["chat_id"])
-        return bot.outbox.has(item["id"])
+        if bot.outbox.has(item["id"]):
+            return True
+        log.info("email for chat %s not sent: the lead was forgotten meanwhile", item["chat_id"])
+        return False
+
+    def accepted():
+        done()
+        bot.mailing.clear()  # the server has it: a stop need not wait for its goodbye
     try:
-        mailer.send_lead(bot.cfg, item["lead"], item["id"], accepted=lambda: (done(), bot.mailing.clear()),
-                         sending=sending)
+        mailer.send_lead(bot.cfg, item["lead"], item["id"], accepted=accepted, sending=sending)
     finally:
         bot.mailing.clear()
 
@@ -747,7 +751,7 @@ def finish_lead(bot, item):
         bot.say(item["chat_id"], bot.text(text), remove_keyboard=not untaken, contact_button=bool(untaken))
         bot.unconfirmed.append({**item, "untaken": untaken})
         ids = [msg["update_id"] for msg in dialog["waiting"]]  # the lead's message and those joined to it are done
-        waiting = dialog["waiting"][ids.index(item["update_id"]) + 1:] if item["update_id"] in ids else dialog["waiting"]
+        waiting = dialog["waiting"][ids.index(item["update_id"]) + 1 if item["update_id"] in ids else 0:]
         return save(bot, item["chat_id"], {**dialog, "stage": dialog["stage"] if untaken else "done",
                                            "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
     confirm(bot, {**item, "untaken": untaken})
@@ -1308,8 +1312,8 @@ def run_console(cfg):
     line = "/start"
     try:
         while line:  # "" is the end of the input
-            if clean_text(line):  # an empty Enter is no answer: Telegram cannot send one either
-                handle(bot, Incoming(chat_id=0, text=clean_text(line)))
+            if text := clean_text(line):  # an empty Enter is no answer: Telegram cannot send one either
+                handle(bot, Incoming(chat_id=0, text=text))
                 flush(bot)
             while (dialog := bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM writes its offer and notes
                 handle_llm(bot, bot.inbox.get())
