@@ -191,9 +191,10 @@ class Leads:
                 return
             f.seek(0)  # the owner may have re-saved it while the bot ran: with the other delimiter is fine
             head = f.read(200).decode("utf-8", "replace")
-            if head.lstrip("\ufeff") and not _delimiter_of(head):  # a row under the wrong columns is silent harm
+            found = _delimiter_of(head)
+            if head.lstrip("\ufeff") and not found:  # a row under the wrong columns would be silent harm
                 raise OSError(f"leads.csv has other columns than {','.join(COLUMNS)} now — put that header back")
-            self.delimiter = _delimiter_of(head) or self.delimiter
+            self.delimiter = found or self.delimiter
             buffer, values = io.StringIO(), ["" if lead.get(c) is None else str(lead[c]) for c in COLUMNS]
             csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(  # defuse formulas:
                 "'" + v if c in TEXT_FIELDS and v.startswith(FORMULA_STARTS) else v for c, v in zip(COLUMNS, values))
