@@ -788,8 +788,8 @@ def is_refusal(text):
     """«Нет, не хочу» is a refusal; «нет-нет, сейчас напишу» is not, nor a «нет» further on (a lost lead is worse
     than asking once more)."""
     words = " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
-    return bool(REFUSAL_RE.match(words)) and not re.search(  # «нет, лучше пишите в телеграм» wants contact
-        r"\b(сейчас|минут|секунд|напиш|пиш|скин|отправ|пришл|звон|почт|телеграм|номер)", words)
+    return bool(REFUSAL_RE.match(words)) and not re.search(  # «нет, лучше пишите в телеграм» wants contact;
+        r"(?<!не )\b(сейчас|минут|секунд|напиш|пи[шс]|скин|отправ|пришл|звон|лучше(?! не))", words)  # «не звоните» not
 
 
 def scrub(text):

@@ -78,7 +78,9 @@ def complete(cfg, system: str, user: str, on_text=None, session=None, stream=Tru
                 raise LLMError(cfg, "malformed", "no JSON completion") from None
     if _LONE_CLOSE.match(raw):
         _reasons_untagged = True
-    elif _reasons_untagged and finish != "stop" and "</think" not in raw.lower():
+    elif finish and finish != "length" and "</think" not in raw.lower():
+        _reasons_untagged = False  # a whole answer with no reasoning: one that only mentioned the tag misled it
+    elif _reasons_untagged and finish == "length" and "</think" not in raw.lower():
         raw = ""  # this server's reasoning, cut off (max_tokens, the size cap) before its </think>: no answer
     text = clean(raw)
     if len(text) > MAX_ANSWER_CHARS:
@@ -116,7 +118,8 @@ def _from_stream(cfg, lines, on_text):
     raw, cleaned_at, visible, shown, finished, tagged = "", 0, "", "", False, False
     for line in lines:
         if line is None or line.strip() in (b"data: [DONE]", b"data:[DONE]") or len(visible) >= MAX_ANSWER_CHARS:
-            return raw, finished  # the end, or a size cap: use what is there
+            # the end; or a size cap, which cuts the answer as max_tokens would: use what is there
+            return raw, "length" if line is None or len(visible) >= MAX_ANSWER_CHARS else finished
         if not line.startswith(b"data:"):  # blank, ": OPENROUTER PROCESSING", "event: …"
             continue
         try:

@@ -138,11 +138,12 @@ def _chat_of(cell: str) -> str:
     return re.sub(r"\.0+$", "", cell.strip().strip('"').strip())
 
 
-def _row_chat(line: str, delimiter: str) -> str | None:
-    """The chat id of the row a physical line of leads.csv starts (a time in any shape, or none, then a number,
-    then more cells), else None: a line of notes such as "Итог;25000;…" starts with a word."""
-    fields = line.split(delimiter, 5)  # a row's first line holds five of its cells at least: «150,000, …» does not
-    if len(fields) < 6 or not re.fullmatch(r'\s*"?(\d.*)?', fields[0]):
+def _row_chat(line: str, delimiter: str, cells: int = 6) -> str | None:
+    """The chat id of the row a physical line of leads.csv starts, else None: a first cell that is a date in any
+    shape (or empty: the owner's own row), a number, and `cells` cells at least, where a row's first line holds
+    six unless a cell of it breaks the line. Lines of notes such as "Итог;25000;…" or "100,200,300,…" are not."""
+    fields = line.split(delimiter, max(cells, 3) - 1)  # the second cell alone in fields[1]
+    if len(fields) < cells or not re.fullmatch(r'\s*"?(\d{1,4}[-./]\d{1,2}.*)?', fields[0]):
         return None
     return chat if (chat := _chat_of(fields[1])).lstrip("-").isdigit() else None
 
@@ -246,7 +247,7 @@ class Leads:
                     kept_from, removed = reader.line_num, removed + 1
                 start = reader.line_num
             kept += lines[kept_from:]
-            if any(chat in line and _row_chat(line, self.delimiter) == chat for line in kept):  # inside a cell
+            if any(chat in line and _row_chat(line, self.delimiter, 2) == chat for line in kept):  # in a cell
                 raise OSError("leads.csv: a row of that chat is inside another row (a quote left open?)")
             if removed:
                 _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))

@@ -498,6 +498,7 @@ def test_a_file_with_old_mac_line_ends_is_read_written_and_forgotten_in(path):
     (",", f'{TS},7,Ann,x,y,"first line\nсумма 1,500,000",telegram,new\r\n', ""),  # numbers in the owner's note
     (";", f'{TS};7;Ann;x;y;"заказ\nИтог;25000;оплачено";telegram;new\r\n', ""),
     (",", f'{TS},7,Ann,x,y,"Бюджет: 150\n150,000, можно обсудить",telegram,new\r\n', ""),  # a comma file
+    (",", f'{TS},7,Ann,x,y,"Тираж:\n100,200,300,500,1000,2000 шт",telegram,new\r\n', ""),
     (";", f"{TS};7.0;Ann;x;y;z;telegram;new\r\n", ""),  # re-saved by pandas
     (";", f"{TS}; 7 ;Ann;x;y;z;telegram;new\r\n", ""),  # typed with spaces
     (";", f"{TS};7;Ann;x;y;z;telegram;new\r\n", f'{TS};8;Bob;x;y;"заказ\nпозиция;7;шт";telegram;new\r\n'),
@@ -516,4 +517,15 @@ def test_forget_never_takes_the_owners_own_row_without_a_time_when_a_quote_joins
     before = path.read_bytes()
     with pytest.raises(OSError):  # «не получилось», and nothing changed
         Leads(path, ";").forget(7)
+    assert path.read_bytes() == before
+
+
+def test_forget_never_says_done_while_a_row_of_the_chat_with_a_two_line_contact_sits_inside_another(path):
+    rows = [f'{TS},5,Ann,x,y,"VIP клиент,telegram,new\r\n',  # a quote typed into another client's notes
+            f'{TS},42,Борис,"+7 999 111-22-33\n+7 999 444-55-66",y,z,telegram,new\r\n',  # Alt+Enter in Excel
+            f"{TS},12,Пётр,x,y,z,telegram,new\r\n"]
+    path.write_bytes(BOM + header(",") + "".join(rows).encode())
+    before = path.read_bytes()
+    with pytest.raises(OSError):  # «не получилось», never «удалены» with Борис's phones still in the file
+        Leads(path, ",").forget(42)
     assert path.read_bytes() == before

@@ -400,12 +400,16 @@ def test_an_answer_cut_before_its_lone_closing_tag_is_no_answer_once_the_server_
         ask(server, lambda text: None)
     with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
         ask(server, stream=False)
-    server.finish_reason = None  # a stream ending with "data: [DONE]" alone: no sign it ended by itself
+    server.finish_reason, server.reply = "stop", "СЕКРЕТ " * 2000  # cut by the size cap, never closed
     with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
         ask(server, lambda text: None)
-    server.finish_reason, server.reply = "stop", "СЕКРЕТ " * 2000  # longer than the size cap, never closed
-    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
-        ask(server, lambda text: None)
-    # A model that only quoted the tag once (a client typed it) must not lose every later answer.
-    server.reply, server.finish_reason = "Рекомендуем лендинг.", "stop"
-    assert ask(server, lambda text: None) == ask(server, stream=False) == "Рекомендуем лендинг."
+
+
+@pytest.mark.parametrize("finish", ["stop", "eos", "end_turn"])
+def test_a_model_that_once_only_mentioned_the_tag_loses_no_later_answer(server, finish):
+    server.reply, server.finish_reason = "Закрывающий тег </think> мы уберём. Рекомендуем лендинг.", finish
+    ask(server, lambda text: None)  # cut to its tail, as any answer with a lone closing tag is
+    server.reply = "Рекомендуем лендинг."  # a whole answer with no tag: this server does not reason untagged
+    assert ask(server, lambda text: None) == "Рекомендуем лендинг."
+    server.reply, server.finish_reason = "Рекомендуем лендинг под ключ и ещё", "length"
+    assert ask(server, lambda text: None) == "Рекомендуем лендинг под ключ и ещё"  # cut, but an answer
