@@ -72,11 +72,12 @@ def take_contact(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("foreign_contact"), contact_button=True)
         return "collecting_contact"
     contact = msg.shared or ", ".join(find_contacts(msg.text))
-    if not contact and is_refusal(msg.text):
+    if not contact and is_refusal(msg.text, asked_again=dialog.get("asked_again", False)):
         commit_lead(bot, dialog, msg, "", "rejected")
         bot.say(msg.chat_id, bot.text("refused"), remove_keyboard=True)
         return "done"
     if not contact:
+        dialog["asked_again"] = is_refusal(msg.text, asked_again=True)  # «нет, лучше на почту»: once more
         bot.say(msg.chat_id, bot.text("contact_format"))
         ask_contact(bot, msg.chat_id)
         return "collecting_contact"
@@ -763,8 +764,13 @@ MAX_TEXT = 2000  # kept of a client's message
 PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d(?!\w)")
 EMAIL_RE = re.compile(r"[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}")
 USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?t\.me/)([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
-REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен))|неа|no(?! problem)"
+REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен|не против))|неа|no(?! problem)"
                         r"|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
+# After a «нет», words of sending the contact soon («нет-нет, сейчас напишу», «нет, погодите») and of another way
+# or time («нет, лучше в WhatsApp», «нет, не звоните»: either may be a refusal).
+SENDING_SOON = re.compile(r"(?<!\bне )(минут|секунд|погод|подожд|момент|напиш|скин|пришл|найд)")
+OTHER_WAY = re.compile(r"сейчас|пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап|вотсап|"
+                       r"viber|вайбер|номер|лучше|давайте")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
@@ -784,12 +790,12 @@ def is_phone(candidate):
     return len(digits) == 11 and digits[0] in "78"
 
 
-def is_refusal(text):
-    """«Нет, не хочу» is a refusal; «нет-нет, сейчас напишу» is not, nor a «нет» further on (a lost lead is worse
-    than asking once more)."""
+def is_refusal(text, asked_again=False):
+    """«Нет, не хочу» is a refusal, «нет-нет, сейчас напишу» is not. «Нет, лучше на почту» or «нет, не звоните» may
+    be: one is taken only when said again after the bot asked once more (a lead lost is worse than a question)."""
     words = " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
-    return bool(REFUSAL_RE.match(words)) and not re.search(  # «нет, лучше пишите в телеграм» wants contact;
-        r"(?<!не )\b(сейчас|минут|секунд|напиш|пи[шс]|скин|отправ|пришл|звон|лучше(?! не))", words)  # «не звоните» not
+    return (bool(REFUSAL_RE.match(words)) and not SENDING_SOON.search(words)
+            and (asked_again or not OTHER_WAY.search(words)))
 
 
 def scrub(text):

@@ -117,9 +117,10 @@ def _from_stream(cfg, lines, on_text):
     """The raw content of server-sent events ("data: {json}" lines up to "data: [DONE]") and the finish_reason."""
     raw, cleaned_at, visible, shown, finished, tagged = "", 0, "", "", False, False
     for line in lines:
-        if line is None or line.strip() in (b"data: [DONE]", b"data:[DONE]") or len(visible) >= MAX_ANSWER_CHARS:
-            # the end; or a size cap, which cuts the answer as max_tokens would: use what is there
-            return raw, "length" if line is None or len(visible) >= MAX_ANSWER_CHARS else finished
+        # Untagged reasoning is not the answer yet: only MAX_BYTES bounds it (R1 reasons for pages).
+        capped = line is None or len(visible) >= MAX_ANSWER_CHARS and (tagged or not _reasons_untagged)
+        if capped or line.strip() in (b"data: [DONE]", b"data:[DONE]"):
+            return raw, "length" if capped else finished  # a cap cuts the answer as max_tokens would
         if not line.startswith(b"data:"):  # blank, ": OPENROUTER PROCESSING", "event: …"
             continue
         try:

@@ -138,12 +138,12 @@ def _chat_of(cell: str) -> str:
     return re.sub(r"\.0+$", "", cell.strip().strip('"').strip())
 
 
-def _row_chat(line: str, delimiter: str, cells: int = 6) -> str | None:
+def _row_chat(line: str, delimiter: str) -> str | None:
     """The chat id of the row a physical line of leads.csv starts, else None: a first cell that is a date in any
-    shape (or empty: the owner's own row), a number, and `cells` cells at least, where a row's first line holds
-    six unless a cell of it breaks the line. Lines of notes such as "Итог;25000;…" or "100,200,300,…" are not."""
-    fields = line.split(delimiter, max(cells, 3) - 1)  # the second cell alone in fields[1]
-    if len(fields) < cells or not re.fullmatch(r'\s*"?(\d{1,4}[-./]\d{1,2}.*)?', fields[0]):
+    shape (or empty: the owner's own row), then a number. Lines of notes such as "Итог;25000;…" or "100,200,…" are
+    not."""
+    fields = line.split(delimiter, 2)
+    if len(fields) < 2 or not re.fullmatch(r'\s*"?(\d{1,4}[-./]\d{1,2}.*)?', fields[0]):
         return None
     return chat if (chat := _chat_of(fields[1])).lstrip("-").isdigit() else None
 
@@ -239,6 +239,8 @@ class Leads:
             reader, chat = csv.reader(lines, delimiter=self.delimiter), str(chat_id)
             kept, kept_from, start, removed = [], 0, 0, 0
             for row in reader:  # csv's own rules; reader.line_num tells which lines a record took
+                if start and len(row) != len(COLUMNS) and chat in map(_chat_of, row):  # two rows run together
+                    raise OSError("leads.csv: a row of that chat runs into another row (a line break deleted?)")
                 if start and len(row) > 1 and _chat_of(row[1]) == chat:  # start == 0: the header
                     if len(row) != len(COLUMNS) or any(_row_chat(line, self.delimiter)
                                                        for line in lines[start + 1:reader.line_num]):
@@ -247,7 +249,7 @@ class Leads:
                     kept_from, removed = reader.line_num, removed + 1
                 start = reader.line_num
             kept += lines[kept_from:]
-            if any(chat in line and _row_chat(line, self.delimiter, 2) == chat for line in kept):  # in a cell
+            if any(chat in line and _row_chat(line, self.delimiter) == chat for line in kept):  # inside a cell
                 raise OSError("leads.csv: a row of that chat is inside another row (a quote left open?)")
             if removed:
                 _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))

@@ -62,10 +62,8 @@ def test_contact_search_is_linear_on_a_huge_word():
     assert __import__("time").monotonic() - start < 5  # seconds, not minutes: the regexes cannot backtrack
 
 
-@pytest.mark.parametrize("text", ["нет", "Нет.", "не хочу", "Не буду!", "не надо, спасибо",
-                                  "отказываюсь", "без контактов", "Нет, номер не дам", "Нет, не звоните мне",
-                                  "Не хочу оставлять номер", "Нет, почту не дам", "Нет, в телеграм не пишите",
-                                  "Нет, лучше не надо", "не сейчас"])
+@pytest.mark.parametrize("text", ["нет", "Нет.", "не хочу", "Не буду!", "не надо, спасибо", "отказываюсь",
+                                  "без контактов", "Не хочу оставлять контакты", "Нет, спасибо"])
 def test_refusals_are_recognised(text):
     assert leadbot.is_refusal(text)
 
@@ -73,12 +71,23 @@ def test_refusals_are_recognised(text):
 @pytest.mark.parametrize("text", ["нетрудно", "хочу", "да", "позже напишу номер", "интернет-магазин",
                                   "Нет-нет\nсейчас найду номер", "У меня нет сайта\nнужен новый",
                                   "Забыл добавить\nнет логотипа, его тоже нужно сделать",  # joined while the LLM wrote
-                                  "Звучит хорошо, спасибо!\nНе нужно ничего сложного",
-                                  "Нет, лучше пишите сюда в телеграм", "Нет, звоните на этот номер: восемь девятьсот",
-                                  "нет телефона, только почта, скажите куда писать", "Нет, лучше в WhatsApp",
-                                  "Нет, лучше на мейл", "нет-нет, сейчас напишу"])
+                                  "Звучит хорошо, спасибо!\nНе нужно ничего сложного", "нет-нет, сейчас напишу",
+                                  "Нет, погодите", "Нет, мне напишите в телеграм", "Нет, минуту, найду номер",
+                                  "Нет, не против"])
 def test_other_text_is_not_a_refusal(text):
-    assert not leadbot.is_refusal(text)
+    assert not leadbot.is_refusal(text) and not leadbot.is_refusal(text, asked_again=True)
+
+
+@pytest.mark.parametrize("text", [
+    "Нет, номер не дам", "Нет, не звоните мне", "Нет, почту не дам", "Нет, в телеграм не пишите", "не сейчас",
+    "Нет, звонить не надо", "Нет, сейчас не нужно", "Нет, лучше не надо",  # refusals, said twice
+    "Нет, лучше пишите сюда в телеграм", "Нет, звоните на этот номер: восемь девятьсот", "Нет, давайте почту",
+    "нет телефона, только почта, скажите куда писать", "Нет, лучше в WhatsApp", "Нет, мне лучше на почту",
+    "Нет номера, есть почта", "Нет, наберите меня", "Нет, позвоню сам", "Нет, ничего отправлять не надо",
+])
+def test_a_no_that_goes_on_to_another_way_or_to_wait_is_a_refusal_only_when_said_again(text):
+    # The bot cannot tell «нет, лучше на почту» from «нет, почту не дам»: it asks once more, then takes a refusal.
+    assert not leadbot.is_refusal(text) and leadbot.is_refusal(text, asked_again=True)
 
 
 def test_scrub_removes_every_kind_of_contact():

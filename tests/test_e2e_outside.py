@@ -275,3 +275,15 @@ def test_messages_queued_behind_a_lead_are_all_answered_after_it(bot, bot_env, t
     dialog = saved_dialogs(bot_env["DATA_DIR"])[3803]
     assert dialog["answers"] == ["Ещё нужен логотип", "Срок — месяц"] and "offer" not in dialog
     assert TEXTS["text_only"] in telegram.texts(3803) and len(read_rows(bot_env)) == 1
+
+
+def test_a_no_that_names_another_way_is_asked_about_once_and_a_repeated_one_is_a_refusal(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 3805)
+    say(telegram, 3805, "Нет, лучше на почту", CONTACT_REQUEST)  # not the end of the dialog
+    say(telegram, 3805, "anna@example.ru", THANKS)
+    reach_contact_step(telegram, 3806)
+    say(telegram, 3806, "Нет, номер не дам", CONTACT_REQUEST)  # asked once more…
+    say(telegram, 3806, "Нет, номер не дам", TEXTS["refused"][:20])  # …then let go
+    wait_until(lambda: len(read_rows(bot_env)) == 2, 5)
+    assert [(row["chat_id"], row["status"]) for row in read_rows(bot_env)] == [("3805", "new"), ("3806", "rejected")]

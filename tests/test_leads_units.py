@@ -529,3 +529,26 @@ def test_forget_never_says_done_while_a_row_of_the_chat_with_a_two_line_contact_
     with pytest.raises(OSError):  # «не получилось», never «удалены» with Борис's phones still in the file
         Leads(path, ",").forget(42)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("delimiter", [",", ";"])
+def test_forget_never_says_done_for_a_row_run_into_the_line_before_it(path, delimiter):
+    d = delimiter
+    rows = [f"{TS}{d}111{d}Ann{d}x{d}y{d}z{d}telegram{d}new",  # the line break after it deleted in Notepad
+            f"{TS}{d}222{d}Борис{d}+79991112233{d}y{d}z{d}telegram{d}new\r\n"]
+    path.write_bytes(BOM + header(d) + "".join(rows).encode())
+    before = path.read_bytes()
+    with pytest.raises(OSError):
+        Leads(path, d).forget(222)
+    assert path.read_bytes() == before
+
+
+def test_forget_never_cuts_a_row_with_a_line_break_in_its_first_cells_swallowed_by_a_quote(path):
+    rows = [f'{TS},111,Ann,x,y,z,telegram,"new\r\n',  # a quote typed before the status
+            f'{TS},222,Борис,+79991112233,"Ремонт\nванной",Вопрос,tg,new\r\n',  # Alt+Enter in the intent
+            f'{TS},333,Пётр,x,y,z,telegram,new"\r\n']
+    path.write_bytes(BOM + header(",") + "".join(rows).encode())
+    before = path.read_bytes()
+    with pytest.raises(OSError):
+        Leads(path, ",").forget(111)
+    assert path.read_bytes() == before
