@@ -73,7 +73,8 @@ def complete(cfg, system: str, user: str, on_text=None, session=None, stream=Tru
             try:  # a None in lines (over MAX_BYTES: no completion is that big) is a TypeError too
                 choice = json.loads(b"\n".join(lines))["choices"][0]
                 raw, finish = choice["message"].get("content") or "", choice.get("finish_reason")
-                raw.lower()  # text, not another JSON value
+                if not isinstance(raw, str):  # another JSON value where the text belongs
+                    raise TypeError
             except (ValueError, LookupError, TypeError, AttributeError):
                 raise LLMError(cfg, "malformed", "no JSON completion") from None
     if _LONE_CLOSE.match(raw):

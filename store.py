@@ -239,11 +239,11 @@ class Leads:
             reader, chat = csv.reader(lines, delimiter=self.delimiter), str(chat_id)
             kept, kept_from, start, removed = [], 0, 0, 0
             for row in reader:  # csv's own rules; reader.line_num tells which lines a record took
-                if start and len(row) != len(COLUMNS) and chat in map(_chat_of, row):  # two rows run together
-                    raise OSError("leads.csv: a row of that chat runs into another row (a line break deleted?)")
+                if start and len(row) != len(COLUMNS) and chat in map(_chat_of, row):  # rows run together
+                    raise OSError("leads.csv: a row of that chat runs into another (a quote left open, a line "
+                                  "break deleted?)")
                 if start and len(row) > 1 and _chat_of(row[1]) == chat:  # start == 0: the header
-                    if len(row) != len(COLUMNS) or any(_row_chat(line, self.delimiter)
-                                                       for line in lines[start + 1:reader.line_num]):
+                    if any(_row_chat(line, self.delimiter) for line in lines[start + 1:reader.line_num]):
                         raise OSError("leads.csv: a row of that chat runs into other rows (a quote left open?)")
                     kept += lines[kept_from:start]
                     kept_from, removed = reader.line_num, removed + 1
