@@ -877,10 +877,11 @@ class Telegram:
             with pooled(self.sessions) as session:
                 response = session.post(self.base + method, json=params,
                                         timeout=(10, http_timeout or self.cfg.telegram_timeout))
-            body = response.json()
         except requests.RequestException as e:  # its text holds the URL, and the URL the token
             raise TelegramError(0, type(e).__name__) from None
-        except ValueError:  # a proxy's error page; 0 (worth a retry) when the status is no error
+        try:  # requests' JSONDecodeError is a RequestException too: asked apart, so the status decides
+            body = response.json()
+        except ValueError:  # a proxy's error page, a wrong TELEGRAM_API_URL path: 401/404 stop the bot
             raise TelegramError(0 if response.ok else response.status_code, "answer is not JSON") from None
         if isinstance(body, dict) and body.get("ok"):
             return body.get("result")

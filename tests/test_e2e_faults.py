@@ -53,6 +53,19 @@ def test_a_rejected_token_stops_start_up_with_one_line_and_exit_2(bot_env, teleg
     assert not any(part in output for part in token_parts(env["TELEGRAM_BOT_TOKEN"]))
 
 
+@pytest.mark.parametrize("method", ["getMe", "getUpdates"])
+@pytest.mark.parametrize("status", [401, 404])
+def test_an_html_error_page_with_401_or_404_stops_the_bot_instead_of_retrying_forever(
+        bot, telegram, method, status):
+    # A wrong TELEGRAM_API_URL path or a proxy answers with a page, not JSON: the status decides.
+    telegram.http_error(method, status, "<html><body>Not Found</body></html>")
+    process = bot()
+    assert process.wait() == 2
+    output = process.output()
+    assert "Telegram rejected TELEGRAM_BOT_TOKEN" in output and "Traceback" not in output
+    assert not any(part in output for part in token_parts(telegram.token))
+
+
 def test_a_token_revoked_after_start_up_stops_the_bot_with_exit_2(bot, telegram):
     telegram.fail("getUpdates", 401, "Unauthorized")
     process = bot()
