@@ -1432,6 +1432,7 @@ def main(argv=None):
     mode.add_argument("--stats", action="store_true", help="print the funnel of the last 7/30 days and all time")
     parser.add_argument("--json", action="store_true", help="with --stats: one JSON object")
     args = parser.parse_args(argv)
+    os.umask(0o077)  # every file the bot makes (leads, dialogs, logs) is readable by this user alone
     try:
         env, keys = read_env()
         if args.check:

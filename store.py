@@ -86,7 +86,16 @@ def open_data_dir(path: Path) -> object:
     path = _usable_dir(path)
     if (handle := _try_lock(path)) is None:
         raise StoreError(f"another copy of leadbot is already running on DATA_DIR {path} — stop it first")
+    _make_private(path)
     return handle
+
+
+def _make_private(folder: Path) -> None:
+    """Client data is for this user alone: the folder 0700, its files 0600, whatever the umask made them
+    (new files get the same from leadbot's umask 077). Windows keeps its own access lists."""
+    for path in [folder, *folder.glob("*"), *folder.glob("outbox/*")]:
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
 
 def relock(path: Path, handle) -> object:

@@ -1,5 +1,7 @@
 """The owner's bot without touching Python: prompt.txt, settings with typos, paths, Excel, logs, the funnel."""
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,26 @@ def test_forget_leaves_no_trace_in_the_funnel(bot, bot_env, telegram):
     for path in data.rglob("*"):
         if path.is_file() and path.suffix != ".lock":
             assert "731900110" not in path.read_text(encoding="utf-8", errors="replace"), path
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_client_data_is_private_to_the_bots_user_whatever_the_umask(bot, bot_env, telegram):
+    data = Path(bot_env["DATA_DIR"])
+    data.mkdir(parents=True)
+    data.chmod(0o755)
+    old = data / "leads.csv"
+    old.write_text("")  # made earlier by someone with the usual umask 022
+    old.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        process = bot()
+        full_dialog(telegram, 1501)
+        wait_until(lambda: len(read_rows(bot_env)) == 1)
+    finally:
+        os.umask(previous)
+    process.terminate()
+    process.wait()
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in [data, *data.rglob("*")]}
+    assert modes[data.name] == 0o700
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    assert {"leads.csv", "state.jsonl", "funnel.jsonl"} <= set(modes)
