@@ -176,9 +176,19 @@ def handle(bot, msg):
     bot.batch.setdefault(msg.chat_id, []).append(msg)  # kept to run again if its replies never go out
     if old and old["busy"] and command_of(msg.text) not in ("start", *COMMANDS):
         # the LLM is writing for this chat: its messages wait their turn, in order (commands do not wait)
-        waiting = old["waiting"][-19:] + [msg._asdict()]
+        waiting = queued(old["waiting"], msg._asdict())
         return save(bot, msg.chat_id, {**old, "waiting": waiting, "seen": seen_with(old, msg.update_id)})
     dispatch(bot, msg, old)
+
+
+def queued(waiting, msg, limit=20):
+    """The waiting list with msg at its end; past `limit` the oldest message without a contact goes,
+    so a phone sent before twenty short messages is never the one dropped."""
+    waiting = waiting + [msg]
+    if len(waiting) > limit:
+        plain = [m for m in waiting if not (m.get("shared") or find_contacts(m.get("text", "")))]
+        waiting.remove(plain[0] if plain else waiting[0])
+    return waiting
 
 
 def dispatch(bot, msg, old):
@@ -496,12 +506,31 @@ def start_offer(bot, chat_id, dialog):
 
 
 def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
-    """The LLM job: the recommendation, shown as a growing draft, then the manager's notes."""
-    if offer_needed:
-        bot.inbox.put(Written(chat_id, dialog_id, offer=ask_offer(bot, chat_id, dialog_id, answers)))
-    lines = [line.strip() for line in (ask_llm(bot, bot.prompt.notes, answers, "notes") or "").splitlines()]
-    intent, notes = (lines[0], " ".join(lines[1:])) if len(lines) >= 2 else ("", "")
-    bot.inbox.put(Written(chat_id, dialog_id, intent=scrub(intent)[:200], notes=scrub(notes)[:MAX_TEXT]))
+    """The LLM job: the recommendation, shown as a growing draft, then the manager's notes. Whatever
+    fails, an offer (the fallback text at worst) and the notes are posted: the notes end `busy`, so a
+    dialog can never stay parked with its waiting messages."""
+    intent = notes = ""
+    try:
+        if offer_needed:
+            offer = ask_offer(bot, chat_id, dialog_id, answers)
+            bot.inbox.put(Written(chat_id, dialog_id, offer=offer))
+            offer_needed = False
+        if not gone(bot, chat_id, dialog_id):  # /cancel, /forget, /start: no request after them
+            lines = [line.strip() for line in (ask_llm(bot, bot.prompt.notes, answers, "notes")
+                                               or "").splitlines()]
+            intent, notes = (lines[0], " ".join(lines[1:])) if len(lines) >= 2 else ("", "")
+    except Exception as e:  # noqa: BLE001 - the dialog goes on with the fallback text
+        log.error("LLM job failed: %s", type(e).__name__)
+    finally:
+        if offer_needed:
+            bot.inbox.put(Written(chat_id, dialog_id, offer=bot.text("llm_failed")))
+        bot.inbox.put(Written(chat_id, dialog_id, intent=scrub(intent)[:200],
+                              notes=scrub(notes)[:MAX_TEXT]))
+
+
+def gone(bot, chat_id, dialog_id):
+    """True once the dialog an LLM job writes for was cancelled, forgotten or started anew."""
+    return (bot.journal.dialogs.get(chat_id) or {}).get("id") != dialog_id
 
 
 def ask_offer(bot, chat_id, dialog_id, answers):
@@ -542,21 +571,23 @@ class Draft:
     def __init__(self, bot, chat_id, dialog_id):
         self.bot, self.chat_id, self.dialog_id, self.id = bot, chat_id, dialog_id, random.randint(1, 2**31 - 1)
         self.live, self.lock, self.sending, self.closed = threading.Event(), threading.Lock(), None, False
-        self.last, self.words_since = 0.0, None
+        self.last, self.words_since, self.refused = 0.0, None, not bot.cfg.llm_stream
 
     def gone(self):  # /cancel, /forget or /start meanwhile
-        return (self.bot.journal.dialogs.get(self.chat_id) or {}).get("id") != self.dialog_id
+        return gone(self.bot, self.chat_id, self.dialog_id)
 
     def typing_done(self):
         return self.live.is_set() or self.gone()
 
     def show(self, text):
+        if self.gone():  # ends the stream: the LLM server's slot is free for the next client at once
+            raise Cancelled
         now = time.monotonic()
         self.words_since = self.words_since or (now if text else None)
         with self.lock:
             # An answer that arrives all at once within 0.1 s goes out as the message alone, not after a draft of it.
-            if (self.closed or self.sending and self.sending.is_alive() or now - self.last < 0.5 or self.gone()
-                    or now < self.bot.drafts_off_until or text and now - self.words_since < 0.1):
+            if (self.closed or self.sending and self.sending.is_alive() or now - self.last < 0.5
+                    or self.refused or text and now - self.words_since < 0.1):
                 return
             self.last, self.sending = now, threading.Thread(target=self.send, args=(text[:4000],), daemon=True)
             self.sending.start()
@@ -566,9 +597,9 @@ class Draft:
             self.bot.out.call("sendMessageDraft", http_timeout=3, chat_id=self.chat_id, draft_id=self.id, text=text)
             self.live.set()
         except TelegramError as e:
-            if e.error_code in (400, 404, 501):  # an older or self-hosted Bot API: not for an hour
-                log.info("drafts are off for an hour (Telegram answered %s)", e.reason)
-                self.bot.drafts_off_until = time.monotonic() + 3600
+            if e.error_code in (400, 404, 501):  # this draft's text, or a Bot API without drafts:
+                log.info("drafts for this answer are off (Telegram answered %s)", e.reason)
+                self.refused = True  # ...for this answer only; the next one tries again
 
     def close(self):
         """No draft after this, and none on its way: a draft after the message would stay up for 30 s."""
@@ -858,6 +889,10 @@ class TelegramError(Exception):
     @property
     def reason(self):
         return self.description if self.error_code == 0 else f"HTTP {self.error_code}"
+
+
+class Cancelled(Exception):
+    """The dialog an LLM answer was being written for is gone: the answer is not read to its end."""
 
 
 class ChatGone(Exception):
@@ -1266,7 +1301,7 @@ class Bot:
         self.mailing = threading.Event()  # set while an email itself goes out: a stop waits for it
         self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
         self.replies, self.saves, self.batch, self.senders = [], [], {}, concurrent.futures.ThreadPoolExecutor(32)
-        self.drafts_off_until, self.fatal = 0.0 if cfg.llm_stream else float("inf"), None
+        self.fatal = None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
 

@@ -169,3 +169,11 @@ def test_a_think_tag_typed_by_a_client_cannot_reach_the_llm_as_one_and_a_contact
     text = leadbot.scrub("Скрыть тег </think> и <THINKING> от клиентов")
     assert "</think" not in text.lower() and "<think" not in text.lower() and "от клиентов" in text
     assert leadbot.clean_text("Иван Петров <ThinkBig@mail.ru>") == "Иван Петров <ThinkBig@mail.ru>"
+
+
+def test_the_waiting_list_never_drops_a_contact_for_later_small_talk():
+    waiting = [{"chat_id": 1, "text": "+7 999 123-45-67"}]
+    for i in range(25):
+        waiting = leadbot.queued(waiting, {"chat_id": 1, "text": f"ещё {i}"})
+    assert len(waiting) == 20
+    assert waiting[0]["text"] == "+7 999 123-45-67" and waiting[-1]["text"] == "ещё 24"
