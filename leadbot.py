@@ -684,8 +684,8 @@ def record_lead(bot, dialog, end):
 
 
 def write_row(bot, item, done):
-    bot.leads.write(item["lead"], item["since"], wanted=lambda: bot.outbox.has(item["id"]))  # /forget drops it first
-    done()
+    if bot.leads.write(item["lead"], item["since"], wanted=lambda: bot.outbox.has(item["id"])):
+        done()  # not when /forget dropped it first: then no row was written, and none is logged
 
 
 def send_email(bot, item, done):

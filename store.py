@@ -193,12 +193,13 @@ class Leads:
         """Where the next row will start: the size of the file (0 if it is missing)."""
         return self.path.stat().st_size if self.path.exists() else 0
 
-    def write(self, lead: dict, since: int, wanted=lambda: True) -> None:
+    def write(self, lead: dict, since: int, wanted=lambda: True) -> bool:
         """Append the lead unless its exact row already stands at or after byte `since`, or wanted() (asked under
-        the file's lock, which forget() takes too) says it was forgotten meanwhile; raises OSError."""
+        the file's lock, which forget() takes too) says it was forgotten meanwhile (then False); raises
+        OSError."""
         with self._lock, open(self.path, "a+b", buffering=0) as f:
             if not wanted():
-                return
+                return False
             f.seek(0)  # the owner may have re-saved it while the bot ran: with the other delimiter is fine
             head = f.read(200).decode("utf-8", "replace")
             found = _delimiter_of(head)
@@ -212,7 +213,7 @@ class Leads:
             size = f.seek(0, os.SEEK_END)
             f.seek(since)
             if row in f.read():
-                return  # written before a crash: exactly once
+                return True  # written before a crash: exactly once
             f.seek(max(size - 4096, 0))
             tail = f.read()
             try:  # re-saved as ANSI, the owner's Excel would show a UTF-8 row as «Р‘РѕСЂРёСЃ»
@@ -232,6 +233,7 @@ class Leads:
             except OSError:
                 f.truncate(size)  # only the bytes this call wrote: never half a row for the next one
                 raise
+            return True
 
     def forget(self, chat_id) -> int:
         """Remove every row of that chat, every other byte identical; returns how many. Raises OSError, and removes
@@ -274,18 +276,24 @@ class Journal:
             return
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
-            *lines, torn = text.split("\n")  # torn is "" when the file ends with a line break, else ignored
-            bad = [line for line in lines if line.strip() and not self._apply(line)]
+        except OSError as e:
+            raise StoreError(f"{self.path} cannot be read ({type(e).__name__}) — fix its permissions") from None
+        *lines, torn = text.split("\n")  # torn is "" when the file ends with a line break, else ignored
+        bad = [line for line in lines if line.strip() and not self._apply(line)]
+        # The bot's own torn or bad lines (a crash, a full disk) never stop a start: they are set aside, and
+        # while the file cannot be rewritten (the disk still full) the dialogs live in memory, each save
+        # trying the rewrite again; no line is appended to a torn one meanwhile.
+        self._lines, self._rewrite = len(lines), bool(bad or torn)
+        try:
             if bad:
                 with open(f"{self.path}.bad", "a", encoding="utf-8") as f:
                     f.write("".join(line + "\n" for line in bad))
                 log.warning("%d malformed entries of %s were set aside in %s.bad", len(bad), self.path.name, self.path)
-            self._lines, self._rewrite = len(lines), False
-            if bad or torn:
-                self._compact()  # without the lines set aside, and the next line must not extend a torn one
+            if self._rewrite:
+                self._compact()
         except OSError as e:
-            raise StoreError(f"{self.path} cannot be read or cleaned up ({type(e).__name__}) — "
-                             "fix its permissions") from None
+            log.warning("cannot clean up %s (%s); dialogs are kept in memory until it can be rewritten",
+                        self.path, type(e).__name__)
 
     def _apply(self, line: str) -> bool:
         """Take one line into self.dialogs; False if it is not a well-formed entry."""

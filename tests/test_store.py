@@ -621,3 +621,21 @@ def test_an_item_delivered_while_its_file_cannot_be_removed_is_not_delivered_aga
     with pytest.raises(OSError):
         outbox.update({**item, "confirmed": True, "owed": []})  # the email went out
     assert outbox.items() == [] and outbox.next_due() is None  # so it is not sent again every 50 ms
+
+
+def test_a_torn_journal_line_on_a_full_disk_never_stops_a_start(tmp_path, monkeypatch):
+    # A crash cut the last line short, and the disk is still full at the next start.
+    path = tmp_path / "state.jsonl"
+    dialog = {"stage": "qualifying"}
+    path.write_text(json.dumps({"chat": 1, "dialog": dialog}) + "\n" + '{"chat": 2, "dia', encoding="utf-8")
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(store, "_write_atomically", full)
+    journal = store.Journal(path, lambda d: True)
+    assert journal.dialogs == {1: dialog}
+    journal.save(3, {"stage": "greeting"})  # kept in memory; nothing glued to the torn line
+    assert path.read_text(encoding="utf-8").endswith('{"chat": 2, "dia')
+    monkeypatch.undo()  # room again: the next save rewrites the file whole
+    journal.save(4, {"stage": "greeting"})
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [line["chat"] for line in lines] == [1, 3, 4]
