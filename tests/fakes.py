@@ -13,6 +13,7 @@ import email
 import email.policy
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -262,6 +264,41 @@ _MEDIA = {
 }
 
 
+def _text_fields(text):
+    """text, and the bot_command entity Telegram adds when it starts with "/"."""
+    fields = {"text": text}
+    if text.startswith("/"):
+        fields["entities"] = [{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
+    return fields
+
+
+def _quoted(message):
+    """A message as reply_to_message holds it: Telegram does not nest replies deeper."""
+    return {key: value for key, value in message.items() if key != "reply_to_message"}
+
+
+def _topic_name(name):
+    """Like Telegram (TDLib's clean_name), an over-long topic name is cut to 128 characters."""
+    name = str(name or "")[:128].strip()
+    if not name:
+        raise _ApiError(400, "Bad Request: title must be non-empty")
+    return name
+
+
+_ADMIN_RIGHTS = {
+    "can_be_edited": False, "is_anonymous": False, "can_manage_chat": True,
+    "can_delete_messages": True, "can_manage_video_chats": False, "can_restrict_members": False,
+    "can_promote_members": False, "can_change_info": False, "can_invite_users": True,
+    "can_post_stories": False, "can_edit_stories": False, "can_delete_stories": False,
+    "can_pin_messages": True,
+}
+
+
+def _stored_file(unique_id, data, file_path, file_size=None):
+    return {"file_unique_id": unique_id, "data": data, "file_path": file_path,
+            "file_size": len(data) if file_size is None else file_size}
+
+
 _MARKDOWN_V2_SPECIAL = set("_*[]()~`>#+-=|{}.!")
 
 
@@ -286,8 +323,13 @@ def _check_parse_mode(params, text):
 class FakeTelegram(_HTTPFake):
     """The Bot API with long polling, simulated users and fault injection.
 
-    TELEGRAM_API_URL is .url; the bot's token is .token. allowed_updates is recorded but not
-    enforced, so a test can check the bot survives any update type.
+    TELEGRAM_API_URL is .url; the bot's token is .token. getUpdates' allowed_updates is kept
+    (.allowed_updates) and honoured as Telegram does: an update of another kind pushed later is
+    never queued (see push_update). Groups the bot is in (add_group) may be forums with topics;
+    every message has a message_id, so that members can reply to the bot's messages (and edit
+    their own), press its inline buttons, and send voice messages whose files can be fetched
+    with getFile and GET {url}/file/bot{token}/{file_path}. Faults are per method, per chat
+    (fail_chat, stall_chat) or for every method ("*"); file downloads are the method "download".
     """
 
     BOT_USER = {
@@ -312,6 +354,15 @@ class FakeTelegram(_HTTPFake):
         self._downs = 0
         self._update_ids = itertools.count(100001)
         self._message_ids = itertools.count(1)
+        self.allowed_updates = None  # the last list getUpdates was given; None: never given
+        self.discarded = []  # updates pushed while allowed_updates excluded their kind
+        self._groups = {}  # str(chat_id) -> what add_group said, its topics and members
+        self._known = {}  # (str(chat_id), message_id) -> the Message, as updates have it
+        self._limits = {}  # str(chat_id) -> [per_minute, window, times of the messages accepted]
+        self._files = {"voice-id": _stored_file("AgADvo", b"OggS" + bytes(60), "voice/file_0.oga")}
+        self._file_numbers = itertools.count(1)
+        self._queries = {}  # callback_query id -> answered
+        self._query_ids = itertools.count(4000000000000000001)
         self._methods = {
             "getMe": self._get_me,
             "getUpdates": self._get_updates,
@@ -321,6 +372,14 @@ class FakeTelegram(_HTTPFake):
             "setMyCommands": self._set_my_commands,
             "deleteWebhook": self._delete_webhook,
             "getWebhookInfo": self._get_webhook_info,
+            "getChat": self._get_chat,
+            "getChatMember": self._get_chat_member,
+            "createForumTopic": self._create_forum_topic,
+            "closeForumTopic": self._close_forum_topic,
+            "reopenForumTopic": self._reopen_forum_topic,
+            "editForumTopic": self._edit_forum_topic,
+            "answerCallbackQuery": self._answer_callback_query,
+            "getFile": self._get_file,
         }
         super().__init__()
 
@@ -346,6 +405,10 @@ class FakeTelegram(_HTTPFake):
     def _handle(self, handler):
         body = _read_body(handler)  # always, or the next request on this connection is garbled
         path = urlsplit(handler.path).path
+        download = f"/file/bot{self.token}/"
+        if path.startswith(download):  # where getFile's file_path is fetched, as from Telegram
+            params = {"file_path": path[len(download):]}
+            return self._serve(handler, "download", params, self._download)
         prefix = f"/bot{self.token}/"
         if not path.startswith(prefix):
             code, description = (401, "Unauthorized") if path.startswith("/bot") else (404, "Not Found")
@@ -358,26 +421,41 @@ class FakeTelegram(_HTTPFake):
             params = _parse_params(handler, body)
         except _ApiError as error:
             return _send_json(handler, error.code, error.payload)
+        self._serve(handler, method, params, self._answer_call)
+
+    def _serve(self, handler, method, params, respond):
+        """Record the call, carry out an injected fault or respond(handler, method, params)."""
         with self._cond:
             self._calls.append((method, params))
             self._timeline.append((time.monotonic(), "in", method, str(params.get("chat_id"))))
-            fault = self._faults[method].popleft() if self._faults[method] else None
+            fault = self._take_fault(method, params)
             self._in_flight[method] += 1
             self.peak[method] = max(self.peak[method], self._in_flight[method])
         try:
             if fault and self._apply_fault(fault, handler):
                 return
-            try:
-                status, payload = 200, {"ok": True, "result": self._methods[method](params)}
-            except _ApiError as error:
-                status, payload = error.code, error.payload
-            except (TypeError, ValueError):
-                status, payload = 400, _api_error(400, "Bad Request: invalid parameter type")
-            _send_json(handler, status, payload)
+            respond(handler, method, params)
         finally:
             with self._cond:
                 self._in_flight[method] -= 1
                 self._timeline.append((time.monotonic(), "out", method, str(params.get("chat_id"))))
+
+    def _take_fault(self, method, params):
+        """The next fault for this chat's calls of method, else for method, else for any method."""
+        for key in ((method, str(params.get("chat_id"))), method, "*"):
+            queue = self._faults.get(key)
+            if queue:
+                return queue.popleft()
+        return None
+
+    def _answer_call(self, handler, method, params):
+        try:
+            status, payload = 200, {"ok": True, "result": self._methods[method](params)}
+        except _ApiError as error:
+            status, payload = error.code, error.payload
+        except (TypeError, ValueError):
+            status, payload = 400, _api_error(400, "Bad Request: invalid parameter type")
+        _send_json(handler, status, payload)
 
     def _apply_fault(self, fault, handler):
         """Carry out an injected fault; return True when the request needs no normal answer."""
@@ -400,6 +478,8 @@ class FakeTelegram(_HTTPFake):
         limit = min(max(int(params.get("limit") or 100), 1), 100)
         timeout = float(params.get("timeout") or 0)
         with self._cond:
+            if isinstance(params.get("allowed_updates"), list):
+                self.allowed_updates = list(params["allowed_updates"])
             if self.webhook_url:
                 raise _ApiError(409, "Conflict: can't use getUpdates method while webhook is active; "
                                      "use deleteWebhook to delete the webhook first")
@@ -426,6 +506,12 @@ class FakeTelegram(_HTTPFake):
             raise _ApiError(400, "Bad Request: chat_id is empty")
         if str(chat_id) in self._blocked:
             raise _ApiError(403, "Forbidden: bot was blocked by the user")
+        group = self._groups.get(str(chat_id))
+        if group and group["bot_status"] in ("left", "kicked"):
+            kind = "supergroup chat" if group["chat"]["type"] == "supergroup" else "group chat"
+            left = group["bot_status"] == "left"
+            raise _ApiError(403, f"Forbidden: bot is not a member of the {kind}" if left
+                            else f"Forbidden: bot was kicked from the {kind}")
         return chat_id
 
     def _send_message(self, params):
@@ -442,10 +528,20 @@ class FakeTelegram(_HTTPFake):
                 raise _ApiError(400, "Bad Request: can't parse reply keyboard markup JSON object") from None
         with self._cond:
             chat_id = self._check_chat(params)
-            self._sent.append({"reply_markup": None, "parse_mode": None, **params})
+            reply = self._replied(chat_id, params)
+            thread = self._thread_of(chat_id, params.get("message_thread_id"), reply)
+            self._count_against_limit(chat_id)
             message_id = next(self._message_ids)
-        return {"message_id": message_id, "from": dict(self.BOT_USER), "date": int(time.time()),
-                "chat": {"id": chat_id, "type": "private"}, "text": text}
+            self._sent.append({"reply_markup": None, "parse_mode": None, "message_thread_id": None,
+                               **params, "message_id": message_id})
+            message = {"message_id": message_id, "from": dict(self.BOT_USER),
+                       "date": int(time.time()), "chat": self._chat_of(chat_id), "text": text}
+            message.update(self._placement(chat_id, thread, reply))
+            markup = params.get("reply_markup")
+            if isinstance(markup, dict) and "inline_keyboard" in markup:
+                message["reply_markup"] = markup  # Telegram shows only inline keyboards back
+            self._known[(str(chat_id), message_id)] = message
+        return copy.deepcopy(message)
 
     def _send_message_draft(self, params):
         """Validated like Telegram: a private chat, a non-zero draft_id, at most 4,096 characters."""
@@ -498,6 +594,195 @@ class FakeTelegram(_HTTPFake):
             return {"url": self.webhook_url, "has_custom_certificate": False,
                     "pending_update_count": len(self._updates)}
 
+    # Groups and forum topics
+
+    def add_group(self, chat_id, *, forum=False, bot_status="administrator",
+                  bot_can_manage_topics=True, title="Менеджеры", chat_type="supergroup"):
+        """The bot is in this group (bot_status "administrator", "member", "left" or "kicked");
+        forum=True turns topics on. Called again, it changes the settings and keeps the topics.
+        Returns the Chat as updates carry it."""
+        assert chat_type == "supergroup" or not forum, "only supergroups can be forums"
+        chat = {"id": chat_id, "title": title, "type": chat_type}
+        if forum:
+            chat["is_forum"] = True
+        with self._cond:
+            group = self._groups.setdefault(str(chat_id), {"topics": {}, "members": {}})
+            group.update(chat=chat, forum=forum, bot_status=bot_status,
+                         can_manage_topics=bot_can_manage_topics)
+        return dict(chat)
+
+    def add_topic(self, chat_id, name, *, user_id=1):
+        """A member (not the bot) creates a topic in a forum; returns its message_thread_id."""
+        with self._cond:
+            group = self._groups[str(chat_id)]
+            assert group["forum"], "topics need add_group(..., forum=True)"
+            return self._new_topic(group, name, 7322096, {"id": user_id, "is_bot": False,
+                                                          "first_name": "Мария"})
+
+    def topics(self, chat_id):
+        """message_thread_id -> {"name", "icon_color", "closed", ...} of a forum's topics."""
+        with self._cond:
+            return copy.deepcopy(self._groups[str(chat_id)]["topics"])
+
+    def _new_topic(self, group, name, icon_color, creator):
+        thread = next(self._message_ids)
+        group["topics"][thread] = {"name": name, "icon_color": icon_color, "closed": False,
+                                   "creator": creator["id"]}
+        # A topic is the thread of its creation service message: they share the id.
+        self._known[(str(group["chat"]["id"]), thread)] = {
+            "message_id": thread, "from": dict(creator), "date": int(time.time()),
+            "chat": dict(group["chat"]), "message_thread_id": thread, "is_topic_message": True,
+            "forum_topic_created": {"name": name, "icon_color": icon_color}}
+        return thread
+
+    def _chat_of(self, chat_id):
+        group = self._groups.get(str(chat_id))
+        return dict(group["chat"]) if group else {"id": chat_id, "type": "private"}
+
+    def _can_manage(self, group):
+        return group["bot_status"] == "administrator" and group["can_manage_topics"]
+
+    def _replied(self, chat_id, params):
+        """The message sendMessage replies to (reply_parameters or reply_to_message_id), quoted."""
+        reply = params.get("reply_parameters")
+        if not isinstance(reply, dict):
+            reply = {"message_id": params.get("reply_to_message_id"),
+                     "allow_sending_without_reply": params.get("allow_sending_without_reply")}
+        if reply.get("message_id") is None:
+            return None
+        known = self._known.get((str(chat_id), int(reply["message_id"])))
+        if known is None and not reply.get("allow_sending_without_reply"):
+            raise _ApiError(400, "Bad Request: message to be replied not found")
+        return _quoted(known) if known else None
+
+    def _thread_of(self, chat_id, thread, reply):
+        """The topic a message goes to: the one named, else that of the message it replies to.
+
+        A closed topic takes messages only from admins who can manage topics (TOPIC_CLOSED).
+        """
+        if thread is None:
+            return reply["message_thread_id"] if reply and reply.get("is_topic_message") else None
+        group = self._groups.get(str(chat_id))
+        topic = group["topics"].get(int(thread)) if group and group["forum"] else None
+        if topic is None:
+            raise _ApiError(400, "Bad Request: message thread not found")
+        if topic["closed"] and not self._can_manage(group):
+            raise _ApiError(400, "Bad Request: TOPIC_CLOSED")
+        return int(thread)
+
+    def _placement(self, chat_id, thread, reply):
+        """message_thread_id, is_topic_message and reply_to_message, as Telegram fills them in.
+
+        In a topic every message is a reply: to the message it answers, else to the topic's
+        creation service message. In any supergroup a reply carries the id of its thread's root
+        message as message_thread_id, topics or not.
+        """
+        group = self._groups.get(str(chat_id))
+        if thread is not None and group and group["forum"]:
+            root = self._known.get((str(chat_id), thread))
+            return {"message_thread_id": thread, "is_topic_message": True,
+                    "reply_to_message": reply or _quoted(root or {"message_id": thread})}
+        if reply is None:
+            return {}
+        if group and group["chat"]["type"] == "supergroup":
+            return {"message_thread_id": reply.get("message_thread_id", reply["message_id"]),
+                    "reply_to_message": reply}
+        return {"reply_to_message": reply}
+
+    def _forum(self, params):
+        group = self._groups.get(str(params.get("chat_id")))
+        if group is None:
+            raise _ApiError(400, "Bad Request: chat not found")
+        self._check_chat(params)
+        if not group["forum"]:
+            raise _ApiError(400, "Bad Request: the chat is not a forum")
+        return group
+
+    def _topic(self, params):
+        """The forum and topic a topic method names; the bot must be able to manage it."""
+        group = self._forum(params)
+        topic = group["topics"].get(int(params.get("message_thread_id") or 0))
+        if topic is None:
+            raise _ApiError(400, "Bad Request: message thread not found")
+        if not self._can_manage(group) and topic["creator"] != self.BOT_USER["id"]:
+            raise _ApiError(400, "Bad Request: CHAT_ADMIN_REQUIRED")
+        return topic
+
+    def _create_forum_topic(self, params):
+        with self._cond:
+            group = self._forum(params)
+            if not self._can_manage(group):
+                raise _ApiError(400, "Bad Request: not enough rights to create a topic")
+            name = _topic_name(params.get("name"))
+            icon_color = int(params.get("icon_color") or 7322096)
+            thread = self._new_topic(group, name, icon_color, self.BOT_USER)
+            answer = {"message_thread_id": thread, "name": name, "icon_color": icon_color}
+            if params.get("icon_custom_emoji_id"):
+                answer["icon_custom_emoji_id"] = str(params["icon_custom_emoji_id"])
+                group["topics"][thread]["icon_custom_emoji_id"] = answer["icon_custom_emoji_id"]
+            return answer
+
+    def _set_closed(self, params, closed):
+        with self._cond:
+            topic = self._topic(params)
+            if topic["closed"] == closed:
+                raise _ApiError(400, "Bad Request: TOPIC_NOT_MODIFIED")
+            topic["closed"] = closed
+        return True
+
+    def _close_forum_topic(self, params):
+        return self._set_closed(params, True)
+
+    def _reopen_forum_topic(self, params):
+        return self._set_closed(params, False)
+
+    def _edit_forum_topic(self, params):
+        with self._cond:
+            topic = self._topic(params)
+            changes = {}
+            if params.get("name") is not None:
+                changes["name"] = _topic_name(params["name"])
+            if params.get("icon_custom_emoji_id") is not None:
+                changes["icon_custom_emoji_id"] = str(params["icon_custom_emoji_id"])
+            if all(topic.get(key) == value for key, value in changes.items()):
+                raise _ApiError(400, "Bad Request: TOPIC_NOT_MODIFIED")
+            topic.update(changes)
+        return True
+
+    def _get_chat(self, params):
+        chat_id = params.get("chat_id")
+        with self._cond:
+            group = self._groups.get(str(chat_id))
+            if group is None and not (isinstance(chat_id, int) and chat_id > 0):
+                raise _ApiError(400, "Bad Request: chat not found")
+            chat = dict(group["chat"]) if group else {"id": chat_id, "type": "private",
+                                                      "first_name": "Иван"}
+        return {**chat, "accent_color_id": 0, "max_reaction_count": 11}
+
+    def _get_chat_member(self, params):
+        """The bot's own membership as add_group set it; a member who wrote; "left" otherwise."""
+        user_id = int(params.get("user_id"))
+        with self._cond:
+            group = self._groups.get(str(params.get("chat_id")))
+            if group is None:
+                raise _ApiError(400, "Bad Request: chat not found")
+            if user_id == self.BOT_USER["id"]:
+                return self._bot_member(group)
+            user = group["members"].get(user_id)
+        if user is None:
+            return {"status": "left", "user": {"id": user_id, "is_bot": False, "first_name": ""}}
+        return {"status": "member", "user": dict(user)}
+
+    def _bot_member(self, group):
+        member = {"status": group["bot_status"], "user": dict(self.BOT_USER)}
+        if group["bot_status"] == "kicked":
+            member["until_date"] = 0
+        if group["bot_status"] == "administrator":
+            member.update(_ADMIN_RIGHTS)
+            if group["chat"]["type"] == "supergroup":
+                member["can_manage_topics"] = bool(group["can_manage_topics"])
+        return member
+
     # Simulated users
 
     def build_message(self, chat_id, *, first_name="Иван", username=None, chat_type="private",
@@ -517,20 +802,40 @@ class FakeTelegram(_HTTPFake):
         return {"message_id": message_id, "from": sender, "chat": chat, "date": int(time.time()), **fields}
 
     def push_update(self, update):
-        """Queue a raw update for getUpdates (update_id is filled in when missing); return its update_id."""
+        """Queue a raw update for getUpdates (its update_id filled in if missing); return the id.
+
+        As Telegram does, an update of a kind the last allowed_updates leaves out is never queued
+        (it goes to .discarded): the setting applies to updates made after it.
+        """
         with self._cond:
             update = {"update_id": next(self._update_ids), **update}
+            kind = next((key for key in update if key != "update_id"), None)
+            if kind is not None and not self._wanted(kind):
+                self.discarded.append(update)
+                return update["update_id"]
+            self._remember(update.get("message") or update.get("edited_message"))
             self._last_id = update["update_id"]
             self._updates.append(update)
             self._cond.notify_all()
         return update["update_id"]
 
+    # Without allowed_updates (or with an empty list) Telegram sends every kind but these.
+    NOT_BY_DEFAULT = ("chat_member", "message_reaction", "message_reaction_count")
+
+    def _wanted(self, kind):
+        if not self.allowed_updates:
+            return kind not in self.NOT_BY_DEFAULT
+        return kind in self.allowed_updates
+
+    def _remember(self, message):
+        """Keep a user's message, so that replies, edits and buttons can refer to it."""
+        if isinstance(message, dict) and isinstance(message.get("chat"), dict):
+            self._known[(str(message["chat"].get("id")), message.get("message_id"))] = message
+
     def send_text(self, chat_id, text, *, first_name="Иван", username=None, chat_type="private",
                   is_bot=False, user_id=None):
         """A user writes text to the bot; return the update_id."""
-        fields = {"text": text}
-        if text.startswith("/"):
-            fields["entities"] = [{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
+        fields = _text_fields(text)
         message = self.build_message(chat_id, first_name=first_name, username=username, chat_type=chat_type,
                                      is_bot=is_bot, user_id=user_id, **fields)
         return self.push_update({"message": message})
@@ -547,6 +852,122 @@ class FakeTelegram(_HTTPFake):
         if caption is not None:
             fields["caption"] = caption
         return self.push_update({"message": self.build_message(chat_id, **fields)})
+
+    def send_group_text(self, chat_id, text, *, user_id, first_name="Мария", username=None,
+                        thread_id=None, reply_to=None, is_topic_message=None):
+        """A member writes in a group (added with add_group, else taken as a plain supergroup):
+        in topic thread_id, as a reply to message reply_to (a message_id in that chat) or both.
+        is_topic_message None fills it in as Telegram does; True or False forces it. Returns
+        the update_id."""
+        return self._push_group_message(chat_id, _text_fields(text), user_id, first_name, username,
+                                        thread_id, reply_to, is_topic_message)
+
+    def send_group_media(self, chat_id, kind, *, user_id, caption=None, first_name="Мария",
+                         username=None, thread_id=None, reply_to=None, is_topic_message=None):
+        """send_group_text with a photo, sticker, voice, ... (as send_media) instead of text."""
+        fields = copy.deepcopy(_MEDIA[kind])
+        if caption is not None:
+            fields["caption"] = caption
+        return self._push_group_message(chat_id, fields, user_id, first_name, username,
+                                        thread_id, reply_to, is_topic_message)
+
+    def _push_group_message(self, chat_id, fields, user_id, first_name, username, thread_id,
+                            reply_to, is_topic_message):
+        if str(chat_id) not in self._groups:
+            self.add_group(chat_id, bot_status="member", title="Test group")
+        with self._cond:
+            group = self._groups[str(chat_id)]
+            reply = self._known.get((str(chat_id), reply_to)) if reply_to is not None else None
+            if reply_to is not None and reply is None:
+                raise KeyError(f"no message {reply_to} in chat {chat_id} to reply to")
+            reply = reply and _quoted(reply)
+            if thread_id is None and reply and reply.get("is_topic_message"):
+                thread_id = reply["message_thread_id"]  # a reply stays in the replied one's topic
+            place = self._placement(chat_id, thread_id, reply)
+        if is_topic_message is not None:
+            place["is_topic_message"] = is_topic_message
+            place = {k: v for k, v in place.items() if v is not False}
+        message = self.build_message(chat_id, first_name=first_name, user_id=user_id,
+                                     chat_type=group["chat"]["type"], **place, **fields)
+        message["chat"] = dict(group["chat"])
+        if username:
+            message["from"]["username"] = username
+        with self._cond:
+            group["members"][user_id] = message["from"]
+        return self.push_update({"message": message})
+
+    def edit_text(self, chat_id, message_id, new_text):
+        """The user edits a message they sent (private or group): an edited_message update."""
+        with self._cond:
+            original = self._known.get((str(chat_id), message_id))
+        if original is None or original["from"]["id"] == self.BOT_USER["id"]:
+            raise KeyError(f"no message {message_id} of a user in chat {chat_id}")
+        edited = {key: value for key, value in original.items() if key not in ("text", "entities")}
+        edited.update(_text_fields(new_text), edit_date=int(time.time()))
+        return self.push_update({"edited_message": edited})
+
+    def press_button(self, chat_id, message_id, data, *, user_id=None, first_name="Иван"):
+        """A user taps an inline button with callback_data data under message message_id (the
+        bot's message; one the fake never saw arrives as an inaccessible message, date 0).
+        Returns the update_id; the callback_query id is for answerCallbackQuery."""
+        user = {"id": abs(chat_id) if user_id is None else user_id, "is_bot": False,
+                "first_name": first_name, "language_code": "ru"}
+        with self._cond:
+            message = self._known.get((str(chat_id), message_id))
+            message = copy.deepcopy(message) if message else {
+                "chat": self._chat_of(chat_id), "message_id": message_id, "date": 0}
+            query_id = str(next(self._query_ids))
+            self._queries[query_id] = False
+        return self.push_update({"callback_query": {
+            "id": query_id, "from": user, "message": message, "chat_instance": f"ci{chat_id}",
+            "data": data}})
+
+    def _answer_callback_query(self, params):
+        query_id = str(params.get("callback_query_id") or "")
+        if len(str(params.get("text") or "")) > 200:
+            raise _ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
+        with self._cond:
+            if self._queries.get(query_id) is not False:  # unknown, or answered already
+                raise _ApiError(400, "Bad Request: query is too old and response timeout expired "
+                                     "or query ID is invalid")
+            self._queries[query_id] = True
+        return True
+
+    def send_voice(self, chat_id, duration=3, file_size=None, data=b"OggS\x00\x02" + bytes(58), *,
+                   mime_type="audio/ogg", **sender):
+        """A user sends a voice message whose file (data) getFile and the download serve;
+        file_size, when given, is what Telegram claims (data stays small). sender as for
+        build_message. Returns the update_id."""
+        with self._cond:
+            number = next(self._file_numbers)
+            file_id = f"AwACAgIAAxkBAAIB{number:04d}voice"
+            stored = _stored_file(f"AgAD{number:04d}", data, f"voice/file_{number}.oga", file_size)
+            self._files[file_id] = stored
+        voice = {"file_id": file_id, "file_unique_id": stored["file_unique_id"],
+                 "duration": duration, "mime_type": mime_type, "file_size": stored["file_size"]}
+        return self.push_update({"message": self.build_message(chat_id, voice=voice, **sender)})
+
+    # Bots may download files of up to 20 MB (getFile answers "file is too big" above that).
+    MAX_DOWNLOAD = 20 * 1024 * 1024
+
+    def _get_file(self, params):
+        file_id = str(params.get("file_id") or "")
+        with self._cond:
+            stored = self._files.get(file_id)
+        if stored is None:
+            raise _ApiError(400, "Bad Request: invalid file_id")
+        if stored["file_size"] > self.MAX_DOWNLOAD:
+            raise _ApiError(400, "Bad Request: file is too big")
+        return {"file_id": file_id, "file_unique_id": stored["file_unique_id"],
+                "file_size": stored["file_size"], "file_path": stored["file_path"]}
+
+    def _download(self, handler, method, params):
+        with self._cond:
+            data = next((f["data"] for f in self._files.values()
+                         if f["file_path"] == params["file_path"]), None)
+        if data is None:
+            return _send_json(handler, 404, _api_error(404, "Not Found"))
+        _send(handler, 200, data, "application/octet-stream")
 
     # Inspection
 
@@ -596,7 +1017,8 @@ class FakeTelegram(_HTTPFake):
             for name, _ in self._calls:
                 counts[name] = counts.get(name, 0) + 1
             lines = [f"calls: {counts}",
-                     f"pending updates: {len(self._updates)}, confirmed offset: {self._offset}"]
+                     f"pending updates: {len(self._updates)}, confirmed offset: {self._offset}",
+                     f"allowed_updates: {self.allowed_updates}, discarded: {len(self.discarded)}"]
             lines += [f"sent to {m['chat_id']}: {str(m['text'])[:100]!r}" for m in self._sent]
         return "\n".join(lines)
 
@@ -631,6 +1053,48 @@ class FakeTelegram(_HTTPFake):
         """The user of chat_id accepts messages from the bot again."""
         with self._cond:
             self._blocked.discard(str(chat_id))
+
+    def fail_chat(self, chat_id, method, error_code, description, parameters=None, times=1):
+        """fail() for calls of method about chat_id only: the other chats' calls go through."""
+        fault = ("json", (error_code, _api_error(error_code, description, parameters)))
+        self._add_fault((method, str(chat_id)), fault, times)
+
+    def stall_chat(self, chat_id, method, seconds, times=1):
+        """stall() for calls of method about chat_id only."""
+        self._add_fault((method, str(chat_id)), ("stall", seconds), times)
+
+    def html_error(self, method, status, times=1):
+        """The next `times` calls of method ("*": of any method, "download": of file downloads)
+        get a proxy's HTML error page with this status instead of JSON."""
+        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        page = (f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
+                f"<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+                "</body>\r\n</html>\r\n")
+        self.http_error(method, status, page, times)
+
+    def group_rate_limit(self, chat_id, per_minute=20, window=60.0):
+        """Telegram's flood limit for groups: over per_minute messages to chat_id within window
+        seconds get 429 with retry_after (until the oldest leaves the window). per_minute=0
+        lifts it."""
+        with self._cond:
+            if per_minute:
+                self._limits[str(chat_id)] = [per_minute, window, deque()]
+            else:
+                self._limits.pop(str(chat_id), None)
+
+    def _count_against_limit(self, chat_id):
+        limit = self._limits.get(str(chat_id))
+        if limit is None:
+            return
+        per_minute, window, accepted = limit
+        now = time.monotonic()
+        while accepted and accepted[0] <= now - window:
+            accepted.popleft()
+        if len(accepted) >= per_minute:
+            retry_after = max(1, math.ceil(accepted[0] + window - now))
+            raise _ApiError(429, f"Too Many Requests: retry after {retry_after}",
+                            {"retry_after": retry_after})
+        accepted.append(now)
 
 
 # --- LLM -------------------------------------------------------------------------------------

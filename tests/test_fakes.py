@@ -336,3 +336,285 @@ def test_wait_log_fails_fast_when_the_bot_exits(stand_in, tmp_path):
 def test_run_bot_feeds_input_and_captures_output(stand_in, tmp_path):
     completed = run_bot({}, "--echo", cwd=tmp_path, input="привет\n")
     assert (completed.returncode, completed.stdout) == (4, "ПРИВЕТ\n")
+
+
+# Telegram: groups, forum topics, buttons, voice
+
+
+def api_error(response):
+    return response.status_code, response.json()["description"]
+
+
+FORUM_CHAT = {"id": -1001, "title": "Менеджеры", "type": "supergroup", "is_forum": True}
+
+
+def bot_api(http, telegram):
+    """ok(method, **params): its result; err(method, **params): (status, description)."""
+    def ok(method, **params):
+        return result(http, telegram, method, **params)
+
+    def err(method, **params):
+        return api_error(call(http, telegram, method, **params))
+
+    return ok, err
+
+
+def test_forum_topics_are_created_closed_reopened_and_edited(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.add_group(-1001, forum=True)
+    telegram.add_group(-1002)
+    telegram.add_group(-1003, forum=True, bot_can_manage_topics=False)
+    topic = ok("createForumTopic", chat_id=-1001, name="Иван: сайт")
+    assert topic == {"message_thread_id": topic["message_thread_id"], "name": "Иван: сайт",
+                     "icon_color": 7322096}
+    thread = topic["message_thread_id"]
+    long_name = ok("createForumTopic", chat_id=-1001, name="я" * 200)
+    assert long_name["name"] == "я" * 128  # Telegram cuts it, as TDLib's clean_name does
+    assert err("createForumTopic", chat_id=-1001, name=" ") == (
+        400, "Bad Request: title must be non-empty")
+    assert err("createForumTopic", chat_id=-1002, name="x") == (
+        400, "Bad Request: the chat is not a forum")
+    assert err("createForumTopic", chat_id=-1003, name="x") == (
+        400, "Bad Request: not enough rights to create a topic")
+    assert err("createForumTopic", chat_id=-1009, name="x") == (
+        400, "Bad Request: chat not found")
+    where = {"chat_id": -1001, "message_thread_id": thread}
+    assert ok("editForumTopic", **where, name="Иван: магазин") is True
+    assert err("editForumTopic", **where, name="Иван: магазин") == (
+        400, "Bad Request: TOPIC_NOT_MODIFIED")
+    assert ok("closeForumTopic", **where) is True
+    assert err("closeForumTopic", **where) == (
+        400, "Bad Request: TOPIC_NOT_MODIFIED")
+    assert telegram.topics(-1001)[thread]["closed"] is True
+    assert telegram.topics(-1001)[thread]["name"] == "Иван: магазин"
+    assert ok("reopenForumTopic", **where) is True
+    assert telegram.topics(-1001)[thread]["closed"] is False
+    unknown = {"chat_id": -1001, "message_thread_id": 999}
+    assert err("closeForumTopic", **unknown) == (
+        400, "Bad Request: message thread not found")
+
+
+def test_messages_in_topics_and_replies_carry_thread_ids(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.add_group(-1001, forum=True)
+    thread = ok("createForumTopic", chat_id=-1001, name="Лид")["message_thread_id"]
+    card = ok("sendMessage", chat_id=-1001, text="Карточка", message_thread_id=thread)
+    assert card["chat"] == FORUM_CHAT
+    assert (card["message_thread_id"], card["is_topic_message"]) == (thread, True)
+    root = card["reply_to_message"]  # the topic's creation service message
+    assert (root["message_id"], root["forum_topic_created"]["name"]) == (thread, "Лид")
+    assert telegram.messages(-1001)[0]["message_id"] == card["message_id"]
+    assert telegram.messages(-1001)[0]["message_thread_id"] == thread
+    general = ok("sendMessage", chat_id=-1001, text="Всем")
+    assert "message_thread_id" not in general
+    assert telegram.messages(-1001)[1]["message_thread_id"] is None
+    for bad in (thread + 100, card["message_id"]):  # a message is no topic
+        assert err("sendMessage", chat_id=-1001, text="x",
+                   message_thread_id=bad) == (400, "Bad Request: message thread not found")
+    answer = ok("sendMessage", chat_id=-1001, text="Ответ",
+                    reply_parameters={"message_id": card["message_id"]})
+    assert answer["message_thread_id"] == thread
+    assert answer["reply_to_message"]["text"] == "Карточка"
+    assert err("sendMessage", chat_id=-1001, text="x",
+               reply_to_message_id=12345) == (400, "Bad Request: message to be replied not found")
+    assert ok("sendMessage", chat_id=-1001, text="x", reply_parameters={
+        "message_id": 12345, "allow_sending_without_reply": True})
+    ok("closeForumTopic", chat_id=-1001, message_thread_id=thread)
+    assert ok("sendMessage", chat_id=-1001, text="админ", message_thread_id=thread)
+    telegram.add_group(-1001, forum=True, bot_status="member")  # admins only write in closed topics
+    assert err("sendMessage", chat_id=-1001, text="x",
+                          message_thread_id=thread) == (400, "Bad Request: TOPIC_CLOSED")
+    telegram.add_group(-1001, forum=True, bot_status="kicked")
+    assert err("sendMessage", chat_id=-1001, text="x") == (
+        403, "Forbidden: bot was kicked from the supergroup chat")
+
+
+def test_get_chat_and_get_chat_member_tell_whether_the_bot_can_manage_topics(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.add_group(-1001, forum=True)
+    telegram.add_group(-1002, bot_status="member")
+    chat = ok("getChat", chat_id=-1001)
+    assert (chat["type"], chat["is_forum"], chat["title"]) == ("supergroup", True, "Менеджеры")
+    assert "is_forum" not in ok("getChat", chat_id=-1002)
+    assert ok("getChat", chat_id=42)["type"] == "private"
+    assert err("getChat", chat_id=-1009) == (400, "Bad Request: chat not found")
+    bot = ok("getChatMember", chat_id=-1001, user_id=777)
+    assert (bot["status"], bot["can_manage_topics"]) == ("administrator", True)
+    assert bot["user"]["id"] == 777
+    assert ok("getChatMember", chat_id=-1002, user_id=777)["status"] == "member"
+    telegram.add_group(-1001, forum=True, bot_can_manage_topics=False)
+    assert ok("getChatMember", chat_id=-1001, user_id=777)["can_manage_topics"] is False
+    assert ok("getChatMember", chat_id=-1001, user_id=5)["status"] == "left"
+    telegram.send_group_text(-1001, "привет", user_id=5)
+    assert ok("getChatMember", chat_id=-1001, user_id=5)["status"] == "member"
+
+
+def test_group_members_write_in_topics_reply_and_edit(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.add_group(-1001, forum=True)
+    telegram.add_group(-1002)
+    telegram.add_group(-3, chat_type="group")
+    thread = ok("createForumTopic", chat_id=-1001, name="Лид")["message_thread_id"]
+    card = ok("sendMessage", chat_id=-1001, text="Карточка", message_thread_id=thread)
+    telegram.send_group_text(-1001, "Здравствуйте!", user_id=9, thread_id=thread)
+    telegram.send_group_text(-1001, "Ответ", user_id=9, reply_to=card["message_id"])
+    telegram.send_group_text(-1001, "Болтовня", user_id=9)
+    plain = ok("sendMessage", chat_id=-1002, text="Карточка")
+    telegram.send_group_text(-1002, "Ответ", user_id=9, reply_to=plain["message_id"])
+    basic = ok("sendMessage", chat_id=-3, text="Карточка")
+    telegram.send_group_text(-3, "Ответ", user_id=9, reply_to=basic["message_id"])
+    telegram.send_group_media(-1001, "photo", user_id=9, thread_id=thread, caption="макет")
+    telegram.send_group_text(-1001, "Не в тему", user_id=9, thread_id=thread,
+                             is_topic_message=False)
+    private = telegram.send_text(10, "мой номер 8917")
+    updates = ok("getUpdates")
+    in_topic, reply, chatter, plain_reply, basic_reply, photo, forced, first = (
+        u["message"] for u in updates)
+    assert (in_topic["message_thread_id"], in_topic["is_topic_message"]) == (thread, True)
+    created = in_topic["reply_to_message"]["forum_topic_created"]
+    assert created == {"name": "Лид", "icon_color": 7322096}
+    assert in_topic["from"] == {"id": 9, "is_bot": False, "first_name": "Мария",
+                                "language_code": "ru"}
+    assert in_topic["chat"] == FORUM_CHAT
+    assert reply["message_thread_id"] == thread and reply["reply_to_message"]["text"] == "Карточка"
+    assert "reply_to_message" not in reply["reply_to_message"]  # not nested deeper
+    assert not {"message_thread_id", "is_topic_message", "reply_to_message"} & set(chatter)
+    assert plain_reply["message_thread_id"] == plain["message_id"]  # a supergroup's reply thread
+    assert "is_topic_message" not in plain_reply
+    assert "message_thread_id" not in basic_reply
+    assert basic_reply["reply_to_message"]["text"] == "Карточка"
+    assert photo["photo"] and photo["caption"] == "макет" and photo["message_thread_id"] == thread
+    assert "is_topic_message" not in forced and forced["message_thread_id"] == thread
+    with pytest.raises(KeyError):
+        telegram.send_group_text(-1001, "x", user_id=9, reply_to=99999)
+    telegram.edit_text(10, first["message_id"], "мой номер 89171234567")
+    telegram.edit_text(-1001, in_topic["message_id"], "/start правка")
+    edits = [u["edited_message"] for u in ok("getUpdates", offset=private + 1)]
+    assert [(e["message_id"], e["text"]) for e in edits] == [
+        (first["message_id"], "мой номер 89171234567"), (in_topic["message_id"], "/start правка")]
+    assert edits[0]["edit_date"] and edits[1]["message_thread_id"] == thread
+    assert edits[1]["entities"][0]["type"] == "bot_command"
+    with pytest.raises(KeyError):
+        telegram.edit_text(-1001, card["message_id"], "the bot's own")
+
+
+def test_buttons_give_callback_queries_answered_once(telegram, http):
+    ok, err = bot_api(http, telegram)
+    keyboard = {"inline_keyboard": [[{"text": "Вернуть клиента боту", "callback_data": "back:7"}]]}
+    sent = ok("sendMessage", chat_id=10, text="Карточка", reply_markup=keyboard)
+    assert sent["reply_markup"] == keyboard
+    telegram.press_button(10, sent["message_id"], "back:7")
+    telegram.press_button(10, 4242, "old", user_id=11, first_name="Мария")
+    pressed, stale = (u["callback_query"] for u in ok("getUpdates"))
+    assert (pressed["data"], pressed["from"]["id"]) == ("back:7", 10)
+    assert pressed["message"]["text"] == "Карточка"
+    assert pressed["message"]["reply_markup"] == keyboard and pressed["chat_instance"]
+    inaccessible = {"chat": {"id": 10, "type": "private"}, "message_id": 4242, "date": 0}
+    assert stale["message"] == inaccessible
+    assert stale["from"]["id"] == 11
+    assert ok("answerCallbackQuery", callback_query_id=pressed["id"], text="Готово")
+    again = call(http, telegram, "answerCallbackQuery", callback_query_id=pressed["id"])
+    assert api_error(again) == (400, "Bad Request: query is too old and response timeout expired "
+                                     "or query ID is invalid")
+    assert err("answerCallbackQuery", callback_query_id=stale["id"],
+                          text="я" * 201) == (400, "Bad Request: MESSAGE_TOO_LONG")
+
+
+def test_get_updates_honours_allowed_updates(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.push_update({"message_reaction": {"chat": {"id": 1}, "message_id": 1}})
+    first = telegram.send_text(10, "a")
+    assert [u["update_id"] for u in ok("getUpdates")] == [first]
+    assert telegram.allowed_updates is None and len(telegram.discarded) == 1
+    sent = ok("sendMessage", chat_id=10, text="?", reply_markup={
+        "inline_keyboard": [[{"text": "Да", "callback_data": "y"}]]})
+    ok("getUpdates", offset=first + 1, allowed_updates=["message"])
+    assert telegram.allowed_updates == ["message"]
+    telegram.edit_text(10, 1, "b")
+    telegram.press_button(10, sent["message_id"], "y")
+    kept = telegram.send_text(10, "c")
+    assert [u["update_id"] for u in ok("getUpdates")] == [kept]
+    ok("getUpdates", offset=kept + 1,
+           allowed_updates=["message", "edited_message", "callback_query"])
+    telegram.edit_text(10, 1, "d")
+    assert [list(u)[1] for u in ok("getUpdates")] == ["edited_message"]
+    assert len(telegram.discarded) == 3
+
+
+# Telegram: per-chat faults, proxies' pages, flood limits
+
+
+def test_fail_chat_fails_one_chat_while_others_go_through(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.fail_chat(5, "sendMessage", 429, "Too Many Requests: retry after 20",
+                       {"retry_after": 20}, times=2)
+    assert call(http, telegram, "sendMessage", chat_id=6, text="other").status_code == 200
+    limited = call(http, telegram, "sendMessage", chat_id=5, text="hi")
+    assert limited.json()["parameters"] == {"retry_after": 20} and limited.status_code == 429
+    assert call(http, telegram, "sendMessage", chat_id=7, text="other").status_code == 200
+    assert call(http, telegram, "sendMessage", chat_id=5, text="hi").status_code == 429
+    assert call(http, telegram, "sendMessage", chat_id=5, text="hi").status_code == 200
+    telegram.stall_chat(5, "sendMessage", 0.3)
+    started = time.monotonic()
+    assert call(http, telegram, "sendMessage", chat_id=6, text="fast").status_code == 200
+    assert time.monotonic() - started < 0.2
+    assert call(http, telegram, "sendMessage", chat_id=5, text="slow").status_code == 200
+    assert time.monotonic() - started >= 0.3
+
+
+def test_html_error_pages_for_a_method_or_any(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.html_error("getMe", 404)
+    page = call(http, telegram, "getMe")
+    assert page.status_code == 404 and "<h1>404 Not Found</h1>" in page.text
+    assert page.headers["Content-Type"].startswith("text/html")
+    telegram.html_error("*", 502, times=2)
+    assert call(http, telegram, "sendMessage", chat_id=5, text="x").status_code == 502
+    assert call(http, telegram, "getUpdates").status_code == 502
+    assert call(http, telegram, "getMe").status_code == 200 and telegram.texts(5) == []
+
+
+def test_group_rate_limit_answers_429_until_the_window_moves(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.add_group(-1001)
+    telegram.group_rate_limit(-1001, per_minute=3, window=0.5)
+    codes = [call(http, telegram, "sendMessage", chat_id=-1001, text=str(n)).status_code
+             for n in range(4)]
+    assert codes == [200, 200, 200, 429]
+    limited = call(http, telegram, "sendMessage", chat_id=-1001, text="x").json()
+    assert limited["parameters"] == {"retry_after": 1}
+    assert limited["description"] == "Too Many Requests: retry after 1"
+    assert call(http, telegram, "sendMessage", chat_id=5, text="private").status_code == 200
+    telegram.wait_for(lambda: call(http, telegram, "sendMessage", chat_id=-1001, text="z").ok, 2)
+    telegram.group_rate_limit(-1001, per_minute=20)
+    assert len(telegram.texts(-1001)) == 4
+    telegram.group_rate_limit(-1001, per_minute=0)
+    assert all(call(http, telegram, "sendMessage", chat_id=-1001, text="x").ok for _ in range(25))
+
+
+def test_voice_files_are_served_by_get_file_and_the_download_url(telegram, http):
+    ok, err = bot_api(http, telegram)
+    telegram.send_voice(10, duration=4, data=b"OggS-voice-bytes")
+    telegram.send_voice(10, file_size=21 * 1024 * 1024)
+    small, big = (u["message"]["voice"] for u in ok("getUpdates"))
+    assert (small["duration"], small["file_size"], small["mime_type"]) == (4, 16, "audio/ogg")
+    file = ok("getFile", file_id=small["file_id"])
+    assert file["file_size"] == 16 and file["file_path"].startswith("voice/")
+    url = f"{telegram.url}/file/bot{telegram.token}/{file['file_path']}"
+    assert http.get(url, timeout=5).content == b"OggS-voice-bytes"
+    assert telegram.calls("download") == [{"file_path": file["file_path"]}]
+    assert err("getFile", file_id=big["file_id"]) == (
+        400, "Bad Request: file is too big")
+    assert err("getFile", file_id="nope") == (400, "Bad Request: invalid file_id")
+    missing = http.get(f"{telegram.url}/file/bot{telegram.token}/voice/nope.oga", timeout=5)
+    assert (missing.status_code, missing.json()["description"]) == (404, "Not Found")
+    wrong_token = f"{telegram.url}/file/bot1:wrong/{file['file_path']}"
+    assert http.get(wrong_token, timeout=5).status_code == 404
+    telegram.fail("download", 404, "Not Found")
+    assert http.get(url, timeout=5).status_code == 404
+    telegram.stall("download", 0.4)
+    with pytest.raises(requests.ReadTimeout):
+        http.get(url, timeout=0.1)
+    telegram.fail("getFile", 500, "Internal Server Error")
+    assert call(http, telegram, "getFile", file_id=small["file_id"]).status_code == 500
+    assert ok("getFile", file_id="voice-id")["file_path"]  # send_media's voice
