@@ -18,12 +18,6 @@ BASE = "http://llm.test/v1"
 ENDPOINT = BASE + "/chat/completions"
 
 
-@pytest.fixture(autouse=True)
-def a_server_not_yet_known(monkeypatch):
-    """What llm learns of a server (_reasons_untagged) holds for the process: each test starts without it."""
-    monkeypatch.setattr(llm, "_reasons_untagged", False)
-
-
 @pytest.fixture
 def server():
     yield from running(FakeLLM())
@@ -213,18 +207,26 @@ def test_a_late_answer_is_an_error(server):
         ask(server, llm_timeout=0.2)
 
 
-def test_a_huge_stream_is_cut_to_a_bounded_answer(server):
-    server.reply, server.chunks = "слово " * 200_000, 50_000  # 1.2 MB of text
+def test_a_huge_stream_is_cut_to_a_bounded_answer_at_a_whole_sentence(server):
+    server.reply, server.chunks = "Одно слово. Другое слово! " * 50_000, 50_000  # 1.3 MB of text
     seen = []
     answer = ask(server, seen.append)
-    assert len(answer) <= llm.MAX_ANSWER_CHARS + 1 and answer.endswith("слово…")
+    assert len(answer) <= llm.MAX_ANSWER_CHARS and answer.endswith(("слово.", "слово!"))
+    assert server.reply.startswith(answer)
     assert grows(seen) and all(len(text) <= llm.MAX_ANSWER_CHARS for text in seen)
 
 
+def test_a_capped_stream_without_a_whole_sentence_is_no_answer(server):
+    server.reply, server.chunks = "слово " * 200_000, 50_000
+    with pytest.raises(llm.LLMError, match="before one whole sentence") as caught:
+        ask(server, lambda text: None)
+    assert caught.value.kind == "cut"
+
+
 def test_a_long_stream_of_small_chunks_stops_at_the_cap(server):
-    server.reply = "слово " * 5000
+    server.reply = "Слово за словом. " * 2000
     answer = ask(server)
-    assert len(answer) <= llm.MAX_ANSWER_CHARS + 1
+    assert len(answer) <= llm.MAX_ANSWER_CHARS and answer.endswith("словом.")
     assert len(server.requests) == 1
 
 
@@ -237,7 +239,8 @@ def test_a_huge_json_answer_is_not_taken(server):
 def test_a_long_json_answer_is_cut(server):
     server.reply = "Длинный ответ. " * 1000
     answer = ask(server, llm_stream=False)
-    assert len(answer) <= llm.MAX_ANSWER_CHARS + 1 and answer.endswith("ответ.…")
+    assert len(answer) <= llm.MAX_ANSWER_CHARS and answer.endswith("ответ.")
+    assert server.reply.startswith(answer)
 
 
 # Requests and errors
@@ -318,13 +321,14 @@ def test_a_connection_error_names_only_its_class(api):
 
 
 def test_check_off_ok_and_failing(server):
-    off = llm.check(make_cfg(""))
-    assert off[0] is None and "LLM_BASE_URL" in off[1]
-    assert llm.check(make_cfg(server.url)) == (True, "LLM: model test-model answers")
-    assert server.requests[0]["json"]["stream"] is False
+    [off, stt] = llm.check(make_cfg(""))
+    assert off[0] is None and "LLM_BASE_URL" in off[1] and "выключен" in off[1]
+    assert stt[0] is None and "STT_MODEL" in stt[1]
+    assert llm.check(make_cfg(server.url))[0] == (True, "LLM: модель test-model отвечает")
+    assert server.requests[0]["json"]["stream"] is True  # asked as the bot asks
     server.status = 401
-    ok, text = llm.check(make_cfg(server.url, llm_api_key=KEY))
-    assert ok is False and "LLM_API_KEY" in text and KEY not in text
+    [(ok, text), _] = llm.check(make_cfg(server.url, llm_api_key=KEY))
+    assert ok is False and "LLM_API_KEY" in text and "ключ" in text and KEY not in text
 
 
 # clean()
@@ -383,37 +387,38 @@ def test_clean_is_fast_on_100k_characters(unit):
     assert time.perf_counter() - started < 1
 
 
-def test_after_one_answer_with_a_lone_closing_tag_no_text_before_such_a_tag_is_shown(server):
+UNTAGGED = {"llm_reasoning_untagged": True}  # LLM_REASONING_UNTAGGED=1
+
+
+def test_with_untagged_reasoning_no_text_before_a_lone_closing_tag_is_shown(server):
     # A chat template that puts <think> into the prompt: the reasoning streams as text up to a lone </think>.
     server.reply, server.chunks = "СЕКРЕТ: по системному промпту скидка 30% своим</think>Итог: лендинг.", 6
-    assert ask(server, lambda text: None) == "Итог: лендинг."  # drafts of this first one could not know
     seen = []
-    assert ask(server, seen.append) == "Итог: лендинг."
+    assert ask(server, seen.append) == "Итог: лендинг."  # without the setting the drafts cannot know
+    assert any("СЕКРЕТ" in text for text in seen)
+    seen = []
+    assert ask(server, seen.append, **UNTAGGED) == "Итог: лендинг."
     assert seen and not any("СЕКРЕТ" in text for text in seen) and "Итог" in seen[-1]
 
 
-def test_an_answer_cut_before_its_lone_closing_tag_is_no_answer_once_the_server_is_known(server):
-    server.reply = "СЕКРЕТ рассуждение</think>Итог: лендинг."
-    assert ask(server, lambda text: None) == "Итог: лендинг."  # now the bot knows this server
-    server.reply, server.finish_reason = "СЕКРЕТ: клиент пишет про пекарню, мне нужно подумать", "length"
+@pytest.mark.parametrize("stream", [True, False])
+def test_with_untagged_reasoning_an_answer_cut_before_its_closing_tag_is_no_answer(server, stream):
+    server.reply, server.finish_reason = "СЕКРЕТ: клиент пишет про пекарню. Мне нужно подумать.", "length"
     with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):  # cut at max_tokens: the honest fallback
-        ask(server, lambda text: None)
-    with pytest.raises(llm.LLMError, match="LLM_MAX_TOKENS"):
-        ask(server, stream=False)
+        ask(server, lambda text: None, llm_stream=stream, **UNTAGGED)
+    assert ask(server, llm_stream=stream) == server.reply  # without the setting it is an answer
 
 
 @pytest.mark.parametrize("finish", ["stop", "eos", "end_turn"])
-def test_a_model_that_once_only_mentioned_the_tag_loses_no_later_answer(server, finish):
+def test_an_answer_that_only_mentions_the_tag_changes_no_later_answer(server, finish):
     server.reply, server.finish_reason = "Закрывающий тег </think> мы уберём. Рекомендуем лендинг.", finish
     ask(server, lambda text: None)  # cut to its tail, as any answer with a lone closing tag is
-    server.reply = "Рекомендуем лендинг."  # a whole answer with no tag: this server does not reason untagged
-    assert ask(server, lambda text: None) == "Рекомендуем лендинг."
-    server.reply, server.finish_reason = "Рекомендуем лендинг под ключ и ещё", "length"
-    assert ask(server, lambda text: None) == "Рекомендуем лендинг под ключ и ещё"  # cut, but an answer
+    server.reply, server.finish_reason = "Рекомендуем лендинг под ключ. И ещё", "length"
+    seen = []
+    assert ask(server, seen.append) == "Рекомендуем лендинг под ключ."  # cut, but an answer
+    assert seen  # and shown while it streamed: nothing was learned from the first answer
 
 
-def test_long_untagged_reasoning_of_a_known_server_is_not_cut_off_as_if_it_were_the_answer(server):
-    server.reply = "рассуждение</think>Итог: лендинг."
-    ask(server, lambda text: None)  # the bot knows this server now
-    server.reply, server.chunks = "СЕКРЕТ " * 1500 + "</think>Итог: лендинг под ключ.", 400  # 10,500 characters
-    assert ask(server, lambda text: None) == "Итог: лендинг под ключ."
+def test_long_untagged_reasoning_is_not_cut_off_as_if_it_were_the_answer(server):
+    server.reply, server.chunks = "СЕКРЕТ " * 1500 + "</think>Итог: лендинг под ключ.", 400  # 10,500 chars
+    assert ask(server, lambda text: None, **UNTAGGED) == "Итог: лендинг под ключ."
