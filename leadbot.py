@@ -1408,7 +1408,9 @@ def checks(env, keys):
     except PromptError as e:
         yield False, str(e)
     yield from check_telegram(cfg) if cfg.telegram_bot_token else ()
-    yield from (part.check(cfg) for part in (llm, mailer, store))
+    for part in (llm, mailer):
+        yield from part.check(cfg)
+    yield store.check(cfg)
 
 
 def check_telegram(cfg):

@@ -45,7 +45,7 @@ def test_everything_configured_and_working_passes(check, telegram, llm, smtp_log
     assert "@test_lead_bot" in line(lines, "✓ Telegram: the token")
     assert "webhook" in line(lines, "✓ Telegram: no webhook")
     assert "test-model" in line(lines, "✓ LLM")
-    assert "login" in line(lines, "✓ Email")
+    assert "логин" in line(lines, "✓ Email")
     assert bot_env["DATA_DIR"] in line(lines, "✓ DATA_DIR")
     assert not [text for text in lines if text.startswith("✗")]
     assert llm.requests[0]["json"]["model"] == "test-model"  # the model really was asked
@@ -93,7 +93,7 @@ def test_telegram_out_of_reach_fails(check, telegram):
 
 @pytest.mark.parametrize("fault, fix", [
     ("down", "LLM_BASE_URL"),
-    ("500", "try again later"),
+    ("500", "повторите позже"),
     ("401", "LLM_API_KEY"),
     ("wrong model", "LLM_MODEL"),
 ])

@@ -228,7 +228,7 @@ def test_an_untrusted_certificate_is_refused_before_the_password_is_sent(servers
         mailer.send_lead(server.cfg, LEAD, "lead-1")
     assert caught.value.kind == "tls"
     assert "certificate is not trusted" in str(caught.value) and "SMTP_HOST" in str(caught.value)
-    assert mailer.check(server.cfg) == (False, str(caught.value))
+    assert mailer.check(server.cfg) == [(False, caught.value.advice)]
     assert server.logins == [] and server.messages == []
 
 
@@ -239,7 +239,7 @@ def test_a_trusted_certificate_for_another_host_is_refused(servers, trusting, se
     with pytest.raises(mailer.MailError) as caught:
         mailer.send_lead(server.cfg, LEAD, "lead-1")
     assert caught.value.kind == "tls"
-    assert mailer.check(server.cfg) == (False, str(caught.value))
+    assert mailer.check(server.cfg) == [(False, caught.value.advice)]
     assert server.logins == [] and server.messages == []
 
 
@@ -249,35 +249,61 @@ def test_a_trusted_certificate_for_this_host_is_used(servers, trusting, security
     trusting("selfsigned")
     mailer.send_lead(server.cfg, LEAD, "lead-1")
     assert server.logins == [USER] and len(server.messages) == 1
-    assert mailer.check(server.cfg)[0] is True
+    assert mailer.check(server.cfg)[0][0] is True
 
 
 # check()
 
 
 def test_check_is_off_without_smtp_host():
-    assert mailer.check(make_cfg(25, smtp_host="")) == (
-        None, "Email: off (SMTP_HOST is empty) — leads are saved to leads.csv only")
+    assert mailer.check(make_cfg(25, smtp_host="")) == [
+        (None, "Email: выключена (SMTP_HOST пуст) — заявки сохраняются только в leads.csv")]
 
 
 def test_check_logs_in_and_sends_nothing(servers):
     server = servers(auth=(USER, PASSWORD))
-    assert mailer.check(server.cfg) == (
-        True, f"Email: SMTP server 127.0.0.1:{server.port} accepts the login (nothing was sent)")
+    assert mailer.check(server.cfg) == [
+        (True, f"Email: SMTP-сервер 127.0.0.1:{server.port} принимает логин (ничего не отправлено)")]
     assert server.logins == [USER] and server.messages == [] and server.quits == 1
 
 
 def test_check_without_smtp_user_tries_no_login(server):
-    assert mailer.check(server.cfg) == (
-        True, f"Email: SMTP server 127.0.0.1:{server.port} answers (SMTP_USER is empty, so no login is tried)")
+    assert mailer.check(server.cfg) == [
+        (True, f"Email: SMTP-сервер 127.0.0.1:{server.port} отвечает (SMTP_USER пуст, вход не проверялся)")]
     assert server.messages == []
 
 
 def test_check_reports_wrong_credentials(servers):
     server = servers(auth=(USER, PASSWORD))
-    ok, text = mailer.check(make_cfg(server.port, smtp_user=USER, smtp_password="wrong-pass"))
-    assert (ok, text) == (False, str(mailer.MailError("auth")))
+    [(ok, text)] = mailer.check(make_cfg(server.port, smtp_user=USER, smtp_password="wrong-pass"))
+    assert (ok, text) == (False, mailer.MailError("auth").advice)
+    assert "SMTP_PASSWORD" in text and "логин" in text
     assert "wrong-pass" not in text and USER not in text
+
+
+def test_the_log_line_of_a_mail_error_stays_english():
+    error = mailer.MailError("connect", "refused")
+    assert str(error) == ("Email: cannot reach the SMTP server (refused) — "
+                          "check SMTP_HOST, SMTP_PORT and SMTP_SECURITY")
+    assert error.advice == ("Email: SMTP-сервер недоступен (refused) — "
+                            "проверьте SMTP_HOST, SMTP_PORT и SMTP_SECURITY")
+
+
+# 0.0.0.0 reaches this machine's servers on Linux, and is not a local name: as a remote host would.
+@pytest.mark.parametrize("host, security, user, warned", [
+    ("0.0.0.0", "none", USER, True), ("0.0.0.0", "none", "", False),
+    ("127.0.0.1", "none", USER, False), ("localhost", "none", USER, False),
+    ("0.0.0.0", "starttls", USER, False)])
+def test_check_warns_when_a_password_would_cross_the_network_unencrypted(
+        servers, host, security, user, warned):
+    server = servers(auth=(USER, PASSWORD))
+    cfg = make_cfg(server.port, smtp_host=host, smtp_security=security, smtp_user=user,
+                   smtp_password=PASSWORD if user else "")
+    lines = mailer.check(cfg)
+    warnings = [text for ok, text in lines if ok is False and "без шифрования" in text]
+    assert len(warnings) == warned and len(lines) == 1 + warned
+    assert all("SMTP_SECURITY=starttls" in text and PASSWORD not in text for text in warnings)
+    assert server.messages == []
 
 
 # The card and the subject
