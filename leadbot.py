@@ -12,6 +12,7 @@ import contextlib
 import concurrent.futures
 import copy
 import difflib
+import io
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ import sys
 import threading
 import time
 import traceback
-from datetime import datetime, timezone
+import zoneinfo
+from datetime import datetime, time as dtime, timedelta, timezone
 from pathlib import Path
 
 import requests
@@ -1039,83 +1041,205 @@ class Console:
 
 # --- prompt.txt: everything the client reads ----------------------------------------------------
 
-TEXT_KEYS = ("greeting", "returning", "no_llm", "llm_failed", "contact_request", "privacy", "share_button",
-             "contact_placeholder", "contact_format", "foreign_contact", "thanks_saved", "thanks_sent", "thanks_later",
-             "not_taken", "refused", "help", "cancelled", "nothing_to_cancel", "forgotten", "forget_failed",
-             "text_only", "too_fast", "private_only", "console_hint", "menu_start", "menu_help",
-             "menu_cancel", "menu_forget")
-
+# In the order of the shipped prompt.txt, which lists them at its top; a missing one is looked for
+# after the one before it in this order.
+TEXT_KEYS = ("greeting", "returning", "no_llm", "llm_failed", "contact_request", "privacy",
+             "share_button", "decline_button", "contact_placeholder", "contact_format",
+             "foreign_contact", "contact_noted", "thanks_saved", "thanks_sent", "thanks_later",
+             "thanks_after_hours", "after_lead", "new_request_button", "follow_up", "not_taken",
+             "refused", "help", "cancelled", "nothing_to_cancel", "forgotten", "forget_failed",
+             "text_only", "voice_off", "voice_failed", "pick_button", "too_fast", "private_only",
+             "pickup_alert", "text_only_relayed", "handback_button", "handed_back", "console_hint",
+             "menu_start", "menu_help", "menu_cancel", "menu_forget")
+SECTIONS = ("system", "notes") + TEXT_KEYS
+PLACEHOLDERS = {"greeting": "name", "privacy": "url", "thanks_after_hours": "when",
+                "pickup_alert": "minutes"}  # the one {…} each of these sections has replaced
+MANY_PARAGRAPHS = ("system", "notes", "help")  # in others a second paragraph: a lost header's text
+SAMPLE = "образец — в prompt.txt новой версии: git show HEAD:prompt.txt"
+CONFLICT_RE = re.compile(r"(<{7}|={7}|>{7}|\|{7})(?!\S)")  # what git leaves of a failed merge
+HEADER_RE = re.compile(r"\s*\[\s*([^\[\]]*?)\s*\]\s*")
+BUTTON_RE = re.compile(r"\*\s*\S")  # "* Да", also "*\tДа" and "*Да"
+LIST_RE = re.compile(r"\s*[-–—•]\s*\S")  # "- Утром": meant as a button
+PLACEHOLDER_RE = re.compile(r"\{(\w{0,30})\}")  # {name}, {nmae}, {Имя}; not JSON such as {"a": 1}
 
 Question = collections.namedtuple("Question", "label text buttons")  # label: what the manager sees
 Prompt = collections.namedtuple("Prompt", "system notes questions texts")
 
 
 class PromptError(Exception):
-    """prompt.txt cannot be used: the text names the line and what to change."""
+    """prompt.txt cannot be used: .problems holds one line for each mistake, naming its line."""
+
+    def __init__(self, *problems):
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
-def read_prompt(path):
-    """Sections of prompt.txt: [system], [notes], 2-4 [question Label] and every text in TEXT_KEYS."""
+def conflict_problem(name, lines):
+    """git's conflict marks left in a file, or None."""
+    marks = [str(number) for number, line in enumerate(lines, 1) if CONFLICT_RE.match(line)]
+    return marks and (f"{name}, строки {', '.join(marks[:12])}: метки конфликта git (<<<<<<<, "
+                      "=======, >>>>>>>) остались после обновления — оставьте нужный вариант "
+                      "текста и удалите строки с метками (doc/README.ru.md, «Обновление»)")
+
+
+def read_prompt(path, cfg=None):
+    """Sections of prompt.txt: [system], [notes], 2-4 [question Label] and the texts of TEXT_KEYS;
+    [privacy] only when cfg has a PRIVACY_URL. Every mistake is named with its line."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeError) as e:
-        raise PromptError(f"{path} cannot be read ({type(e).__name__}): save it as UTF-8 text") from None
-    sections = []
+        raise PromptError(f"{path} не читается ({type(e).__name__}) — сохраните его как текст "
+                          "в кодировке UTF-8") from None
+    if conflict := conflict_problem("prompt.txt", lines):
+        raise PromptError(conflict)
+    sections, problems = split_sections(lines)
+    prompt, more = build_prompt(sections, bool(cfg and cfg.privacy_url))
+    if problems + more:
+        raise PromptError(*problems, *more)
+    return prompt
+
+
+def split_sections(lines):
+    """[(name, line number, [(line number, text)])] and the lines that fit no section."""
+    sections, problems = [], []
     for number, line in enumerate(lines, 1):
-        header = re.fullmatch(r"\s*\[\s*([^\]]*?)\s*\]\s*", line)
+        header = HEADER_RE.fullmatch(line)
         if header:
             sections.append((header.group(1), number, []))
-        elif line.lstrip().startswith("#") or (not sections and not line.strip()):
+        elif line.lstrip().startswith("#") or not (sections or line.strip()):
             continue
-        elif line.lstrip().startswith("[") and "]" not in line:  # else its text would reach the clients
-            raise PromptError(f"prompt.txt line {number}: a [section] header without its closing ] — add the ]")
+        elif line.lstrip().startswith("["):  # else it would reach the clients as text
+            name = line.strip().lstrip("[").partition("]")[0].strip()
+            problems.append(f"prompt.txt, строка {number}: заголовок раздела записан неверно — он "
+                            f"стоит в строке один, в квадратных скобках: [{name}]")
+            sections.append((name, number, []))  # what follows is still that section's text
         elif not sections:
-            raise PromptError(f"prompt.txt line {number}: text before the first [section] — "
-                              "put it under a section or start the line with #")
+            problems.append(f"prompt.txt, строка {number}: текст до первого раздела — перенесите "
+                            "его в раздел или начните строку с #")
         else:
-            sections[-1][2].append(line.rstrip())
-    return build_prompt(sections, len(lines))
+            sections[-1][2].append((number, line.rstrip()))
+    return sections, problems
 
 
-def build_prompt(sections, last_line):
-    named, questions = {}, []
-    known = ("system", "notes") + TEXT_KEYS
+def build_prompt(sections, need_privacy):
+    """The Prompt, and every problem of the sections as a whole (empty, unknown, twice, missing)."""
+    named, questions, problems = {}, [], []
     for name, number, body in sections:
-        where = f"prompt.txt line {number}: [{name}]"
-        text = "\n".join(body).strip()
-        if not text:
-            raise PromptError(f"{where} is empty — write its text under the header")
-        if name.split(" ")[0] == "question":
-            if len(questions) == 4:
-                raise PromptError(f"{where} is a fifth question — the bot asks at most 4; remove one")
-            questions.append(parse_question(where, name, body))
-            continue
-        if name not in known:
-            close = difflib.get_close_matches(name, known + ("question Метка",), 1, 0.6)
-            hint = f" — did you mean [{close[0]}]?" if close else " — see the list at the top of the file"
-            raise PromptError(f"{where} is not a section this bot knows{hint}")
-        elif name in named:
-            raise PromptError(f"{where} appears twice — keep one")
-        named[name] = text
-    missing = [key for key in known if key not in named]
-    if missing:
-        raise PromptError(f"prompt.txt line {last_line}: the section [{missing[0]}] is missing — add it with its text")
-    if len(questions) < 2:
-        raise PromptError(f"prompt.txt line {last_line}: {len(questions)} questions — "
-                          "write 2 to 4 [question …] sections")
-    return Prompt(named["system"], named["notes"], questions, {key: named[key] for key in TEXT_KEYS})
+        problems += placeholder_problems(name, body) + section_problems(name, number, body, named)
+        if name.split(" ")[0] == "question" and "".join(line for _, line in body).strip():
+            question, found = parse_question(f"prompt.txt, строка {number}: [{name}]", name, body)
+            questions.append((number, question))
+            problems += found
+        elif guess(name) not in named:  # a misspelt [refused] is named once, not missing too
+            named[guess(name)] = (number, body)
+    texts = {key: "\n".join(line for _, line in named.get(key, (0, ()))[1]).strip()
+             for key in SECTIONS}
+    prompt = Prompt(texts.pop("system"), texts.pop("notes"), [q for _, q in questions[:4]], texts)
+    return prompt, problems + file_problems(named, questions, need_privacy)
+
+
+def file_problems(named, questions, need_privacy):
+    """Sections missing from the file, and too few or too many questions."""
+    problems = [missing_problem(key, named) for key in SECTIONS
+                if key not in named and (key != "privacy" or need_privacy)]
+    if len(questions) > 4:
+        problems.append(f"prompt.txt, строка {questions[4][0]}: пятый вопрос, а бот задаёт не "
+                        "больше 4 — уберите лишние")
+    elif len(questions) < 2:
+        problems.append(f"prompt.txt: вопросов {len(questions)}, а нужно от 2 до 4 разделов "
+                        "[question Метка]")
+    return problems
+
+
+def guess(name):
+    """The section meant by a header: itself, a close known name, or None."""
+    close = difflib.get_close_matches(name, SECTIONS + ("question Метка",), 1, 0.6)
+    return name if name in SECTIONS else close[0] if close else None
+
+
+def section_problems(name, number, body, named):
+    """A section that is empty, unknown or there a second time."""
+    where = f"prompt.txt, строка {number}: [{name}]"
+    if not "".join(line for _, line in body).strip():
+        return [f"{where} пуст — напишите текст под заголовком"]
+    if name.split(" ")[0] != "question" and name not in SECTIONS:
+        return [f"{where} — такого раздела нет" + (f"; может быть, [{guess(name)}]?" if guess(name)
+                                                    else "; список разделов — в начале prompt.txt")]
+    if name in named:
+        return [f"{where} встречается второй раз (первый — строка {named[name][0]}): оставьте один"]
+    return []
+
+
+def paragraphs(body):
+    """(first line number, text) of each block of lines between empty lines."""
+    blocks = []
+    for (number, line), previous in zip(body, [(0, "")] + body):
+        if line.strip() and not previous[1].strip():
+            blocks.append((number, line))
+        elif line.strip():
+            blocks[-1] = (blocks[-1][0], blocks[-1][1] + "\n" + line)
+    return blocks
+
+
+def missing_problem(key, named):
+    """A section the bot needs that the file lacks: where its lost text is, or where to add it."""
+    before = [name for name in SECTIONS[:SECTIONS.index(key)] if name in named]
+    if not before:
+        return f"prompt.txt: нет раздела [{key}] — добавьте его в начало файла ({SAMPLE})"
+    number, body = named[before[-1]]
+    blocks = paragraphs(body)
+    if len(blocks) > 1 and before[-1] not in MANY_PARAGRAPHS:
+        return (f"prompt.txt, строка {blocks[-1][0]}: похоже, перед этой строкой потерян заголовок "
+                f"[{key}] — её текст сейчас достаётся разделу [{before[-1]}]; вставьте перед ней "
+                f"строку [{key}]")
+    return (f"prompt.txt: нет раздела [{key}] — он нужен этой версии бота; добавьте его после "
+            f"раздела [{before[-1]}] (строка {number}): заголовок [{key}] и текст под ним "
+            f"({SAMPLE})")
+
+
+def placeholder_problems(name, body):
+    """Each {…} that would reach the client as it is: unknown, or not replaced in this section."""
+    allowed = PLACEHOLDERS.get(name)
+    where = {value: key for key, value in PLACEHOLDERS.items()}
+    return [f"prompt.txt, строка {number}: {{{found}}} " +
+            (f"заменяется только в [{where[found]}]" if found in where
+             else "— такой подстановки нет") +
+            (f"; здесь можно только {{{allowed}}}" if allowed else "; здесь подстановок нет") +
+            " — иначе клиент прочтёт её как есть"
+            for number, line in body for found in PLACEHOLDER_RE.findall(line) if found != allowed]
 
 
 def parse_question(where, name, body):
+    """The Question and its problems: no label, a label the card has, no text, a lost header."""
     label = name[len("question"):].strip()
-    is_button = re.compile(r"\*\s*\S").match  # "* Да", also "*\tДа" and "*Да"
-    buttons = [line[1:].strip() for line in body if is_button(line)]
-    text = "\n".join(line for line in body if not is_button(line)).strip()
-    if not label:
-        raise PromptError(f"{where} needs a label for the manager, e.g. [question Бюджет]")
+    buttons = [line[1:].strip() for _, line in body if BUTTON_RE.match(line)]
+    lines = [(number, line) for number, line in body if not BUTTON_RE.match(line)]
+    text = "\n".join(line for _, line in lines).strip()
+    problems = [] if label else [f"{where} — нужна метка для менеджера, например [question Бюджет]"]
+    if label.casefold() in {value.casefold() for value in mailer.LABELS.values()}:
+        problems.append(f"{where} — метка «{label}» уже есть в карточке заявки, менеджер их "
+                        "спутает: назовите вопрос иначе")
     if not text:
-        raise PromptError(f"{where} has answer buttons but no question — write the question above them")
-    return Question(label, text, buttons)
+        problems.append(f"{where} — есть кнопки, но нет вопроса: напишите его над ними")
+    return Question(label, text, buttons), problems + question_line_problems(name, body, lines)
+
+
+def question_line_problems(name, body, lines):
+    """Lines that show a header or a * lost: '- Утром', text after the buttons, a second question."""
+    first_button = next((number for number, line in body if BUTTON_RE.match(line)), float("inf"))
+    after = [number for number, line in lines if number > first_button and line.strip()
+             and not LIST_RE.match(line)]
+    asks = [number for number, text in paragraphs(lines) if text.rstrip().endswith("?")]
+    problems = [f"prompt.txt, строка {number}: кнопка пишется со звёздочкой: «* "
+                f"{line.strip().lstrip('-–—•').strip()}»" for number, line in lines if LIST_RE.match(line)]
+    if after:
+        problems.append(f"prompt.txt, строка {after[0]}: текст после кнопок вопроса [{name}] — "
+                        "похоже, перед ним потерян заголовок раздела: вставьте его")
+    elif len(asks) > 1:
+        problems.append(f"prompt.txt, строка {asks[1]}: второй вопрос в разделе [{name}] — похоже, "
+                        "перед этой строкой потерян заголовок [question Метка]; если это один "
+                        "вопрос, уберите пустую строку перед ней")
+    return problems
 
 
 # --- Settings -------------------------------------------------------------------------------------
@@ -1129,117 +1253,232 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def checked(convert, ok, problem, echo=True):
-    """A setting's parser: convert(text) if ok, else ValueError(problem) naming the text given if echo."""
+def checked(convert, ok, problem):
+    """A setting's parser: convert(text) if ok, else ValueError(problem). The text given is never
+    repeated: a token or password typed into the wrong line would go wherever the output goes."""
     def parse(raw):
         with contextlib.suppress(ValueError):
             if ok(value := convert(raw.strip())):
                 return value
-        raise ValueError(f"{problem}, got {raw.strip()!r}" if echo else problem)
+        raise ValueError(problem)
     return parse
 
 
-def number_value(minimum, cast=float):
-    return checked(cast, lambda value: value >= minimum, f"must be a number >= {minimum:g}")
+def number_value(minimum, cast=float, above=False):
+    kind = "целым числом" if cast is int else "числом"
+    return checked(cast, lambda value: value > minimum if above else value >= minimum,
+                   f"значение должно быть {kind} {'больше' if above else 'не меньше'} {minimum:g}")
+
+
+def optional(parse):
+    return lambda raw: parse(raw) if raw.strip() else None
 
 
 def choice_value(*options):
+    listed = ", ".join(f"«{option}»" for option in options[:-1]) + f" или «{options[-1]}»"
     return checked(lambda s: s.lower() if s.lower() in options else s.upper(), options.__contains__,
-                   f"must be {' or '.join(options)}")
+                   f"значение должно быть {listed}")
 
 
 def flag_value(raw):
-    return choice_value("0", "1", "true", "false", "yes", "no")(raw) in ("1", "true", "yes")
+    parse = checked(str.lower, ("0", "1", "true", "false", "yes", "no").__contains__,
+                    "значение должно быть 1 (да) или 0 (нет)")
+    return parse(raw) in ("1", "true", "yes")
 
 
 def pattern_value(pattern, explanation):  # a URL's last / would double in URLs built from it
-    return checked(lambda s: s.rstrip("/"), lambda s: not s or re.fullmatch(pattern, s), explanation, echo=False)
+    return checked(lambda s: s.rstrip("/"), lambda s: not s or re.fullmatch(pattern, s),
+                   explanation)
 
 
-url_value = pattern_value(r"https?://[^/\s]+(/\S*)?", "must start with http:// or https://")
-email_value = pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "is not an email address")
+url_value = pattern_value(r"https?://[^/\s]+(/\S*)?", "адрес должен начинаться с http:// или "
+                                                      "https://")
+email_value = pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "это не адрес почты")
 
 
 def path_value(raw):
-    """Relative paths start at this folder, wherever the bot is started from (a service, a scheduler)."""
+    """Relative paths start at this folder, wherever the bot is started from (a service)."""
     return HERE / raw.strip() if raw.strip() else None
 
 
+DAYS = {day: number % 7 for number, day in enumerate("mon tue wed thu fri sat sun "
+                                                     "пн вт ср чт пт сб вс".split())}
+HOURS_RE = re.compile(r"(?:(\w+)(?:\s*[-–]\s*(\w+))?\s+)?(\d\d?):(\d\d)\s*[-–]\s*(\d\d?):(\d\d)")
+
+
+def hours_value(raw):
+    """WORKING_HOURS 'Mon-Fri 09:00-18:00, Sat 10:00-14:00' as ((weekdays, from, to minute), …)."""
+    return tuple(hours_range(part.strip()) for part in raw.split(",") if part.strip())
+
+
+def hours_range(part):
+    found = HOURS_RE.fullmatch(part)
+    first, last, *clock = found.groups() if found else ("?", "?", 0, 0, 0, 0)
+    first, last = (first or "mon").lower(), (last or first or "sun").lower()
+    start, end = int(clock[0]) * 60 + int(clock[1]), int(clock[2]) * 60 + int(clock[3])
+    if not (first in DAYS and last in DAYS and int(clock[1]) < 60 and int(clock[3]) < 60
+            and start < end <= 1440):
+        raise ValueError("нужен вид «Mon-Fri 09:00-18:00» (или «Пн-Пт 09:00-18:00»); несколько — "
+                         "через запятую: «Mon-Fri 09:00-18:00, Sat 10:00-14:00»")
+    span = (DAYS[last] - DAYS[first]) % 7 + 1
+    return frozenset((DAYS[first] + day) % 7 for day in range(span)), start, end
+
+
+def zone_value(raw):
+    """TIMEZONE as a ZoneInfo, None for the machine's own; Windows may need the tzdata package."""
+    if not raw.strip():
+        return None
+    try:
+        return zoneinfo.ZoneInfo(raw.strip())
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        if not zoneinfo.available_timezones():
+            raise ValueError("на этом компьютере нет базы часовых поясов — установите её: "
+                             f"{python_command()} -m pip install tzdata") from None
+        raise ValueError("неизвестный часовой пояс — нужен вид Europe/Moscow") from None
+
+
 SETTINGS = {  # name: (default, parser); cfg has each as an attribute, lower-cased
-    "TELEGRAM_BOT_TOKEN": ("", pattern_value(r"\d+:[\w-]+", "is not a bot token: it looks like 123456789:AAE…; "
-                                                             "copy it again from @BotFather")),
+    "TELEGRAM_BOT_TOKEN": ("", pattern_value(r"\d+:[\w-]+", "это не токен бота: он выглядит "
+                                            "как 123456789:AAE…; скопируйте его ещё раз у @BotFather")),
     "TELEGRAM_API_URL": ("https://api.telegram.org", url_value),
     "DELETE_WEBHOOK": ("0", flag_value),
-    "MANAGER_CHAT_ID": ("", pattern_value(r"-?\d+|@\w{5,}", "must be a numeric chat id (or @channelname)")),
+    "MANAGER_CHAT_ID": ("", pattern_value(r"-?\d+|@\w{5,}", "нужен числовой id чата (например "
+                                                           "-1001234567890) или @имя_канала")),
     "LLM_BASE_URL": ("", url_value),
     "LLM_API_KEY": ("", str.strip),
     "LLM_MODEL": ("", str.strip),
     "LLM_TIMEOUT": ("30", number_value(1)),
     "LLM_STREAM": ("1", flag_value),
     "LLM_MAX_TOKENS": ("400", number_value(16, int)),
+    "LLM_REASONING_UNTAGGED": ("0", flag_value),
+    "STT_MODEL": ("", str.strip),
+    "STT_BASE_URL": ("", url_value),
+    "STT_API_KEY": ("", str.strip),
+    "VOICE_MAX_SECONDS": ("120", number_value(1, int)),
     "SMTP_HOST": ("", str.strip),
-    "SMTP_PORT": ("", lambda raw: number_value(1, int)(raw) if raw.strip() else None),
+    "SMTP_PORT": ("", optional(number_value(1, int))),
     "SMTP_USER": ("", str.strip),
     "SMTP_PASSWORD": ("", str),
     "SMTP_SECURITY": ("starttls", choice_value("ssl", "starttls", "none")),
     "MAIL_FROM": ("", email_value),
     "MANAGER_EMAIL": ("", email_value),
+    "WORKING_HOURS": ("", hours_value),
+    "TIMEZONE": ("", zone_value),
+    "PICKUP_ALERT_MINUTES": ("", optional(number_value(0, above=True))),
+    "FOLLOW_UP_HOURS": ("0", number_value(0)),
     "DATA_DIR": ("data", path_value),
     "CSV_DELIMITER": (";", choice_value(";", ",")),
     "PRIVACY_URL": ("", url_value),
-    "SESSION_TTL_HOURS": ("72", number_value(0.0001)),
+    "SESSION_TTL_HOURS": ("72", number_value(0, above=True)),
     "LOG_LEVEL": ("INFO", choice_value("DEBUG", "INFO", "WARNING", "ERROR")),
     "LOG_FORMAT": ("plain", choice_value("plain", "json")),
     "LOG_FILE": ("", path_value),
     "POLL_TIMEOUT": ("25", number_value(0, int)),
     "TELEGRAM_TIMEOUT": ("15", number_value(0.1)),
-    "RETRY_BASE_SECONDS": ("1", number_value(0.001)),
-    "RETRY_MAX_SECONDS": ("60", number_value(0.001)),
-    "OUTBOX_RETRY_SECONDS": ("30", number_value(0.001)),
-    "OUTBOX_RETRY_MAX_SECONDS": ("1800", number_value(0.001)),
+    "RETRY_BASE_SECONDS": ("1", number_value(0, above=True)),
+    "RETRY_MAX_SECONDS": ("60", number_value(0, above=True)),
+    "OUTBOX_RETRY_SECONDS": ("30", number_value(0, above=True)),
+    "OUTBOX_RETRY_MAX_SECONDS": ("1800", number_value(0, above=True)),
 }
+OLD_NAMES = {"BOT_TOKEN": "TELEGRAM_BOT_TOKEN", "TOKEN": "TELEGRAM_BOT_TOKEN",
+             "TG_TOKEN": "TELEGRAM_BOT_TOKEN", "TELEGRAM_TOKEN": "TELEGRAM_BOT_TOKEN"}
 
 
 def read_config(env, telegram=True):
-    """The settings from a mapping (the environment over .env), every problem collected before failing."""
+    """The settings from a mapping (the environment over .env), all problems collected first.
+
+    Derived: smtp_port and mail_from get their defaults, stt_base_url and stt_api_key default to
+    the LLM's; working_hours is a tuple of (weekdays, from minute, to minute), timezone a ZoneInfo
+    or None (the machine's own), pickup_alert_minutes None when off.
+    """
     cfg, problems = argparse.Namespace(), []
     for name, (default, parse) in SETTINGS.items():
         raw = env.get(name) or ""
         try:
             setattr(cfg, name.lower(), parse(raw if raw.strip() else default))
         except ValueError as e:
-            problems.append(f"{name} {e}")
+            problems.append(f"{name}: {e}")
             setattr(cfg, name.lower(), parse(default))
-    if telegram and not (env.get("TELEGRAM_BOT_TOKEN") or "").strip():  # else a bad one is named above
-        problems.insert(0, "TELEGRAM_BOT_TOKEN is missing (set it in .env)")
-    if cfg.smtp_host and not cfg.manager_email:
-        problems.append("MANAGER_EMAIL is missing (required when SMTP_HOST is set)")
     cfg.smtp_port = cfg.smtp_port or {"ssl": 465, "starttls": 587, "none": 25}[cfg.smtp_security]
     cfg.mail_from = cfg.mail_from or (cfg.smtp_user if "@" in cfg.smtp_user else cfg.manager_email)
+    cfg.stt_base_url = cfg.stt_base_url or cfg.llm_base_url
+    cfg.stt_api_key = cfg.stt_api_key or cfg.llm_api_key
+    problems = missing_settings(env, cfg, telegram) + problems
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
+def missing_settings(env, cfg, telegram):
+    """Settings left empty that others need; one typed wrongly is named by its parser alone."""
+    given = {name for name in SETTINGS if (env.get(name) or "").strip()}
+    needs = [(telegram, "TELEGRAM_BOT_TOKEN", "впишите в .env токен от @BotFather"),
+             ("SMTP_HOST" in given, "MANAGER_EMAIL", "он нужен, когда задан SMTP_HOST: на него "
+                                                     "уходят заявки"),
+             ("LLM_BASE_URL" in given, "LLM_MODEL", "он нужен, когда задан LLM_BASE_URL, например "
+                                                   "qwen2.5:7b для Ollama"),
+             (cfg.stt_model and not ({"STT_BASE_URL", "LLM_BASE_URL"} & given), "STT_BASE_URL",
+              "он (или LLM_BASE_URL) нужен, когда задан STT_MODEL")]
+    return [f"{name} не задан — {why}" for need, name, why in needs if need and name not in given]
+
+
 def typos(keys):
     """Keys of .env that are not settings but close to one: a typo the owner would never notice."""
-    return [f"{key} is not a setting — did you mean {close}?" for key in keys if key not in SETTINGS
-            for close in difflib.get_close_matches(key.upper(), SETTINGS, 1, 0.8)]
+    return [f"{key}: такой настройки нет — может быть, {close}?" for key in keys
+            if key not in SETTINGS
+            for close in ([OLD_NAMES[key.upper()]] if key.upper() in OLD_NAMES
+                          else difflib.get_close_matches(key.upper(), SETTINGS, 1, 0.8))]
 
 
 def read_env():
-    """The real environment over .env next to leadbot.py, over a .env in the current folder; and .env's keys."""
-    files = []
-    for path in (Path.cwd() / ".env", HERE / ".env"):
-        try:
-            files.append(dotenv_values(path, encoding="utf-8-sig"))
-        except UnicodeError:
-            raise ConfigError([f"{path} is not UTF-8 text — open it in Notepad and save it as UTF-8"]) from None
-        except OSError as e:  # made by another user (sudo nano) for a service that runs as its own
-            raise ConfigError([f"{path} cannot be read ({type(e).__name__}) — let the user the bot runs as "
-                               "read it (chown or chmod)"]) from None
-    from_files = {key.lstrip("\ufeff"): value or "" for values in files for key, value in values.items()}
-    return {**from_files, **os.environ}, list(from_files)
+    """The real environment over .env next to leadbot.py (only that one: a .env of whatever folder
+    the bot is started from would be a surprise); and .env's keys."""
+    path = HERE / ".env"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        text = ""
+    except UnicodeError:
+        raise ConfigError([f"{path} — не текст в UTF-8: откройте его в Блокноте и сохраните "
+                           "в кодировке UTF-8"]) from None
+    except OSError as e:  # made by another user (sudo nano) for a service that runs as its own
+        raise ConfigError([f"{path} не читается ({type(e).__name__}) — дайте пользователю, от "
+                           "имени которого работает бот, право его читать (chown или chmod)"]) from None
+    keys = env_keys(text.splitlines())
+    values = dotenv_values(stream=io.StringIO(text))
+    return {**{key.lstrip("\ufeff"): value or "" for key, value in values.items()}, **os.environ}, keys
+
+
+def env_keys(lines):
+    """.env's keys; ConfigError for conflict marks and for a key set twice: with README's block
+    pasted at the top, the template's empty lines below would undo it silently."""
+    where = collections.defaultdict(list)
+    for number, line in enumerate(lines, 1):
+        if found := re.match(r"\s*(?:export\s+)?([^\s=#]+)\s*=", line):
+            where[found.group(1).lstrip("\ufeff")].append(number)
+    twice = [f".env: {key} задан {plural(len(numbers), 'раз', 'раза', 'раз')} (строки "
+             f"{', '.join(map(str, numbers))}) — оставьте одну строку: действует только последняя"
+             for key, numbers in where.items() if len(numbers) > 1]
+    conflict = conflict_problem(".env", lines)
+    if conflict or twice:
+        raise ConfigError([conflict] if conflict else twice)
+    return list(where)
+
+
+def python_command():
+    """The interpreter this runs under, as the owner would type it here: `python` may not exist
+    (stock Debian) and `python3` may lack the packages, which are in the virtual environment."""
+    path = sys.executable or "python3"
+    with contextlib.suppress(ValueError):  # on Windows, another drive has no relative path
+        relative = os.path.relpath(path)
+        path = path if relative.startswith("..") else relative if os.sep in relative else f".{os.sep}{relative}"
+    return f'"{path}"' if " " in path else path
+
+
+def bot_command():
+    """How to start this bot from the current folder, e.g. `.venv/bin/python leadbot.py`."""
+    script = os.path.relpath(HERE / "leadbot.py") if HERE == Path.cwd().resolve() else str(HERE / "leadbot.py")
+    return f"{python_command()} {script if ' ' not in script else repr(script)}"
 
 
 # --- Logs: one line per event, secrets masked ---------------------------------------------------
@@ -1374,39 +1613,96 @@ def run_console(cfg):
     return 0
 
 
-# --- --check and --stats --------------------------------------------------------------------------
+# --- --check, --stats and what start-up tells the owner ---------------------------------------
 
 
-def run_check(env, keys):
+def plural(number, one, few, many):
+    """'1 вопрос', '3 вопроса', '5 вопросов': Russian counts its nouns three ways."""
+    tens, ones = number % 100, number % 10
+    form = one if ones == 1 and tens != 11 else few if 2 <= ones <= 4 and not 12 <= tens <= 14 else many
+    return f"{number} {form}"
+
+
+def next_open(cfg, when):
+    """When WORKING_HOURS next begin after when (an aware datetime), in TIMEZONE; None when they
+    are on now or not set. Days are counted on the wall clock, so a change to summer time is safe."""
+    local = when.astimezone(cfg.timezone).replace(tzinfo=None)
+    for day in range(8):
+        date = datetime.combine(local.date() + timedelta(days=day), dtime())
+        for weekdays, start, end in sorted(cfg.working_hours, key=lambda hours: hours[1]):
+            opens, closes = date + timedelta(minutes=start), date + timedelta(minutes=end)
+            if date.weekday() in weekdays and local < closes:
+                return None if opens <= local else (opens.replace(tzinfo=cfg.timezone) if cfg.timezone
+                                                    else opens.astimezone())
+    return None
+
+
+WEEKDAYS = ("в понедельник", "во вторник", "в среду", "в четверг", "в пятницу", "в субботу",
+            "в воскресенье")
+
+
+def when_text(opens, now):
+    """next_open's answer as the client reads it in {when}: «завтра в 09:00», «в понедельник в 10:00»."""
+    days = (opens.date() - now.astimezone(opens.tzinfo).date()).days
+    day = {0: "сегодня", 1: "завтра"}.get(days) or (WEEKDAYS[opens.weekday()] if days < 7
+                                                     else opens.strftime("%d.%m"))
+    return f"{day} в {opens:%H:%M}"
+
+
+def startup_summary(cfg, prompt, channels):
+    """The lines start-up prints for the owner: where the leads go, what is asked, what is on, how to
+    stop. channels: the lead's ways besides leads.csv ("email", "telegram")."""
+    def on(flag):
+        return "вкл." if flag else "выкл."
+    zone = getattr(cfg.timezone, "key", "часовой пояс компьютера")
+    return [f"Папка данных: {cfg.data_dir} (заявки — в {cfg.data_dir / 'leads.csv'})",
+            f"prompt.txt: {plural(len(prompt.questions), 'вопрос', 'вопроса', 'вопросов')} — "
+            + ", ".join(question.label for question in prompt.questions),
+            f"Заявки: leads.csv — вкл., почта менеджеру — {on('email' in channels)}, "
+            f"чат менеджеров в Telegram — {on('telegram' in channels)}",
+            f"Нейросеть: {on(cfg.llm_base_url)}, голосовые: {on(cfg.stt_model)}, рабочие часы: "
+            + (f"заданы ({zone})" if cfg.working_hours else "круглосуточно"),
+            "Остановить бота: Ctrl+C (если он работает как служба: sudo systemctl stop leadbot)"]
+
+
+def run_check():
     """One ✓/✗/- line for each part, a ✗ saying what to change; exit 0 when nothing failed."""
     sys.stdout.reconfigure(encoding="utf-8", errors="replace")  # ✓ and ✗ on any Windows console
-    failed = False
+    failed, command = False, bot_command()
     try:
-        for ok, text in checks(env, keys):  # each line as soon as its part is checked
+        for ok, text in checks():  # each line as soon as its part is checked
             print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text)
             failed |= ok is False
-    except ConfigError:  # even without the token the settings cannot be used
-        print("Fix the settings above in .env, then run python leadbot.py --check again.")
+    except ConfigError:  # the settings cannot be used at all: the other parts cannot be checked
+        print(f"Исправьте .env, как сказано выше, и запустите проверку снова: {command} --check")
         return 1
-    print("Fix the ✗ lines above, then run python leadbot.py --check again." if failed
-          else "All checks passed. Start the bot: python leadbot.py")
+    print(f"Исправьте строки с ✗ и запустите проверку снова: {command} --check" if failed
+          else f"Все проверки пройдены. Запуск бота: {command}")
     return int(failed)
 
 
-def checks(env, keys):
-    """(ok, text) for the settings, prompt.txt, Telegram and each module's part, one by one."""
+def checks():
+    """(ok, text) for .env, the settings, prompt.txt, Telegram and each module's part, one by one."""
+    try:
+        env, keys = read_env()
+    except ConfigError as e:
+        yield from ((False, problem) for problem in e.problems)
+        raise
+    problems = typos(keys)
     try:
         cfg = read_config(env)
-        yield True, "Settings: complete and valid"
     except ConfigError as e:
-        yield from ((False, f"Settings: {problem}") for problem in e.problems)
-        cfg = read_config(env, telegram=False)  # the other parts can be checked without a token
-    yield from ((False, f"Settings: {typo}") for typo in typos(keys))
+        problems[:0] = e.problems
+    yield from ((False, f"Настройки: {problem}") for problem in problems)
+    if not problems:
+        yield True, "Настройки: все заданы верно"
+    cfg = read_config(env, telegram=False)  # without the token the rest can be checked; else raises
     try:
-        prompt = read_prompt(HERE / "prompt.txt")
-        yield True, f"prompt.txt: {len(prompt.questions)} questions, {len(prompt.texts)} texts"
+        prompt = read_prompt(HERE / "prompt.txt", cfg)
+        yield True, (f"prompt.txt: {plural(len(prompt.questions), 'вопрос', 'вопроса', 'вопросов')}, "
+                     f"{plural(len(TEXT_KEYS), 'текст', 'текста', 'текстов')}")
     except PromptError as e:
-        yield False, str(e)
+        yield from ((False, problem) for problem in e.problems)
     yield from check_telegram(cfg) if cfg.telegram_bot_token else ()
     for part in (llm, mailer):
         yield from part.check(cfg)
@@ -1420,44 +1716,53 @@ def check_telegram(cfg):
         me = tg.call("getMe")
     except TelegramError as e:
         if e.error_code in (401, 404):
-            return [(False, f"Telegram: the token was rejected (HTTP {e.error_code}) — copy it again from "
-                            "@BotFather (/mybots → your bot → API Token) into TELEGRAM_BOT_TOKEN")]
+            return [(False, f"Telegram: токен отклонён (HTTP {e.error_code}) — скопируйте его ещё раз у "
+                            "@BotFather (/mybots → ваш бот → API Token) в TELEGRAM_BOT_TOKEN")]
         if e.error_code:
-            return [(False, f"Telegram: answered HTTP {e.error_code} — try again in a minute; "
-                            "if it stays, check TELEGRAM_API_URL")]
-        return [(False, f"Telegram: cannot connect ({e.description}) — check the internet connection, "
-                        "a firewall or proxy (HTTPS_PROXY) and TELEGRAM_API_URL")]
-    token = (True, f"Telegram: the token works, the bot is @{(me or {}).get('username')}")
+            return [(False, f"Telegram: ответил HTTP {e.error_code} — попробуйте через минуту; если "
+                            "ошибка останется, проверьте TELEGRAM_API_URL")]
+        return [(False, f"Telegram: нет связи ({e.description}) — проверьте интернет, файрвол или "
+                        "прокси (HTTPS_PROXY) и TELEGRAM_API_URL")]
+    token = (True, f"Telegram: токен работает, бот — @{(me or {}).get('username')}")
     try:
         hook = (tg.call("getWebhookInfo") or {}).get("url")
     except TelegramError as e:  # the token works, so this says nothing against the setup
-        return [token, (None, f"Telegram: could not ask whether a webhook is set ({e.reason})")]
+        return [token, (None, f"Telegram: не удалось узнать, задан ли вебхук ({e.reason})")]
     if hook and not cfg.delete_webhook:
-        return [token, (False, "Telegram: a webhook is set, so polling gets no messages — set DELETE_WEBHOOK=1 "
-                               "in .env and the bot deletes the webhook at start-up")]
-    return [token, (True, "Telegram: a webhook is set; DELETE_WEBHOOK=1 deletes it at start-up" if hook
-                    else "Telegram: no webhook is set, so polling gets the messages")]
+        return [token, (False, "Telegram: у бота задан вебхук, и сообщения до бота не дойдут — "
+                               "впишите в .env DELETE_WEBHOOK=1, и бот удалит вебхук при запуске")]
+    return [token, (True, "Telegram: задан вебхук; DELETE_WEBHOOK=1 удалит его при запуске" if hook
+                    else "Telegram: вебхука нет, бот будет получать сообщения")]
+
+
+STAGE_NAMES = {"greeting": "после приветствия", "qualifying": "на вопросах",
+               "offering": "пока писалась рекомендация", "collecting_contact": "на просьбе о контакте"}
 
 
 def run_stats(cfg, as_json):
     """The funnel of the last 7 days, 30 days and all time, from DATA_DIR's files alone."""
     sys.stdout.reconfigure(encoding="utf-8", errors="replace")
-    figures = store.stats(cfg.data_dir / "funnel.jsonl", time.time())
+    figures = store.stats(cfg.data_dir / "funnel.jsonl", time.time(), cfg.session_ttl_hours * 3600)
     if as_json:
         print(json.dumps(figures, ensure_ascii=False))
         return 0
-    for title, p in (("Last 7 days", figures["7d"]), ("Last 30 days", figures["30d"]), ("All time", figures["all"])):
-        print(f"{title}: {p['started']} dialogs started")
-        for key, label in (("qualified", "answered every question"), ("offered", "got a recommendation"),
-                           ("contacts", "left a contact")):
+    for title, p in (("За 7 дней", figures["7d"]), ("За 30 дней", figures["30d"]),
+                     ("За всё время", figures["all"])):
+        print(f"{title}: {plural(p['started'], 'диалог', 'диалога', 'диалогов')}")
+        for key, label in (("qualified", "ответили на все вопросы"), ("offered", "получили рекомендацию"),
+                           ("contacts", "оставили контакт")):
             share = f"{100 * p[key] / p['started']:.0f}%" if p["started"] else "-"
             print(f"  {label:<26}{p[key]:>6}  {share:>5}")
-        dropped = ", ".join(f"{stage} {n}" for stage, n in p["dropped"].items() if n) or "none"
+        dropped = ", ".join(f"{STAGE_NAMES.get(stage, stage)} {n}" for stage, n in p["dropped"].items()
+                            if n) or "нет"
         median = p["median_seconds_to_contact"]
-        print(f"  refused {p['refused']}, cancelled {p['cancelled']}, dropped off at: {dropped}")
-        print(f"  median time to a contact: {f'{median / 60:.1f} min' if median is not None else '-'}")
-    print(f"Console test dialogs (not counted above): {figures['console']['started']} started, "
-          f"{figures['console']['contacts']} left a contact")
+        print(f"  отказались: {p['refused']}, прервали (/cancel): {p['cancelled']}, ещё идут: "
+              f"{p.get('open', 0)}, удалили данные (/forget): {p.get('forgotten', 0)}")
+        print(f"  бросили: {dropped}")
+        print(f"  медиана времени до контакта: {f'{median / 60:.1f} мин' if median is not None else '-'}")
+    console = figures["console"]
+    print(f"Проверочные диалоги в консоли (выше не считаются): {console['started']}, "
+          f"из них с контактом: {console['contacts']}")
     return 0
 
 
@@ -1470,10 +1775,10 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="with --stats: one JSON object")
     args = parser.parse_args(argv)
     os.umask(0o077)  # every file the bot makes (leads, dialogs, logs) is readable by this user alone
+    if args.check:
+        return run_check()
     try:
         env, keys = read_env()
-        if args.check:
-            return run_check(env, keys)
         try:
             cfg = read_config(env, telegram=not (args.console or args.stats))
         except ConfigError as e:  # a misspelt name is often why a setting seems missing
@@ -1485,6 +1790,7 @@ def main(argv=None):
             log.warning("%s", typo)
         return run_console(cfg) if args.console else run_telegram(cfg)
     except (ConfigError, PromptError, store.StoreError) as e:
+        sys.stderr.reconfigure(encoding="utf-8", errors="replace")  # Russian on any Windows console
         for problem in getattr(e, "problems", [str(e)]):  # one line each
             print(f"leadbot: {problem}", file=sys.stderr)
         return 2

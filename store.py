@@ -453,20 +453,26 @@ class Funnel:
             log.warning("cannot write %s (%s); a funnel event is lost", self.path, type(e).__name__)
 
 
+LAST_ENDS = ("contact", "forgotten")  # a lead stays a lead, unless /forget erased it
+
+
 def _period(dialogs: list[dict]) -> dict:
     ends = [d["end"] for d in dialogs]
     seconds = [d["seconds"] for d in dialogs if d["end"] == "contact" and isinstance(d["seconds"], (int, float))
                and math.isfinite(d["seconds"])]  # a hand-edited NaN would make --stats --json invalid JSON
-    stages = [STAGES[d["stage"]] for d in dialogs if d["end"] is None]  # still open, expired or blocked
+    stages = [STAGES[d["stage"]] for d in dialogs if not d["open"] and d["end"] in (None, "blocked")]
     return {"started": len(dialogs), "qualified": sum(d["stage"] >= STAGES.index("offering") for d in dialogs),
             "offered": sum(d["stage"] >= STAGES.index("collecting_contact") for d in dialogs),
             "contacts": ends.count("contact"), "refused": ends.count("refused"), "cancelled": ends.count("cancelled"),
+            "open": sum(d["open"] for d in dialogs), "forgotten": ends.count("forgotten"),
             "dropped": {stage: stages.count(stage) for stage in STAGES},
             "median_seconds_to_contact": float(statistics.median(seconds)) if seconds else None}
 
 
-def stats(path: Path, now: float) -> dict:
-    """Funnel counts of telegram dialogs started in the last 7 and 30 days and ever, and of console ones."""
+def stats(path: Path, now: float, open_seconds: float = 72 * 3600) -> dict:
+    """Funnel counts of telegram dialogs started in the last 7 and 30 days and ever, and of console ones.
+    A dialog with no end and an event within open_seconds (SESSION_TTL_HOURS) is open, not dropped;
+    /forget takes a lead out of the leads."""
     path, dialogs = Path(path), {}
     try:
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
@@ -476,12 +482,17 @@ def stats(path: Path, now: float) -> dict:
         try:
             ev = json.loads(line)  # a dialog starts with its first event
             d = dialogs.setdefault(ev["d"], {"start": float(ev["t"]), "source": ev.get("s"), "stage": 0, "end": None})
+            d["last"] = float(ev["t"])
         except (ValueError, TypeError, KeyError, AttributeError):
             continue  # a torn or foreign line
         if ev.get("e") == "stage" and ev.get("stage") in STAGES:
             d["stage"] = max(d["stage"], STAGES.index(ev["stage"]))
-        elif ev.get("e") in ("contact", "refused", "cancelled") and d["end"] != "contact":  # a lead stays a lead
+        elif ev.get("e") in ("contact", "refused", "cancelled") and d["end"] not in LAST_ENDS:
             d["end"], d["seconds"] = ev["e"], ev.get("seconds")
+        elif ev.get("e") == "forgotten" or (ev.get("e") == "blocked" and d["end"] is None):
+            d["end"] = ev["e"]
+    for d in dialogs.values():
+        d["open"] = d["end"] is None and now - d["last"] < open_seconds
     telegram = [d for d in dialogs.values() if d["source"] == "telegram"]
     return {"7d": _period([d for d in telegram if d["start"] >= now - 7 * 86400]),
             "30d": _period([d for d in telegram if d["start"] >= now - 30 * 86400]),

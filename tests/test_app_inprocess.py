@@ -102,12 +102,18 @@ def test_a_stop_ends_the_loop_at_once_on_every_os_while_the_long_poll_still_hang
 
 @pytest.mark.parametrize("args", [[], ["--check"], ["--console"]])
 def test_an_env_file_the_bot_may_not_read_gives_one_line_and_exit_2(monkeypatch, capsys, args):
-    def unreadable(path, **kwargs):  # chmod 600 by another user; as root this cannot be made for real
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(leadbot, "dotenv_values", unreadable)
-    assert leadbot.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and ".env cannot be read (PermissionError)" in err[0]
+    read_text = leadbot.Path.read_text
+
+    def unreadable(path, *args, **kwargs):  # chmod 600 by another user; as root this cannot be made for real
+        if path.name == ".env":
+            raise PermissionError(13, "Permission denied")
+        return read_text(path, *args, **kwargs)
+    monkeypatch.setattr(leadbot.Path, "read_text", unreadable)
+    assert leadbot.main(args) == (1 if args == ["--check"] else 2)  # --check: 1 = a check failed
+    out = capsys.readouterr()
+    lines = (out.out if args == ["--check"] else out.err).strip().splitlines()
+    assert ".env не читается (PermissionError)" in lines[0] and "chown" in lines[0]
+    assert len(lines) == (2 if args == ["--check"] else 1)  # --check adds what to run next
 
 
 def test_a_lead_forgotten_while_the_delivery_thread_holds_its_copy_gets_no_row(tmp_path):

@@ -42,8 +42,9 @@ def line(lines, start):
 def test_everything_configured_and_working_passes(check, telegram, llm, smtp_login, bot_env):
     code, lines = check()
     assert code == 0
-    assert "@test_lead_bot" in line(lines, "✓ Telegram: the token")
-    assert "webhook" in line(lines, "✓ Telegram: no webhook")
+    assert "@test_lead_bot" in line(lines, "✓ Telegram: токен работает")
+    assert line(lines, "✓ Telegram: вебхука нет")
+    assert line(lines, "✓ Настройки: все заданы верно")
     assert "test-model" in line(lines, "✓ LLM")
     assert "логин" in line(lines, "✓ Email")
     assert bot_env["DATA_DIR"] in line(lines, "✓ DATA_DIR")
@@ -70,19 +71,19 @@ def test_a_webhook_fails_the_check_and_names_the_fix(check, telegram):
     telegram.webhook_url = "https://example.com/hook"
     code, lines = check()
     assert code == 1
-    assert "DELETE_WEBHOOK=1" in line(lines, "✗ Telegram: a webhook")
+    assert "DELETE_WEBHOOK=1" in line(lines, "✗ Telegram: у бота задан вебхук")
     assert telegram.webhook_url and telegram.calls("deleteWebhook") == []  # --check only looks
 
     code, lines = check(DELETE_WEBHOOK="1")
-    assert code == 0 and "DELETE_WEBHOOK=1" in line(lines, "✓ Telegram: a webhook")
+    assert code == 0 and "DELETE_WEBHOOK=1" in line(lines, "✓ Telegram: задан вебхук")
 
 
 def test_a_bot_api_server_without_webhook_info_does_not_fail_a_working_token(check, telegram):
     telegram.fail("getWebhookInfo", 404, "Not Found")  # e.g. a minimal self-hosted or proxy server
     code, lines = check()
     assert code == 0
-    assert line(lines, "✓ Telegram: the token works")
-    assert "webhook" in line(lines, "- Telegram")
+    assert line(lines, "✓ Telegram: токен работает")
+    assert "вебхук" in line(lines, "- Telegram")
 
 
 def test_telegram_out_of_reach_fails(check, telegram):
@@ -134,13 +135,14 @@ def test_a_data_dir_that_cannot_be_created_fails(check, telegram, tmp_path):
 def test_a_missing_token_fails_but_the_other_parts_are_checked(check, telegram):
     code, lines = check(TELEGRAM_BOT_TOKEN=None)
     assert code == 1
-    assert "TELEGRAM_BOT_TOKEN" in line(lines, "✗ Settings")
+    assert "TELEGRAM_BOT_TOKEN" in line(lines, "✗ Настройки")
+    assert not [text for text in lines if text.startswith("✓ Настройки")]
     assert line(lines, "✓ LLM") and line(lines, "✓ Email") and line(lines, "✓ DATA_DIR")
 
 
 def test_malformed_settings_are_each_named(check, telegram):
     code, lines = check(SMTP_SECURITY="tls", LLM_TIMEOUT="soon", MANAGER_EMAIL=None)
     assert code == 1
-    problems = [text for text in lines if text.startswith("✗ Settings")]
+    problems = [text for text in lines if text.startswith("✗ Настройки")]
     for name in ("SMTP_SECURITY", "LLM_TIMEOUT", "MANAGER_EMAIL"):
         assert any(name in text for text in problems), name

@@ -160,8 +160,8 @@ def test_console_mode_needs_no_token():
 
 def test_a_typo_in_env_is_named_with_the_setting_meant():
     assert list(leadbot.typos(["CSV_DELIMETER", "PRIVACY_ULR", "HOME", "LLM_MODEL"])) == [
-        "CSV_DELIMETER is not a setting — did you mean CSV_DELIMITER?",
-        "PRIVACY_ULR is not a setting — did you mean PRIVACY_URL?"]
+        "CSV_DELIMETER: такой настройки нет — может быть, CSV_DELIMITER?",
+        "PRIVACY_ULR: такой настройки нет — может быть, PRIVACY_URL?"]
 
 
 def test_a_think_tag_typed_by_a_client_cannot_reach_the_llm_as_one_and_a_contact_stays_as_typed():

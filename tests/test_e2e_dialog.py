@@ -2,7 +2,7 @@
 
 import json
 
-from fakes import ANSWERS, QUESTIONS, TEXTS, full_dialog, reach_contact_step, read_rows, run_bot, say
+from fakes import ANSWERS, QUESTIONS, TEXTS, copy_app, full_dialog, reach_contact_step, read_rows, run_bot, say
 
 COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
 
@@ -86,10 +86,13 @@ def test_missing_token_stops_start_up_with_one_line_naming_it(bot_env, tmp_path)
 
 
 def test_env_file_is_read_and_real_environment_wins(bot_env, tmp_path):
-    (tmp_path / ".env").write_text("TELEGRAM_BOT_TOKEN=\nLLM_TIMEOUT=abc\n", encoding="utf-8")
-    result = run_bot({**bot_env, "LLM_TIMEOUT": None}, "--check", cwd=tmp_path, timeout=20)
+    app = copy_app(tmp_path / "app")
+    (app.parent / ".env").write_text("TELEGRAM_BOT_TOKEN=\nLLM_TIMEOUT=abc\n", encoding="utf-8")
+    (tmp_path / ".env").write_text("LLM_MAX_TOKENS=abc\n", encoding="utf-8")  # only the one beside leadbot.py
+    result = run_bot({**bot_env, "LLM_TIMEOUT": None}, "--check", cwd=tmp_path, timeout=20, script=app)
     assert "LLM_TIMEOUT" in result.stdout  # from .env
     assert "TELEGRAM_BOT_TOKEN" not in result.stdout  # the environment's token wins over the empty one
+    assert "LLM_MAX_TOKENS" not in result.stdout
 
 
 def test_console_mode_needs_no_token_and_saves_a_console_lead(tmp_path):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import CONTACT_REQUEST, reach_contact_step, read_rows, say, wait_until
+from fakes import CONTACT_REQUEST, TEXTS, reach_contact_step, read_rows, say, wait_until
 
 THANKS = "Спасибо"
 OFFER = ("Рекомендуем услугу «Лендинг»: это быстрый старт для пекарни с онлайн-заказом. "
@@ -118,7 +118,7 @@ def test_a_stream_broken_half_way_gives_the_fallback(bot, telegram, llm):
     llm.reply, llm.break_after = OFFER, 2
     bot()
     reach_contact_step(telegram, 1207)
-    assert "Сервис временно недоступен" in offer_of(telegram, 1207)
+    assert TEXTS["llm_failed"] in offer_of(telegram, 1207)
 
 
 MARKDOWN = ("### Наш совет\n**Лендинг** — то, что *нужно*.\n- быстро\n- недорого\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import ANSWERS, full_dialog, reach_contact_step, read_rows, run_bot, say, saved_dialogs, wait_until
+from fakes import ANSWERS, TEXTS, full_dialog, reach_contact_step, read_rows, run_bot, say, saved_dialogs, wait_until
 
 COLUMNS = "timestamp;chat_id;client_name;contact;intent;notes;source;status"
 THANKS = "Спасибо"
@@ -241,7 +241,7 @@ def test_a_slow_trickling_llm_cannot_hold_a_client_past_its_deadline(bot, telegr
     llm.trickle = 0.3  # a byte every 0.3 s: each read is well within the timeout, the answer never is
     process = bot(LLM_TIMEOUT="1")
     reach_contact_step(telegram, 917)  # the fallback offer and the contact request arrive in time
-    assert "Сервис временно недоступен" in "\n".join(telegram.texts(917))
+    assert TEXTS["llm_failed"] in "\n".join(telegram.texts(917))
     process.terminate()
     assert process.wait(timeout=3) == 0
 

@@ -57,46 +57,46 @@ def test_buttons_typed_with_a_tab_or_no_space_are_buttons_and_an_indented_commen
 
 
 @pytest.mark.parametrize("old, new, line_hint", [
-    ("[refused]", "[refused_typo]", "did you mean [refused]"),
-    ("\n[greeting]", "\n[question Город]\nГде вы?\n[question Район]\nКакой?\n[greeting]", "fifth question"),
-    ("\n[greeting]", "\n[question Пусто]\n\n[greeting]", "is empty"),
+    ("\n[refused]\n", "\n[refused_typo]\n", "может быть, [refused]?"),
+    ("\n[greeting]", "\n[question Город]\nГде вы?\n[question Район]\nКакой?\n[greeting]", "пятый вопрос"),
+    ("\n[greeting]", "\n[question Пусто]\n\n[greeting]", "пуст"),
     ("[help]\n", "[help]\n", None),
-    ("[question Бюджет]", "[question Бюджет", "without its closing ]"),  # its text would go to the clients
+    ("[question Бюджет]", "[question Бюджет", "[question Бюджет]"),  # its text would go to the clients
 ])
 def test_each_kind_of_prompt_txt_mistake_stops_start_up_with_its_line(app, bot_env, tmp_path, old, new, line_hint):
     if line_hint is None:  # a stray line before the first section
         path = app.parent / "prompt.txt"
         path.write_text("Ошибочная строка\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
-        line_hint = "line 1"
+        line_hint = "строка 1:"
     else:
         edit_prompt(app, old, new)
     result = run_bot(bot_env, cwd=tmp_path, script=app, timeout=10)
     assert result.returncode == 2
-    assert "prompt.txt line" in result.stderr and line_hint in result.stderr
+    assert "prompt.txt, строка" in result.stderr and line_hint in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_missing_text_stops_start_up_and_check_shows_the_counts(app, bot_env, tmp_path):
     check = run_bot(bot_env, "--check", cwd=tmp_path, script=app)
-    assert "✓ prompt.txt: 3 questions" in check.stdout
+    assert "✓ prompt.txt: 3 вопроса" in check.stdout
     edit_prompt(app, "[thanks_saved]\n", "")
     result = run_bot(bot_env, cwd=tmp_path, script=app, timeout=10)
-    assert result.returncode == 2 and "[thanks_saved] is missing" in result.stderr
+    assert result.returncode == 2 and "строка" in result.stderr and "[thanks_saved]" in result.stderr
 
 
 def test_typos_in_env_are_caught_by_check_and_at_start_up(app, bot_env, tmp_path, telegram):
     (app.parent / ".env").write_text("CSV_DELIMETER=,\nPRIVACY_ULR=https://example.ru\n", encoding="utf-8")
     check = run_bot(bot_env, "--check", cwd=tmp_path, script=app)
-    assert "✗ Settings: CSV_DELIMETER is not a setting — did you mean CSV_DELIMITER?" in check.stdout
+    assert "✗ Настройки: CSV_DELIMETER: такой настройки нет — может быть, CSV_DELIMITER?" in check.stdout
     assert "PRIVACY_URL?" in check.stdout and check.returncode == 1
     process = start_bot(bot_env, cwd=tmp_path, script=app)
-    process.wait_log("did you mean CSV_DELIMITER")
+    process.wait_log("может быть, CSV_DELIMITER?")
 
 
 @pytest.mark.parametrize("name, value, words", [
-    ("TELEGRAM_BOT_TOKEN", "my token", "not a bot token"),
-    ("MANAGER_EMAIL", "manager.example.com", "not an email address"),
-    ("MAIL_FROM", "bot at example", "not an email address"),
+    ("TELEGRAM_BOT_TOKEN", "my token", "это не токен бота"),
+    ("MANAGER_EMAIL", "manager.example.com", "это не адрес почты"),
+    ("MAIL_FROM", "bot at example", "это не адрес почты"),
 ])
 def test_a_value_that_cannot_be_right_is_one_clear_line(bot_env, tmp_path, name, value, words):
     result = run_bot({**bot_env, name: value}, cwd=tmp_path, timeout=10)
@@ -168,13 +168,17 @@ def test_stats_count_a_lead_a_refusal_and_a_drop_off_without_personal_data(bot, 
     figures = json.loads(result.stdout)
     for period in ("7d", "30d", "all"):
         p = figures[period]
-        assert (p["started"], p["contacts"], p["refused"]) == (3, 1, 1)
-        assert p["dropped"].get("qualifying") == 1 and sum(p["dropped"].values()) == 1
+        assert (p["started"], p["contacts"], p["refused"], p["open"]) == (3, 1, 1, 1)
+        assert sum(p["dropped"].values()) == 0  # the third dialog is still going on, not dropped off
+    def after_ttl():  # silent past a SESSION_TTL_HOURS of 0.36 s: dropped off at the questions
+        return json.loads(run_bot({**bot_env, "SESSION_TTL_HOURS": "0.0001"}, "--stats", "--json",
+                                  cwd=tmp_path).stdout)["all"]
+    assert wait_until(lambda: (p := after_ttl())["dropped"]["qualifying"] == 1 and p["open"] == 0, timeout=5)
     funnel = (Path(bot_env["DATA_DIR"]) / "funnel.jsonl").read_text(encoding="utf-8")
     for secret in ("731900107", "731900108", "731900109", "Иван", "999 123-45-67", "Сайт для кафе", ANSWERS[0]):
         assert secret not in funnel
     text = run_bot(bot_env, "--stats", cwd=tmp_path).stdout
-    assert "Last 7 days" in text and "left a contact" in text
+    assert "За 7 дней: 3 диалога" in text and "оставили контакт" in text and "ещё идут: 1" in text
     mail = smtp.wait_for_messages(1)[0].get_content()
     assert "Лендинг" in mail and ANSWERS[0] in mail  # the manager sees the offer and the answers
 
