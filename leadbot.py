@@ -51,8 +51,14 @@ def greet(bot, dialog, msg):
 
 
 def take_answer(bot, dialog, msg):
-    """Stores the answer, asks the next question; after the last one starts writing the offer."""
-    dialog["answers"].append(button_text(question_at(bot, len(dialog["answers"])), msg.text))
+    """Stores the answer, asks the next question; after the last one starts writing the offer.
+    A button number that is no button («7» of 3) is asked again, not stored."""
+    question = question_at(bot, len(dialog["answers"]))
+    if question.buttons and msg.text.strip().isdigit() and button_text(question, msg.text) == msg.text:
+        bot.say(msg.chat_id, bot.text("pick_button"))
+        ask_question(bot, msg.chat_id, len(dialog["answers"]))
+        return "qualifying"
+    dialog["answers"].append(button_text(question, msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
         return "qualifying"
@@ -74,7 +80,8 @@ def take_contact(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("foreign_contact"), contact_button=True)
         return "collecting_contact"
     contact = msg.shared or ", ".join(find_contacts(msg.text))
-    if not contact and is_refusal(msg.text, asked_again=dialog.get("asked_again", False)):
+    declined = msg.text == bot.text("decline_button")  # the «Не сейчас» button: no guess needed
+    if not contact and (declined or is_refusal(msg.text, asked_again=dialog.get("asked_again", False))):
         commit_lead(bot, dialog, msg, "", "rejected")
         bot.say(msg.chat_id, bot.text("refused"), remove_keyboard=True)
         return "done"
@@ -199,7 +206,7 @@ def dispatch(bot, msg, old):
     if command in COMMANDS:
         return COMMANDS[command](bot, msg, old)
     if msg.media or (msg.shared and (not old or old["stage"] != "collecting_contact")):
-        return bot.say(msg.chat_id, bot.text("text_only"))
+        return bot.say(msg.chat_id, bot.text("voice_off" if msg.media == "voice" else "text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)
     else:
@@ -870,7 +877,7 @@ def incoming_from(bot, update):
     if chat.get("type") != "private" or type(chat.get("id")) is not int:
         return None
     contact = message["contact"] if isinstance(message.get("contact"), dict) else None
-    media = not text and not contact and any(kind in message for kind in MEDIA_KINDS)
+    media = not text and not contact and next((k for k in MEDIA_KINDS if k in message), False)
     if not (text or contact or media):
         return None  # a service message (someone joined, a pin ...) is not the client talking
     return Incoming(chat["id"], text, clean_text((contact or {}).get("phone_number"))[:32],
@@ -983,7 +990,8 @@ def pooled(sessions):
 def keyboard(texts, buttons, contact_button, remove_keyboard):
     """The reply_markup: suggested answers, the share-contact button, or removal."""
     if contact_button:
-        return {"keyboard": [[{"text": texts["share_button"], "request_contact": True}]], "resize_keyboard": True,
+        return {"keyboard": [[{"text": texts["share_button"], "request_contact": True}],
+                             [{"text": texts["decline_button"]}]], "resize_keyboard": True,
                 "one_time_keyboard": True, "input_field_placeholder": texts["contact_placeholder"][:64]}
     if buttons:
         return {"keyboard": [[{"text": b}] for b in buttons], "resize_keyboard": True, "one_time_keyboard": True}

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import leadbot
-from fakes import ANSWERS, CONTACT_REQUEST, full_dialog, reach_contact_step, read_rows, say, wait_until
+from fakes import ANSWERS, CONTACT_REQUEST, TEXTS, full_dialog, reach_contact_step, read_rows, say, wait_until
 
 REMOVE = {"remove_keyboard": True}
 
@@ -58,7 +58,8 @@ def test_contact_button_refuses_someone_elses_contact_and_accepts_the_clients_ow
     bot(PRIVACY_URL="https://example.ru/privacy")
     reach_contact_step(telegram, 2002)
     request = last_message(telegram, 2002, CONTACT_REQUEST)
-    assert button_rows(request) == [[{"text": "📱 Поделиться номером", "request_contact": True}]]
+    assert button_rows(request) == [[{"text": "📱 Поделиться номером", "request_contact": True}],
+                                    [{"text": TEXTS["decline_button"]}]]
     assert "@username" in request["text"] and "email" in request["text"]  # typing it works too
     assert "менеджер" in request["text"] and "соглаш" in request["text"]  # purpose and consent
     assert "https://example.ru/privacy" in request["text"]

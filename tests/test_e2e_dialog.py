@@ -2,7 +2,8 @@
 
 import json
 
-from fakes import ANSWERS, QUESTIONS, TEXTS, copy_app, full_dialog, reach_contact_step, read_rows, run_bot, say
+from fakes import (ANSWERS, QUESTIONS, TEXTS, copy_app, full_dialog, reach_contact_step, read_rows, run_bot,
+                   saved_dialogs, say, wait_until)
 
 COLUMNS = ["timestamp", "chat_id", "client_name", "contact", "intent", "notes", "source", "status"]
 
@@ -147,3 +148,31 @@ def test_a_card_the_telegram_bot_owes_stays_owed_after_a_console_dialog(tmp_path
     assert result.returncode == 0, result.stderr
     assert json.loads((outbox / "42-7.json").read_text(encoding="utf-8"))["owed"] == ["telegram"]
     assert "telegram could not be sent now; it goes out at the next start" in result.stdout
+
+
+def test_the_not_now_button_beside_the_share_button_ends_the_dialog_politely(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 1601)
+    markup = [m for m in telegram.messages(1601) if m.get("reply_markup")][-1]["reply_markup"]
+    rows = [[button["text"] for button in row] for row in markup["keyboard"]]
+    assert rows[-1] == [TEXTS["decline_button"]]
+    say(telegram, 1601, TEXTS["decline_button"], TEXTS["refused"][:20])
+    wait_until(lambda: read_rows(bot_env))
+    assert read_rows(bot_env)[0]["status"] == "rejected"
+
+
+def test_a_button_number_that_is_no_button_is_asked_again_not_stored(bot, bot_env, telegram):
+    bot()
+    say(telegram, 1602, "/start", "задача")
+    say(telegram, 1602, ANSWERS[0], "Когда")
+    say(telegram, 1602, "7", TEXTS["pick_button"][:20])  # three buttons only
+    telegram.wait_for(lambda: "Когда" in telegram.texts(1602)[-1], 10, "the question again")
+    say(telegram, 1602, "2", "бюджет")
+    wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[1602]["answers"][1:] == [QUESTIONS[1][2][1]])
+
+
+def test_a_voice_message_without_stt_is_asked_to_be_written(bot, telegram):
+    bot()
+    say(telegram, 1603, "/start", "задача")
+    telegram.send_media(1603, "voice")
+    telegram.wait_for(lambda: TEXTS["voice_off"] in telegram.texts(1603), 10, "the voice note")
