@@ -272,6 +272,14 @@ def _text_fields(text):
     return fields
 
 
+def _check_buttons(markup):
+    """Telegram refuses an inline button whose callback_data is not 1 to 64 bytes."""
+    rows = markup.get("inline_keyboard") if isinstance(markup, dict) else None
+    for button in (b for row in rows or [] for b in row if isinstance(b, dict)):
+        if "callback_data" in button and not 1 <= len(str(button["callback_data"]).encode()) <= 64:
+            raise _ApiError(400, "Bad Request: BUTTON_DATA_INVALID")
+
+
 def _quoted(message):
     """A message as reply_to_message holds it: Telegram does not nest replies deeper."""
     return {key: value for key, value in message.items() if key != "reply_to_message"}
@@ -526,6 +534,7 @@ class FakeTelegram(_HTTPFake):
                 params["reply_markup"] = json.loads(params["reply_markup"])
             except ValueError:
                 raise _ApiError(400, "Bad Request: can't parse reply keyboard markup JSON object") from None
+        _check_buttons(params.get("reply_markup"))
         with self._cond:
             chat_id = self._check_chat(params)
             reply = self._replied(chat_id, params)

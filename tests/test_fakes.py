@@ -504,6 +504,9 @@ def test_buttons_give_callback_queries_answered_once(telegram, http):
     keyboard = {"inline_keyboard": [[{"text": "Вернуть клиента боту", "callback_data": "back:7"}]]}
     sent = ok("sendMessage", chat_id=10, text="Карточка", reply_markup=keyboard)
     assert sent["reply_markup"] == keyboard
+    too_long = {"inline_keyboard": [[{"text": "x", "callback_data": "я" * 33}]]}
+    assert err("sendMessage", chat_id=10, text="x", reply_markup=too_long) == (
+        400, "Bad Request: BUTTON_DATA_INVALID")
     telegram.press_button(10, sent["message_id"], "back:7")
     telegram.press_button(10, 4242, "old", user_id=11, first_name="Мария")
     pressed, stale = (u["callback_query"] for u in ok("getUpdates"))
