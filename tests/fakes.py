@@ -272,6 +272,14 @@ def _text_fields(text):
     return fields
 
 
+def _check_buttons(markup):
+    """Telegram refuses an inline button whose callback_data is not 1 to 64 bytes."""
+    rows = markup.get("inline_keyboard") if isinstance(markup, dict) else None
+    for button in (b for row in rows or [] for b in row if isinstance(b, dict)):
+        if "callback_data" in button and not 1 <= len(str(button["callback_data"]).encode()) <= 64:
+            raise _ApiError(400, "Bad Request: BUTTON_DATA_INVALID")
+
+
 def _quoted(message):
     """A message as reply_to_message holds it: Telegram does not nest replies deeper."""
     return {key: value for key, value in message.items() if key != "reply_to_message"}
@@ -526,6 +534,7 @@ class FakeTelegram(_HTTPFake):
                 params["reply_markup"] = json.loads(params["reply_markup"])
             except ValueError:
                 raise _ApiError(400, "Bad Request: can't parse reply keyboard markup JSON object") from None
+        _check_buttons(params.get("reply_markup"))
         with self._cond:
             chat_id = self._check_chat(params)
             reply = self._replied(chat_id, params)
@@ -1116,7 +1125,19 @@ class FakeLLM(_HTTPFake):
     list of strings sent as the content instead. .chunk_delay seconds pass between events;
     .comments adds ": OPENROUTER PROCESSING" lines; .break_after = n closes the connection after n
     events, without [DONE]; .no_stream answers stream requests with plain JSON. With .trickle
-    every body (streamed or not) goes out one byte every .trickle seconds.
+    every body (streamed or not) goes out one byte every .trickle seconds. .chunks = "word" sends
+    one word an event (with .chunk_delay: a model streaming steadily, at its own pace).
+    Stream variants a gateway produces: .stream_content_type (e.g. "application/json",
+    "text/plain", "application/octet-stream") labels the stream; .multiline_data spreads each
+    event's JSON over several "data:" lines (which SSE joins with newlines); .usage_chunk adds a
+    usage-only chunk (no choices) after the finish_reason one; .hold_after_finish = seconds keeps
+    the connection open that long after it, before "data: [DONE]".
+
+    POST /audio/transcriptions (multipart, as OpenAI's) is recorded in .transcriptions
+    ({"model", "filename", "data", "fields", "headers"}) and answered with the next text of
+    .transcripts (a deque), else .transcript; response_format "text" gets it as plain text,
+    "verbose_json" with language and duration. Its faults: .stt_status, .stt_delay, .stt_raw,
+    stt_fail_times(n, status); with .stt_models another model gets 404 model_not_found.
     """
 
     def __init__(self):
@@ -1136,6 +1157,16 @@ class FakeLLM(_HTTPFake):
         self.no_stream = False
         self.trickle = 0
         self.finish_reason = "stop"
+        self.stream_content_type = "text/event-stream"
+        self.multiline_data = False
+        self.usage_chunk = False
+        self.hold_after_finish = 0
+        self.transcript = "Здравствуйте, нужен сайт для пекарни"
+        self.transcripts = deque()
+        self.transcriptions = []
+        self.stt_status = self.stt_raw = self.stt_models = None
+        self.stt_delay = 0
+        self._stt_failures = deque()
         self.requests = []  # {"json": body, "headers": case-insensitive headers}
         self._failures = deque()
         self._lock = threading.Lock()
@@ -1154,8 +1185,15 @@ class FakeLLM(_HTTPFake):
         with self._lock:
             self._failures.extend([status] * n)
 
+    def stt_fail_times(self, n, status=500):
+        """The next n transcription requests get an error with this status."""
+        with self._lock:
+            self._stt_failures.extend([status] * n)
+
     def _handle(self, handler):
         body = _read_body(handler)
+        if urlsplit(handler.path).path == "/v1/audio/transcriptions":
+            return self._transcribe(handler, body)
         if urlsplit(handler.path).path != "/v1/chat/completions":
             return _send_json(handler, 404, _llm_error("Not found", "invalid_request_error"))
         try:
@@ -1177,19 +1215,27 @@ class FakeLLM(_HTTPFake):
         elif self.raw is not None:
             self._answer(handler, "application/json", [self.raw])
         elif request_json.get("stream") is True and not self.no_stream:
-            self._answer(handler, "text/event-stream", self._events(request_json))
+            self._answer(handler, self.stream_content_type, self._events(request_json), stream=True)
         else:
             self._answer(handler, "application/json", [json.dumps(self._completion(request_json), ensure_ascii=False)])
 
-    def _answer(self, handler, content_type, pieces):
-        """Sends pieces as HTTP chunks (bytes one by one with .trickle), stopping early as .break_after says."""
-        if not self.trickle and content_type == "application/json":
-            return _send(handler, 200, pieces[0])
+    def _answer(self, handler, content_type, pieces, stream=False):
+        """Sends pieces as HTTP chunks (bytes one by one with .trickle), stopping early as
+        .break_after says.
+
+        A piece _HOLD is no data: the answer pauses .hold_after_finish seconds there.
+        """
+        if not self.trickle and not stream:
+            return _send(handler, 200, pieces[0], content_type)
         handler.send_response(200)
         handler.send_header("Content-Type", content_type)
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
         for number, piece in enumerate(pieces):
+            if piece is _HOLD:
+                if handler.server.closed.wait(self.hold_after_finish):
+                    return
+                continue
             if number == self.break_after:
                 handler.close_connection = True  # no last chunk: the client sees the body end half-way
                 return
@@ -1204,6 +1250,8 @@ class FakeLLM(_HTTPFake):
         handler.wfile.write(b"0\r\n\r\n")
 
     def _split(self, text):
+        if self.chunks == "word":
+            return re.findall(r"\S+\s*|\s+", text)
         if isinstance(self.chunks, int):
             return [text[i:i + self.chunks] for i in range(0, len(text), self.chunks)]
         words = re.findall(r"\S+\s*|\s+", text)
@@ -1217,10 +1265,24 @@ class FakeLLM(_HTTPFake):
         deltas += [{self.reasoning_field: piece} for piece in self._split(self.reasoning or "")]
         deltas += [{"content": piece} for piece in
                    (self.chunks if isinstance(self.chunks, list) else self._split(content))]
-        comment = ": OPENROUTER PROCESSING\n\n" if self.comments else ""
-        events = (self._chunk(request_json, *delta) for delta in [*((d, None) for d in deltas), ({}, self.finish_reason)])
         # Made one by one as they are sent: a client that stops reading (a megabyte answer) costs no more.
-        return (comment + f"data: {event}\n\n" for event in itertools.chain(events, ["[DONE]"]))
+        for delta in deltas:
+            yield self._event(self._chunk(request_json, delta, None))
+        yield self._event(self._chunk(request_json, {}, self.finish_reason))
+        if self.usage_chunk:
+            usage = {**json.loads(self._chunk(request_json, {}, None)), "choices": [],
+                     "usage": _usage(request_json, text)}
+            yield self._event(json.dumps(usage, ensure_ascii=False))
+        if self.hold_after_finish:
+            yield _HOLD
+        yield self._event("[DONE]")
+
+    def _event(self, data):
+        """One server-sent event, its JSON over several data: lines with .multiline_data."""
+        comment = ": OPENROUTER PROCESSING\n\n" if self.comments else ""
+        if self.multiline_data and data != "[DONE]":
+            data = json.dumps(json.loads(data), indent=1, ensure_ascii=False)
+        return comment + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
 
     @staticmethod
     def _chunk(request_json, delta, finish_reason):
@@ -1231,16 +1293,74 @@ class FakeLLM(_HTTPFake):
 
     def _completion(self, request_json):
         content = self.reply_fn(request_json) if self.reply_fn else self.reply
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request_json["messages"])
-        completion_tokens = len(content.split())
         return {
             "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
             "model": request_json["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": self.finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": _usage(request_json, content),
         }
+
+    def _transcribe(self, handler, body):
+        parts = _multipart(handler.headers.get("Content-Type", ""), body)
+        model = parts.get("model", (None, b""))[1].decode("utf-8", "replace")
+        filename, data = parts.get("file", (None, None))
+        fields = {name: value.decode("utf-8", "replace") for name, (file, value) in parts.items()
+                  if file is None}
+        with self._lock:
+            self.transcriptions.append({"model": model, "filename": filename, "data": data,
+                                        "fields": fields,
+                                        "headers": CaseInsensitiveDict(handler.headers.items())})
+            status = self._stt_failures.popleft() if self._stt_failures else self.stt_status
+            text = self.transcripts.popleft() if self.transcripts else self.transcript
+        if self.stt_delay and handler.server.closed.wait(self.stt_delay):
+            return
+        if data is None or not model:
+            error = _llm_error("file and model are required", "invalid_request_error")
+            _send_json(handler, 400, error)
+        elif self.stt_models is not None and model not in self.stt_models:
+            _send_json(handler, 404, _llm_error(f"model {model!r} not found", "model_not_found"))
+        elif status and status != 200:
+            _send_json(handler, status, _llm_error("boom", "server_error"))
+        elif self.stt_raw is not None:
+            _send(handler, 200, self.stt_raw)
+        else:
+            self._transcript(handler, fields.get("response_format", "json"), text)
+
+    @staticmethod
+    def _transcript(handler, response_format, text):
+        if response_format == "text":
+            return _send(handler, 200, text, "text/plain; charset=utf-8")
+        answer = {"text": text}
+        if response_format == "verbose_json":
+            answer.update(task="transcribe", language="russian", duration=3.0, segments=[])
+        _send_json(handler, 200, answer)
+
+
+_HOLD = object()  # in a FakeLLM answer: wait .hold_after_finish seconds here
+
+
+def _usage(request_json, content):
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request_json["messages"])
+    completion_tokens = len(content.split())
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _multipart(content_type, body):
+    """name -> (filename or None, bytes) of a multipart/form-data body; {} for another body."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.startswith("multipart/form-data") or not boundary:
+        return {}
+    parts = {}
+    for part in body.split(b"--" + boundary.group(1).encode())[1:-1]:
+        head, _, data = part.partition(b"\r\n\r\n")
+        head = head.decode("utf-8", "replace")
+        name = re.search(r'\bname="([^"]*)"', head)
+        filename = re.search(r'\bfilename="([^"]*)"', head)
+        if name:
+            parts[name.group(1)] = (filename and filename.group(1), data.removesuffix(b"\r\n"))
+    return parts
 
 
 def _llm_error(message, kind):

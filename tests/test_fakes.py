@@ -1,5 +1,6 @@
 """The test harness itself: fakes driven with plain requests and smtplib, and the bot launcher."""
 
+import itertools
 import json
 import smtplib
 import sys
@@ -503,6 +504,9 @@ def test_buttons_give_callback_queries_answered_once(telegram, http):
     keyboard = {"inline_keyboard": [[{"text": "Вернуть клиента боту", "callback_data": "back:7"}]]}
     sent = ok("sendMessage", chat_id=10, text="Карточка", reply_markup=keyboard)
     assert sent["reply_markup"] == keyboard
+    too_long = {"inline_keyboard": [[{"text": "x", "callback_data": "я" * 33}]]}
+    assert err("sendMessage", chat_id=10, text="x", reply_markup=too_long) == (
+        400, "Bad Request: BUTTON_DATA_INVALID")
     telegram.press_button(10, sent["message_id"], "back:7")
     telegram.press_button(10, 4242, "old", user_id=11, first_name="Мария")
     pressed, stale = (u["callback_query"] for u in ok("getUpdates"))
@@ -618,3 +622,100 @@ def test_voice_files_are_served_by_get_file_and_the_download_url(telegram, http)
     telegram.fail("getFile", 500, "Internal Server Error")
     assert call(http, telegram, "getFile", file_id=small["file_id"]).status_code == 500
     assert ok("getFile", file_id="voice-id")["file_path"]  # send_media's voice
+
+
+# LLM: stream variants and transcription
+
+
+def stream(http, llm, **body):
+    body = {"model": "m", "messages": MESSAGES, "stream": True, **body}
+    return http.post(f"{llm.url}/chat/completions", json=body, timeout=5, stream=True)
+
+
+def sse_events(response):
+    """The data of each server-sent event as it arrives, its data: lines joined as SSE says."""
+    lines = []
+    for line in response.iter_lines():
+        line = line.decode()
+        if line.startswith("data:"):
+            lines.append(line[5:].removeprefix(" "))
+        elif not line and lines:
+            yield "\n".join(lines)
+            lines = []
+
+
+def test_llm_streams_under_any_label_over_several_data_lines_with_usage(llm, http):
+    llm.stream_content_type = "application/octet-stream"
+    llm.multiline_data = llm.usage_chunk = True
+    response = stream(http, llm)
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    events = list(sse_events(response))
+    assert events[-1] == "[DONE]" and all("\n" in event for event in events[:-1])
+    chunks = [json.loads(event) for event in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert text == llm.reply and chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    llm.stream_content_type, llm.multiline_data = "text/plain", False
+    response = stream(http, llm)
+    assert response.headers["Content-Type"] == "text/plain"
+    assert all("\n" not in event for event in sse_events(response))
+
+
+def test_llm_holds_the_connection_after_finish_reason(llm, http):
+    llm.hold_after_finish = 0.4
+    started = time.monotonic()
+    response = stream(http, llm)
+    lines = response.iter_lines(decode_unicode=True)
+    finished = next(line for line in lines if '"finish_reason": "stop"' in line)
+    assert finished and time.monotonic() - started < 0.3
+    assert "[DONE]" in "".join(lines) and time.monotonic() - started >= 0.4
+
+
+def test_llm_streams_one_word_at_a_time_at_a_steady_pace(llm, http):
+    llm.reply, llm.chunks, llm.chunk_delay = "раз два три четыре", "word", 0.1
+    started, arrivals = time.monotonic(), []
+    for event in itertools.islice(sse_events(stream(http, llm)), 1, 5):
+        arrivals.append(time.monotonic() - started)
+        assert len(json.loads(event)["choices"][0]["delta"]["content"].split()) == 1
+    assert arrivals[-1] >= 0.4 and arrivals[-1] - arrivals[0] >= 0.3
+
+
+def transcribe(http, llm, data=b"OggS-audio", **fields):
+    return http.post(f"{llm.url}/audio/transcriptions", timeout=5,
+                     data={"model": "whisper-1", **fields},
+                     files={"file": ("voice.ogg", data, "audio/ogg")},
+                     headers={"Authorization": "Bearer stt-key"})
+
+
+def test_transcription_endpoint_records_the_upload_and_answers_the_transcripts(llm, http):
+    audio = b"OggS\x00\r\n--binary\r\n\x00" * 50
+    llm.transcripts.append("Перезвоните мне")
+    assert transcribe(http, llm, audio).json() == {"text": "Перезвоните мне"}
+    [upload] = llm.transcriptions
+    assert (upload["model"], upload["filename"]) == ("whisper-1", "voice.ogg")
+    assert upload["data"] == audio
+    assert upload["headers"]["authorization"] == "Bearer stt-key"
+    assert transcribe(http, llm).json() == {"text": llm.transcript}
+    plain = transcribe(http, llm, response_format="text")
+    assert plain.text == llm.transcript and plain.headers["Content-Type"].startswith("text/plain")
+    assert transcribe(http, llm, response_format="verbose_json").json()["language"] == "russian"
+    no_file = http.post(f"{llm.url}/audio/transcriptions", data={"model": "m"}, timeout=5)
+    assert no_file.status_code == 400
+    assert llm.calls == 0  # chat requests are counted apart
+
+
+def test_transcription_faults(llm, http):
+    llm.stt_fail_times(1, status=503)
+    assert [transcribe(http, llm).status_code for _ in range(2)] == [503, 200]
+    llm.stt_models = {"whisper-large-v3"}
+    missing = transcribe(http, llm)
+    assert (missing.status_code, missing.json()["error"]["type"]) == (404, "model_not_found")
+    llm.stt_models, llm.stt_raw = None, "<html>bad gateway</html>"
+    assert transcribe(http, llm).text == "<html>bad gateway</html>"
+    llm.stt_raw, llm.stt_delay = None, 0.4
+    with pytest.raises(requests.ReadTimeout):
+        http.post(f"{llm.url}/audio/transcriptions", timeout=0.1, data={"model": "m"},
+                  files={"file": ("voice.ogg", b"x")})
+    llm.stt_status, llm.stt_delay = 500, 0
+    assert transcribe(http, llm).status_code == 500
+    assert completion(http, llm, model="m", messages=MESSAGES).status_code == 200
