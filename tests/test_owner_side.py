@@ -1,6 +1,7 @@
 """The owner's side as the owner meets it: start-up, --check and --console as subprocesses on a copy of
 the program with its own prompt.txt and .env; every mistake named with its line, in Russian."""
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_check_names_the_interpreter_it_runs_under(app, bot_env, tmp_path, teleg
     code, lines = check(app, bot_env, app.parent)
     assert lines[-1] == f"Все проверки пройдены. Запуск бота: {sys.executable} leadbot.py"
     code, lines = check(app, {**bot_env, "CSV_DELIMITER": "|"}, tmp_path)
-    assert lines[-1].endswith(f"{sys.executable} {app} --check")
+    assert lines[-1].endswith(f"{sys.executable} {os.path.join('app', 'leadbot.py')} --check")  # as typed here
     assert not [line for line in lines if "python leadbot.py" in line]
 
 
