@@ -1232,14 +1232,19 @@ def parse_question(where, name, body):
     return Question(label, text, buttons), problems + question_line_problems(name, body, lines)
 
 
+def dash_buttons(lines):
+    return [f"prompt.txt, строка {number}: кнопка пишется со звёздочкой: «* "
+            f"{line.strip().lstrip('-–—•').strip()}»"
+            for number, line in lines if LIST_RE.match(line)]
+
+
 def question_line_problems(name, body, lines):
-    """Lines that show a header or a * lost: '- Утром', text after the buttons, a second question."""
+    """Lines that show a lost header or *: '- Утром', text after the buttons, a second question."""
     first_button = next((number for number, line in body if BUTTON_RE.match(line)), float("inf"))
     after = [number for number, line in lines if number > first_button and line.strip()
              and not LIST_RE.match(line)]
     asks = [number for number, text in paragraphs(lines) if text.rstrip().endswith("?")]
-    problems = [f"prompt.txt, строка {number}: кнопка пишется со звёздочкой: «* "
-                f"{line.strip().lstrip('-–—•').strip()}»" for number, line in lines if LIST_RE.match(line)]
+    problems = dash_buttons(lines)
     if after:
         problems.append(f"prompt.txt, строка {after[0]}: текст после кнопок вопроса [{name}] — "
                         "похоже, перед ним потерян заголовок раздела: вставьте его")
@@ -1346,8 +1351,8 @@ def zone_value(raw):
 
 
 SETTINGS = {  # name: (default, parser); cfg has each as an attribute, lower-cased
-    "TELEGRAM_BOT_TOKEN": ("", pattern_value(r"\d+:[\w-]+", "это не токен бота: он выглядит "
-                                            "как 123456789:AAE…; скопируйте его ещё раз у @BotFather")),
+    "TELEGRAM_BOT_TOKEN": ("", pattern_value(r"\d+:[\w-]+", "это не токен бота: он выглядит как "
+                                            "123456789:AAE…; скопируйте его ещё раз у @BotFather")),
     "TELEGRAM_API_URL": ("https://api.telegram.org", url_value),
     "DELETE_WEBHOOK": ("0", flag_value),
     "MANAGER_CHAT_ID": ("", pattern_value(r"-?\d+|@\w{5,}", "нужен числовой id чата (например "
@@ -1451,10 +1456,12 @@ def read_env():
                            "в кодировке UTF-8"]) from None
     except OSError as e:  # made by another user (sudo nano) for a service that runs as its own
         raise ConfigError([f"{path} не читается ({type(e).__name__}) — дайте пользователю, от "
-                           "имени которого работает бот, право его читать (chown или chmod)"]) from None
+                           "имени которого работает бот, право его читать (chown или chmod)"]
+                          ) from None
     keys = env_keys(text.splitlines())
     values = dotenv_values(stream=io.StringIO(text))
-    return {**{key.lstrip("\ufeff"): value or "" for key, value in values.items()}, **os.environ}, keys
+    from_file = {key.lstrip("\ufeff"): value or "" for key, value in values.items()}
+    return {**from_file, **os.environ}, keys
 
 
 def env_keys(lines):
@@ -1473,20 +1480,25 @@ def env_keys(lines):
     return list(where)
 
 
+def shortest(path):
+    """path as typed from the current folder: relative below it, else absolute, quoted if spaced."""
+    path = str(path)
+    with contextlib.suppress(ValueError):  # on Windows, another drive has no relative path
+        relative = os.path.relpath(path)
+        path = path if relative.startswith("..") else relative
+    return f'"{path}"' if " " in path else path
+
+
 def python_command():
     """The interpreter this runs under, as the owner would type it here: `python` may not exist
     (stock Debian) and `python3` may lack the packages, which are in the virtual environment."""
-    path = sys.executable or "python3"
-    with contextlib.suppress(ValueError):  # on Windows, another drive has no relative path
-        relative = os.path.relpath(path)
-        path = path if relative.startswith("..") else relative if os.sep in relative else f".{os.sep}{relative}"
-    return f'"{path}"' if " " in path else path
+    path = shortest(sys.executable or "python3")
+    return path if os.sep in path else f".{os.sep}{path}"  # a bare name would be looked up in PATH
 
 
 def bot_command():
     """How to start this bot from the current folder, e.g. `.venv/bin/python leadbot.py`."""
-    script = os.path.relpath(HERE / "leadbot.py") if HERE == Path.cwd().resolve() else str(HERE / "leadbot.py")
-    return f"{python_command()} {script if ' ' not in script else repr(script)}"
+    return f"{python_command()} {shortest(HERE / 'leadbot.py')}"
 
 
 # --- Logs: one line per event, secrets masked ---------------------------------------------------
@@ -1627,21 +1639,22 @@ def run_console(cfg):
 def plural(number, one, few, many):
     """'1 вопрос', '3 вопроса', '5 вопросов': Russian counts its nouns three ways."""
     tens, ones = number % 100, number % 10
-    form = one if ones == 1 and tens != 11 else few if 2 <= ones <= 4 and not 12 <= tens <= 14 else many
+    few_ok = 2 <= ones <= 4 and not 12 <= tens <= 14
+    form = one if ones == 1 and tens != 11 else few if few_ok else many
     return f"{number} {form}"
 
 
 def next_open(cfg, when):
     """When WORKING_HOURS next begin after when (an aware datetime), in TIMEZONE; None when they
-    are on now or not set. Days are counted on the wall clock, so a change to summer time is safe."""
+    are on now or not set. Days are counted on the wall clock: a change to summer time is safe."""
     local = when.astimezone(cfg.timezone).replace(tzinfo=None)
     for day in range(8):
         date = datetime.combine(local.date() + timedelta(days=day), dtime())
         for weekdays, start, end in sorted(cfg.working_hours, key=lambda hours: hours[1]):
             opens, closes = date + timedelta(minutes=start), date + timedelta(minutes=end)
             if date.weekday() in weekdays and local < closes:
-                return None if opens <= local else (opens.replace(tzinfo=cfg.timezone) if cfg.timezone
-                                                    else opens.astimezone())
+                zoned = opens.replace(tzinfo=cfg.timezone) if cfg.timezone else opens.astimezone()
+                return None if opens <= local else zoned
     return None
 
 
@@ -1650,7 +1663,7 @@ WEEKDAYS = ("в понедельник", "во вторник", "в среду",
 
 
 def when_text(opens, now):
-    """next_open's answer as the client reads it in {when}: «завтра в 09:00», «в понедельник в 10:00»."""
+    """next_open's answer as the client reads it in {when}: «завтра в 09:00», «в среду в 10:00»."""
     days = (opens.date() - now.astimezone(opens.tzinfo).date()).days
     day = {0: "сегодня", 1: "завтра"}.get(days) or (WEEKDAYS[opens.weekday()] if days < 7
                                                      else opens.strftime("%d.%m"))
@@ -1658,8 +1671,8 @@ def when_text(opens, now):
 
 
 def startup_summary(cfg, prompt, channels):
-    """The lines start-up prints for the owner: where the leads go, what is asked, what is on, how to
-    stop. channels: the lead's ways besides leads.csv ("email", "telegram")."""
+    """The lines start-up prints for the owner: where the leads go, what is asked, what is on,
+    how to stop. channels: the lead's ways besides leads.csv ("email", "telegram")."""
     def on(flag):
         return "вкл." if flag else "выкл."
     zone = getattr(cfg.timezone, "key", "часовой пояс компьютера")
@@ -1690,7 +1703,7 @@ def run_check():
 
 
 def checks():
-    """(ok, text) for .env, the settings, prompt.txt, Telegram and each module's part, one by one."""
+    """(ok, text) for .env, the settings, prompt.txt, Telegram and each module's part, in turn."""
     try:
         env, keys = read_env()
     except ConfigError as e:
@@ -1707,8 +1720,8 @@ def checks():
     cfg = read_config(env, telegram=False)  # without the token the rest can be checked; else raises
     try:
         prompt = read_prompt(HERE / "prompt.txt", cfg)
-        yield True, (f"prompt.txt: {plural(len(prompt.questions), 'вопрос', 'вопроса', 'вопросов')}, "
-                     f"{plural(len(TEXT_KEYS), 'текст', 'текста', 'текстов')}")
+        asked = plural(len(prompt.questions), "вопрос", "вопроса", "вопросов")
+        yield True, f"prompt.txt: {asked}, {plural(len(TEXT_KEYS), 'текст', 'текста', 'текстов')}"
     except PromptError as e:
         yield from ((False, problem) for problem in e.problems)
     yield from check_telegram(cfg) if cfg.telegram_bot_token else ()
@@ -1724,11 +1737,12 @@ def check_telegram(cfg):
         me = tg.call("getMe")
     except TelegramError as e:
         if e.error_code in (401, 404):
-            return [(False, f"Telegram: токен отклонён (HTTP {e.error_code}) — скопируйте его ещё раз у "
-                            "@BotFather (/mybots → ваш бот → API Token) в TELEGRAM_BOT_TOKEN")]
+            return [(False, f"Telegram: токен отклонён (HTTP {e.error_code}) — скопируйте его ещё "
+                            "раз у @BotFather (/mybots → ваш бот → API Token) "
+                            "в TELEGRAM_BOT_TOKEN")]
         if e.error_code:
-            return [(False, f"Telegram: ответил HTTP {e.error_code} — попробуйте через минуту; если "
-                            "ошибка останется, проверьте TELEGRAM_API_URL")]
+            return [(False, f"Telegram: ответил HTTP {e.error_code} — попробуйте через минуту; "
+                            "если ошибка останется, проверьте TELEGRAM_API_URL")]
         return [(False, f"Telegram: нет связи ({e.description}) — проверьте интернет, файрвол или "
                         "прокси (HTTPS_PROXY) и TELEGRAM_API_URL")]
     token = (True, f"Telegram: токен работает, бот — @{(me or {}).get('username')}")
@@ -1744,7 +1758,8 @@ def check_telegram(cfg):
 
 
 STAGE_NAMES = {"greeting": "после приветствия", "qualifying": "на вопросах",
-               "offering": "пока писалась рекомендация", "collecting_contact": "на просьбе о контакте"}
+               "offering": "пока писалась рекомендация",
+               "collecting_contact": "на просьбе о контакте"}
 
 
 def run_stats(cfg, as_json):
@@ -1757,17 +1772,18 @@ def run_stats(cfg, as_json):
     for title, p in (("За 7 дней", figures["7d"]), ("За 30 дней", figures["30d"]),
                      ("За всё время", figures["all"])):
         print(f"{title}: {plural(p['started'], 'диалог', 'диалога', 'диалогов')}")
-        for key, label in (("qualified", "ответили на все вопросы"), ("offered", "получили рекомендацию"),
-                           ("contacts", "оставили контакт")):
+        for key, label in (("qualified", "ответили на все вопросы"),
+                           ("offered", "получили рекомендацию"), ("contacts", "оставили контакт")):
             share = f"{100 * p[key] / p['started']:.0f}%" if p["started"] else "-"
             print(f"  {label:<26}{p[key]:>6}  {share:>5}")
-        dropped = ", ".join(f"{STAGE_NAMES.get(stage, stage)} {n}" for stage, n in p["dropped"].items()
-                            if n) or "нет"
+        dropped = ", ".join(f"{STAGE_NAMES.get(stage, stage)} {n}"
+                            for stage, n in p["dropped"].items() if n) or "нет"
         median = p["median_seconds_to_contact"]
         print(f"  отказались: {p['refused']}, прервали (/cancel): {p['cancelled']}, ещё идут: "
               f"{p.get('open', 0)}, удалили данные (/forget): {p.get('forgotten', 0)}")
         print(f"  бросили: {dropped}")
-        print(f"  медиана времени до контакта: {f'{median / 60:.1f} мин' if median is not None else '-'}")
+        median = f"{median / 60:.1f} мин" if median is not None else "-"
+        print(f"  медиана времени до контакта: {median}")
     console = figures["console"]
     print(f"Проверочные диалоги в консоли (выше не считаются): {console['started']}, "
           f"из них с контактом: {console['contacts']}")
@@ -1779,7 +1795,8 @@ def main(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--console", action="store_true", help="talk to the bot in this terminal")
     mode.add_argument("--check", action="store_true", help="check the setup and say what to fix")
-    mode.add_argument("--stats", action="store_true", help="print the funnel of the last 7/30 days and all time")
+    mode.add_argument("--stats", action="store_true",
+                      help="print the funnel of the last 7/30 days and all time")
     parser.add_argument("--json", action="store_true", help="with --stats: one JSON object")
     args = parser.parse_args(argv)
     os.umask(0o077)  # every file the bot makes (leads, dialogs, logs) is readable by this user alone
