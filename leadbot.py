@@ -1550,7 +1550,7 @@ class Bot:
 
     def __init__(self, cfg, out, source):
         self.cfg, self.out, self.source = cfg, out, source
-        self.prompt = read_prompt(HERE / "prompt.txt")
+        self.prompt = read_prompt(HERE / "prompt.txt", cfg)
         self.lock = store.open_data_dir(cfg.data_dir)  # held while the process lives
         self.leads = store.Leads(cfg.data_dir / "leads.csv", cfg.csv_delimiter)
         self.journal = store.Journal(cfg.data_dir / "state.jsonl" if source == "telegram" else None, valid_dialog)
@@ -1585,6 +1585,7 @@ def run_telegram(cfg):
         raise ConfigError(["Telegram rejected TELEGRAM_BOT_TOKEN"]) from None
     log.info("started as @%s (email: %s, LLM: %s)", (me or {}).get("username"),
              "on" if cfg.smtp_host else "off", "on" if cfg.llm_base_url else "off")
+    print("\n".join(startup_summary(cfg, bot.prompt, bot.channels)), flush=True)  # for the owner
     if cfg.delete_webhook:
         try:
             bot.out.call_patiently("deleteWebhook")

@@ -219,3 +219,11 @@ def test_client_data_is_private_to_the_bots_user_whatever_the_umask(bot, bot_env
     assert modes[data.name] == 0o700
     assert all(mode & 0o077 == 0 for mode in modes.values()), modes
     assert {"leads.csv", "state.jsonl", "funnel.jsonl"} <= set(modes)
+
+
+def test_start_up_prints_one_summary_for_the_owner_in_russian(bot, bot_env, telegram):
+    process = bot()
+    process.wait_log("Папка данных: ")
+    output = process.output()
+    assert bot_env["DATA_DIR"] in output and "prompt.txt: 3 вопроса" in output
+    assert telegram.token not in output
