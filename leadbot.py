@@ -519,11 +519,12 @@ def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
     fails, an offer (the fallback text at worst) and the notes are posted: the notes end `busy`, so a
     dialog can never stay parked with its waiting messages."""
     intent = notes = ""
+    offer_owed = offer_needed  # until posted: the finally posts the fallback in its place
     try:
-        if offer_needed:
+        if offer_owed:
             offer = ask_offer(bot, chat_id, dialog_id, answers)
             bot.inbox.put(Written(chat_id, dialog_id, offer=offer))
-            offer_needed = False
+            offer_owed = False
         if not gone(bot, chat_id, dialog_id):  # /cancel, /forget, /start: no request after them
             lines = [line.strip() for line in (ask_llm(bot, bot.prompt.notes, answers, "notes")
                                                or "").splitlines()]
@@ -531,7 +532,7 @@ def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
     except Exception as e:  # noqa: BLE001 - the dialog goes on with the fallback text
         log.error("LLM job failed: %s", type(e).__name__)
     finally:
-        if offer_needed:
+        if offer_owed:
             bot.inbox.put(Written(chat_id, dialog_id, offer=bot.text("llm_failed")))
         bot.inbox.put(Written(chat_id, dialog_id, intent=scrub(intent)[:200],
                               notes=scrub(notes)[:MAX_TEXT]))
