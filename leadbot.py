@@ -477,7 +477,7 @@ def poll_telegram(bot):
         except TelegramError as e:
             failures += 1
             if e.error_code in (401, 404):
-                bot.fatal = f"Telegram rejected TELEGRAM_BOT_TOKEN (HTTP {e.error_code})"
+                bot.fatal = f"Telegram отклонил TELEGRAM_BOT_TOKEN (HTTP {e.error_code}) — {TOKEN_FIX}"
                 return bot.stopping.set()
             delay = e.retry_after or backoff(bot.cfg, failures)
             explain_poll_error(e, failures, delay)
@@ -1583,7 +1583,7 @@ def run_telegram(cfg):
     except TelegramError:
         if bot.stopping.is_set():
             return 0
-        raise ConfigError(["Telegram rejected TELEGRAM_BOT_TOKEN"]) from None
+        raise ConfigError([f"Telegram отклонил TELEGRAM_BOT_TOKEN — {TOKEN_FIX}"]) from None
     log.info("started as @%s (email: %s, LLM: %s)", (me or {}).get("username"),
              "on" if cfg.smtp_host else "off", "on" if cfg.llm_base_url else "off")
     print("\n".join(startup_summary(cfg, bot.prompt, bot.channels)), flush=True)  # for the owner
@@ -1732,6 +1732,9 @@ def checks():
     yield store.check(cfg)
 
 
+TOKEN_FIX = "скопируйте токен ещё раз у @BotFather (/mybots → бот → API Token) в TELEGRAM_BOT_TOKEN"
+
+
 def check_telegram(cfg):
     """getMe names the bot; then whether a webhook keeps polling from getting any message."""
     tg = Telegram(cfg, threading.Event())
@@ -1739,9 +1742,7 @@ def check_telegram(cfg):
         me = tg.call("getMe")
     except TelegramError as e:
         if e.error_code in (401, 404):
-            return [(False, f"Telegram: токен отклонён (HTTP {e.error_code}) — скопируйте его ещё "
-                            "раз у @BotFather (/mybots → ваш бот → API Token) "
-                            "в TELEGRAM_BOT_TOKEN")]
+            return [(False, f"Telegram: токен отклонён (HTTP {e.error_code}) — {TOKEN_FIX}")]
         if e.error_code:
             return [(False, f"Telegram: ответил HTTP {e.error_code} — попробуйте через минуту; "
                             "если ошибка останется, проверьте TELEGRAM_API_URL")]
