@@ -90,18 +90,10 @@ def take_contact(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("contact_format"))
         ask_contact(bot, msg.chat_id)
         return "collecting_contact"
-    taken = commit_lead(bot, dialog, msg, contact, "new")
-    if not taken:  # no channel took the lead: the client must not hear "saved"
+    if not commit_lead(bot, dialog, msg, contact, "new"):  # nothing saved: the client must not hear so
         bot.say(msg.chat_id, bot.text("not_taken"))
         return "collecting_contact"
-    bot.say(msg.chat_id, bot.text("thanks_saved" if "csv" in taken else "thanks_sent"), remove_keyboard=True)
-    return "done"
-
-
-def thank_later(bot, dialog, msg):
-    """The lead the client was asked to send again reached the manager after all: says so, ends the dialog."""
-    bot.say(msg.chat_id, bot.text("thanks_later"), remove_keyboard=True)
-    record_lead(bot, dialog, "contact")
+    bot.say(msg.chat_id, bot.text("thanks_saved"), remove_keyboard=True)
     return "done"
 
 
@@ -250,8 +242,8 @@ def save(bot, chat_id, dialog):
     """Keeps the dialog as the chat's next message sees it; flush() writes it once the replies are out."""
     dialog["updated_at"] = time.time()
     before = bot.journal.dialogs.get(chat_id)
-    bot.saves.append((chat_id, copy.deepcopy(dialog), bot.unconfirmed, before))  # its leads go on once written
-    bot.journal.dialogs[chat_id], bot.unconfirmed = dialog, []
+    bot.saves.append((chat_id, copy.deepcopy(dialog), before))
+    bot.journal.dialogs[chat_id] = dialog
 
 
 def flush(bot):
@@ -267,13 +259,11 @@ def flush(bot):
     # Only a stop ends call_patiently's retries: such a chat's messages run again at the next start.
     unsent = {chat for chat, error in failed.items() if isinstance(error, TelegramError) and bot.stopping.is_set()}
     for chat_id in unsent:  # the first save's `before` is the dialog as it was before these events
-        before = next((before for chat, _, _, before in saves if chat == chat_id), bot.journal.dialogs.get(chat_id))
+        before = next((before for chat, _, before in saves if chat == chat_id), bot.journal.dialogs.get(chat_id))
         keep_to_run_again(bot, chat_id, before, batch.get(chat_id, []))
-    for chat_id, dialog, items, _ in saves:
+    for chat_id, dialog, _ in saves:
         if chat_id not in unsent:
             bot.journal.save(chat_id, dialog, remember=False)  # memory may hold a newer one already
-            for item in items:
-                confirm(bot, item)
     for chat_id, error in failed.items():
         if isinstance(error, ChatGone):
             log.info("chat %s blocked the bot; dialog ended", chat_id)
@@ -316,35 +306,26 @@ def handle_llm(bot, event):
     replay(bot, event.chat_id)
 
 
-def handle_taken(bot, event):
-    """The outbox delivered a lead that no channel took at first, for a dialog still at the contact step."""
-    dialog = copy.deepcopy(bot.journal.dialogs.get(event.chat_id))
-    if dialog and dialog["id"] == event.dialog_id and dialog["stage"] == "collecting_contact":
-        advance(bot, event, dialog, thank_later)
-
-
 def cancel_command(bot, msg, dialog):
     if dialog is None or dialog["stage"] == "done":  # a saved lead is not undone by /cancel
         return bot.say(msg.chat_id, bot.text("nothing_to_cancel"), remove_keyboard=True)
-    drop_untaken(bot, msg.chat_id)  # the client hears «ничего не сохранено»: so it must stay so
     end_dialog(bot, msg.chat_id, "cancelled")
     bot.say(msg.chat_id, bot.text("cancelled"), remove_keyboard=True)
 
 
 def forget_command(bot, msg, dialog):
-    """Deletes the chat's dialog, its rows in leads.csv and its undelivered items."""
+    """Ends the dialog and commits a /forget; the client is answered once every channel did its part
+    (handle_forgotten)."""
     if bot.source == "console":  # every console dialog is chat 0: its rows are not this one's alone
         end_dialog(bot, msg.chat_id, "forgotten")
         return print("In the console /forget only ends this dialog; leads.csv keeps the console's rows.")
     try:
         end_dialog(bot, msg.chat_id, "forgotten")
-        items = bot.outbox.drop_chat(msg.chat_id)  # first, so no owed row is written back
-        rows = bot.leads.forget(msg.chat_id)
     except OSError as e:
-        log.error("could not forget chat %s (%s)", msg.chat_id, e)  # OSError's text: a path at most, no data
+        log.error("could not forget chat %s (%s)", msg.chat_id, type(e).__name__)
+    if not bot.ledger.add({"forget": msg.chat_id}):
         return bot.say(msg.chat_id, bot.text("forget_failed"), remove_keyboard=True)
-    log.info("forgot chat %s: %d lead rows, %d outbox items", msg.chat_id, rows, items)
-    bot.say(msg.chat_id, bot.text("forgotten"), remove_keyboard=True)
+    log.info("forget of chat %s committed", msg.chat_id)
 
 
 COMMANDS = {"help": lambda bot, msg, dialog: bot.say(msg.chat_id, bot.text("help")),
@@ -357,8 +338,6 @@ def end_dialog(bot, chat_id, why):
     if dialog:
         bot.funnel.record(dialog["id"], why, dialog.get("source", bot.source))
         log.info("dialog finished: chat %s, %s", chat_id, why)
-    for _, _, items, _ in [save for save in bot.saves if save[0] == chat_id]:
-        bot.unconfirmed += items  # its leads go on with the next save; /forget drops them first
     bot.saves = [save for save in bot.saves if save[0] != chat_id]  # an erased dialog is not written back
     bot.batch.pop(chat_id, None)  # nor are the messages before the erase run again after a stop
     bot.journal.erase(chat_id)
@@ -413,8 +392,10 @@ def run(bot):
     """The main loop: the poller thread and LLM jobs put what they get into bot.inbox; only this thread touches a
     dialog."""
     threading.Thread(target=poll_telegram, args=(bot,), daemon=True).start()
-    delivery = threading.Thread(target=deliver_owed, args=(bot,), daemon=True)
-    delivery.start()
+    channels = [threading.Thread(target=deliver_channel, args=(bot, name), daemon=True) for name in CHANNELS
+                if name in bot.ledger.cursors]
+    for channel in channels:
+        channel.start()
     last_cleanup = time.monotonic()
     while not bot.stopping.is_set():
         try:
@@ -435,10 +416,9 @@ def run(bot):
     if bot.offset is not None:  # tells Telegram what is handled, so that after a restart none comes twice
         with contextlib.suppress(TelegramError):
             bot.out.call("getUpdates", http_timeout=2, offset=bot.offset, timeout=0, limit=1)
-    bot.wake.set()  # the delivery thread ends after the lead at hand
     if bot.mailing.is_set():  # an email cut off after the server took it would go twice: let it finish
         log.info("waiting up to %d s for the mail server to take an email on its way", STOP_WAIT)
-        delivery.join(STOP_WAIT)
+        channels[list(bot.ledger.cursors).index("email")].join(STOP_WAIT)
 
 
 def handle_event(bot, event):
@@ -446,8 +426,8 @@ def handle_event(bot, event):
     try:
         if isinstance(event, Written):
             handle_llm(bot, event)
-        elif isinstance(event, Taken):
-            handle_taken(bot, event)
+        elif isinstance(event, Forgotten):
+            handle_forgotten(bot, event)
         elif msg := incoming_from(bot, event):
             handle(bot, msg)
     except Exception as e:  # noqa: BLE001 - one poisoned update must not block the others
@@ -501,8 +481,8 @@ def explain_poll_error(e, failures, delay):
 # What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
 Written = collections.namedtuple("Written", "chat_id dialog_id offer intent notes update_id",
                                  defaults=(None, "", "", None))
-# What the delivery thread hands back when a lead that no channel took at first reached one.
-Taken = collections.namedtuple("Taken", "chat_id dialog_id update_id", defaults=(None,))
+# What a channel hands back once every channel is past a chat's /forget.
+Forgotten = collections.namedtuple("Forgotten", "chat_id update_id", defaults=(None,))
 
 
 def start_offer(bot, chat_id, dialog):
@@ -631,11 +611,14 @@ def leaks_prompt(answer, prompt):
     return any(len(line) >= 40 and line in flat for line in lines)
 
 
-# --- The lead's way to the manager: the outbox is written ahead, then each channel ------------
+# --- The lead's way to the manager: one ledger line, then each channel on its own -------------
+# The promise "a lead reaches every channel exactly once" is kept here: commit_lead is the only place
+# a lead is committed (store.Ledger.add: one fsynced line, never twice for one message), and
+# deliver_channel the only place a channel takes it (in ledger order, its cursor moved only after).
 
 
 def commit_lead(bot, dialog, msg, contact, status):
-    """Records the lead ahead in the outbox, writes the row; returns the channels that took it."""
+    """Commits the lead with one line in the ledger; False (nothing saved) when the disk refuses."""
     now = datetime.now(timezone.utc).astimezone()
     lead = {"timestamp": now.isoformat(timespec="seconds"), "chat_id": msg.chat_id,
             "client_name": dialog["name"], "contact": contact,
@@ -643,160 +626,154 @@ def commit_lead(bot, dialog, msg, contact, status):
             "notes": dialog.get("notes") or scrub(answers_text(bot, dialog))[:MAX_TEXT], "source": bot.source,
             "status": status, "offer": dialog.get("offer", ""),
             "answers": [[q.label, a] for q, a in zip(bot.prompt.questions, dialog["answers"])]}
-    channels = bot.channels if status == "new" else []
     lead_id = f"{msg.chat_id}-{msg.update_id}" if msg.update_id is not None else secrets.token_hex(8)
-    drop_untaken(bot, msg.chat_id)  # a contact sent again after "could not take it" replaces the first
-    item = bot.outbox.add(lead_id, lead, ["csv"] + channels, bot.leads.position(), msg.update_id)
-    taken = hand_over(bot, item)
-    if not taken and status == "new":  # the client is asked to send it again; meanwhile the outbox keeps trying
-        due = time.time() + backoff(bot.cfg, 1, outbox=True)  # a contact sent again before then replaces it
-        confirm(bot, {**item, "untaken": dialog["id"], "due": due})  # taken later: the client is told
-        return []
+    if not bot.ledger.add({"id": lead_id, "lead": lead}):  # the same message after a crash: the same id
+        return False
     record_lead(bot, dialog, "contact" if status == "new" else "refused")
     log.info("lead saved: chat %s, status %s", msg.chat_id, status)
-    bot.unconfirmed.append(item)
-    return taken
-
-
-def deliver(bot, item, channels):
-    """Tries these owed channels of one lead now; returns every channel that has it so far (item["took"])."""
-    for channel in [c for c in channels if c in item["owed"]]:
-        if not bot.outbox.has(item["id"]):
-            break  # the client's /forget dropped it while the delivery thread held its copy
-        def done(channel=channel, took=True):  # from now on it is never sent again
-            item["owed"].remove(channel)
-            item["took"] = item.get("took", []) + [channel] * took
-            update_item(bot, item)
-        try:
-            SENDERS[channel](bot, item, done)
-            if channel not in item["owed"]:  # not when /forget dropped it on the way
-                log.info("%s delivered for chat %s", channel, item["chat_id"])
-        except (OSError, TelegramError, mailer.MailError) as e:
-            log.warning("%s for chat %s failed: %s", channel, item["chat_id"], failure_reason(channel, e))
-            if isinstance(e, TelegramError) and e.error_code == 400:
-                done(took=False)  # refused for good: retrying forever helps nobody, and nobody has it
-    return item.get("took", [])
-
-
-def hand_over(bot, item):
-    """The row first; only if it cannot be written, email and card at once. Returns the channels that have it."""
-    return deliver(bot, item, ["csv"]) or deliver(bot, item, [c for c in item["owed"] if c != "csv"])
-
-
-def drop_untaken(bot, chat_id):
-    for item in bot.outbox.items():
-        if item["chat_id"] == chat_id and item.get("untaken"):
-            bot.outbox.drop(item["id"])
+    return True
 
 
 def record_lead(bot, dialog, end):
     bot.funnel.record(dialog["id"], end, bot.source, seconds=round(time.time() - dialog.get("started", time.time())))
 
 
-def write_row(bot, item, done):
-    if bot.leads.write(item["lead"], item["since"], wanted=lambda: bot.outbox.has(item["id"])):
-        done()  # not when /forget dropped it first: then no row was written, and none is logged
+def deliver_channel(bot, name):
+    """A channel's thread: every ledger record after its cursor, in order, each retried until done."""
+    failures = 0
+    while not bot.stopping.is_set():
+        if (record := bot.ledger.next(name, timeout=1.0)) is None:
+            continue
+        try:
+            skipped = CHANNELS[name](bot, record)
+        except Exception as e:  # noqa: BLE001 - a channel never stops: it tries this record again
+            failures += 1
+            log.warning("%s for chat %s failed: %s", name, chat_of(record), failure_reason(name, e))
+            if not (isinstance(e, TelegramError) and e.error_code == 400):
+                pause(bot.stopping, backoff(bot.cfg, failures, outbox=True))
+                continue
+            skipped = True  # refused for good: retrying forever helps nobody
+        failures = 0
+        finish_record(bot, name, record, skipped)
 
 
-def send_email(bot, item, done):
+def finish_record(bot, name, record, skipped):
+    """Moves the channel's cursor past the record; after a /forget, tells the dispatcher once all are."""
+    try:
+        bot.ledger.done(name, record, skipped)
+    except OSError as e:  # the cursor is moved in memory: at worst the record goes again after a restart
+        log.warning("cannot write %s.cursor (%s)", name, type(e).__name__)
+    if "lead" in record and not skipped:
+        log.info("%s delivered for chat %s", name, chat_of(record))
+    if "lead" not in record and bot.ledger.settled(chat_of(record)):
+        bot.inbox.put(Forgotten(chat_of(record)))
+
+
+def chat_of(record):
+    return record["lead"]["chat_id"] if "lead" in record else record.get("forget", record.get("ask"))
+
+
+def write_row(bot, record):
+    """leads.csv: the lead's row appended; at a /forget the chat's rows the bot wrote removed, and the
+    manager asked (an "ask" record for the other channels) to remove those someone changed."""
+    if "forget" in record:
+        left = bot.leads.remove(bot.ledger.delivered("csv", record))
+        if left and not bot.ledger.add({"ask": record["forget"], "rows": left}):
+            raise OSError("the ledger cannot be written")
+        return True
+    if "ask" in record or bot.ledger.forgotten(record):
+        return True
+    bot.leads.append(record["lead"])
+    return False
+
+
+def send_email(bot, record):
+    """The lead to MANAGER_EMAIL; at a /forget, a deletion request for what the manager got."""
+    if "lead" not in record:
+        return send_deletion(bot, record, "email", lambda text: mailer.send_text(bot.cfg, *text))
+    if record["lead"]["status"] != "new" or bot.ledger.forgotten(record):
+        return True
+    sent = []
+
     def sending():  # asked just before the message: the client's /forget may have come during the login
         bot.mailing.set()
-        if bot.outbox.has(item["id"]):
-            return True
-        log.info("email for chat %s not sent: the lead was forgotten meanwhile", item["chat_id"])
-        return False
+        return not bot.ledger.forgotten(record)
 
     def accepted():
-        done()
-        bot.mailing.clear()  # the server has it: a stop need not wait for its goodbye
+        sent.append(True)
+        with contextlib.suppress(OSError):  # the server has it: never again, even after a crash
+            bot.ledger.done("email", record)
+        bot.mailing.clear()  # a stop need not wait for the server's goodbye
     try:
-        mailer.send_lead(bot.cfg, item["lead"], item["id"], accepted=accepted, sending=sending)
+        mailer.send_lead(bot.cfg, record["lead"], record["id"], accepted=accepted, sending=sending)
     finally:
         bot.mailing.clear()
+    return not sent
 
 
-def send_card(bot, item, done):
-    for piece in split_text(mailer.card(item["lead"])):
+def send_card(bot, record):
+    """The lead's card to MANAGER_CHAT_ID; at a /forget, a deletion request for what the chat got."""
+    if "lead" not in record:
+        return send_deletion(bot, record, "telegram", lambda text: send_manager(bot, "\n\n".join(text)))
+    if record["lead"]["status"] != "new" or bot.ledger.forgotten(record):
+        return True
+    send_manager(bot, mailer.card(record["lead"]))
+    return False
+
+
+def send_manager(bot, text):
+    for piece in split_text(text):
         bot.out.call("sendMessage", chat_id=bot.cfg.manager_chat_id, text=piece)
-    done()
 
 
-SENDERS = {"csv": write_row, "email": send_email, "telegram": send_card}
+def send_deletion(bot, record, name, send):
+    """Asks the manager to delete what this channel delivered of a forgotten chat (or, for an "ask"
+    record, the leads.csv rows the bot could not remove); nothing to ask: skipped."""
+    leads = [] if "ask" in record else bot.ledger.delivered(name, record)
+    if not (leads or "ask" in record):
+        return True
+    send(mailer.deletion_request(leads, record.get("rows", 0), record.get("ask")))
+    return False
+
+
+CHANNELS = {"csv": write_row, "email": send_email, "telegram": send_card}
 
 
 def failure_reason(channel, error):
-    if channel == "csv":
-        return f"could not write leads.csv ({error}); the outbox tries again later"  # a path at most, no data
+    if channel == "csv" and isinstance(error, OSError):
+        return f"could not write leads.csv ({error}); tried again later"  # a path at most, no data
     if isinstance(error, TelegramError) and error.error_code in (400, 403):
         return (f"Telegram refused the card ({error.error_code}): check MANAGER_CHAT_ID and that the manager "
                 "sent /start" + ("; it is not sent again" if error.error_code == 400 else ""))
-    return str(error) if isinstance(error, mailer.MailError) else error.reason
+    if isinstance(error, (TelegramError, mailer.MailError)):
+        return str(error) if isinstance(error, mailer.MailError) else error.reason
+    return type(error).__name__  # a bug: its name only, never its text (it may hold a client's data)
 
 
-def update_item(bot, item):
+def handle_forgotten(bot, event):
+    """Every channel is past the chat's /forget: its records leave the ledger, and the client hears
+    what is true. The promise "/forget never says «удалены» falsely" is kept here."""
+    if not bot.ledger.settled(event.chat_id):
+        return  # answered already, or a channel is still on its way
+    told = bot.ledger.manager_has(event.chat_id)
     try:
-        bot.outbox.update(item)
+        bot.ledger.drop_chat(event.chat_id)
+        store.drop_lines(bot.cfg.data_dir / "state.jsonl.bad", event.chat_id)
     except OSError as e:
-        log.warning("could not update the outbox (%s)", type(e).__name__)
-
-
-def confirm(bot, item):
-    """The dialog knows of the lead now: the rest of it may go out in the background."""
-    item["confirmed"] = True
-    update_item(bot, item)
-    bot.wake.set()
-
-
-def deliver_owed(bot):
-    """The delivery thread: what the outbox owes, everything at start-up, then when due, with growing pauses."""
-    first = True  # an owner who fixed a setting and restarted expects the backlog now
-    while not bot.stopping.is_set():
-        for item in bot.outbox.items():
-            if bot.stopping.is_set():
-                return
-            if item["confirmed"] and item["owed"] and (first or item["due"] <= time.time()):
-                try:
-                    if deliver(bot, item, list(item["owed"])) and item.get("untaken"):
-                        bot.inbox.put(Taken(item["chat_id"], item["untaken"]))
-                        update_item(bot, {**item, "untaken": None})
-                except Exception as e:  # noqa: BLE001 - a bug in one item must not stop every delivery
-                    log.error("delivery for chat %s failed: %s", item["chat_id"], type(e).__name__)
-                if item["owed"]:
-                    bot.outbox.retry_later(item["id"], backoff(bot.cfg, item["attempts"] + 1, outbox=True))
-        first = False
-        due = bot.outbox.next_due()
-        bot.wake.wait(min(60.0, max(0.05, due - time.time())) if due else 60.0)
-        bot.wake.clear()
+        log.error("could not forget chat %s (%s)", event.chat_id, type(e).__name__)
+        return bot.say(event.chat_id, bot.text("forget_failed"), remove_keyboard=True)
+    log.info("forgot chat %s%s", event.chat_id, "; the manager was asked to delete the rest" if told else "")
+    bot.say(event.chat_id, bot.text("forgotten_manager" if told else "forgotten"), remove_keyboard=True)
 
 
 def recover(bot):
-    """At start-up: finishes the leads a crash interrupted and restarts unfinished LLM jobs."""
-    for item in bot.outbox.items():
-        if not item["confirmed"]:
-            finish_lead(bot, item)
+    """At start-up: restarts unfinished LLM jobs and runs the messages that waited for them."""
     for chat_id, dialog in list(bot.journal.dialogs.items()):
         if dialog["busy"]:
             start_offer(bot, chat_id, dialog)
         elif dialog["waiting"]:
             replay(bot, chat_id)
     flush(bot)
-
-
-def finish_lead(bot, item):
-    """A lead a crash interrupted: delivered as commit_lead does, the client told what is true."""
-    taken = hand_over(bot, item)
-    new, dialog = item["lead"]["status"] == "new", bot.journal.dialogs.get(item["chat_id"])
-    untaken = dialog["id"] if new and not taken and dialog else None
-    if dialog and dialog["stage"] != "done":
-        log.info("finishing an interrupted lead: chat %s", item["chat_id"])
-        text = "not_taken" if untaken else "refused" if not new else "thanks_saved" if "csv" in taken else "thanks_sent"
-        bot.say(item["chat_id"], bot.text(text), remove_keyboard=not untaken, contact_button=bool(untaken))
-        bot.unconfirmed.append({**item, "untaken": untaken})
-        ids = [msg["update_id"] for msg in dialog["waiting"]]  # the lead's message and those joined to it are done
-        waiting = dialog["waiting"][ids.index(item["update_id"]) + 1 if item["update_id"] in ids else 0:]
-        return save(bot, item["chat_id"], {**dialog, "stage": dialog["stage"] if untaken else "done",
-                                           "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
-    confirm(bot, {**item, "untaken": untaken})
 
 
 # --- The client's words --------------------------------------------------------------------------
@@ -1054,13 +1031,15 @@ class Console:
 # after the one before it in this order.
 TEXT_KEYS = ("greeting", "returning", "no_llm", "llm_failed", "contact_request", "privacy",
              "share_button", "decline_button", "contact_placeholder", "contact_format",
-             "foreign_contact", "contact_noted", "thanks_saved", "thanks_sent", "thanks_later",
+             "foreign_contact", "contact_noted", "thanks_saved",
              "thanks_after_hours", "after_lead", "new_request_button", "follow_up", "not_taken",
-             "refused", "help", "cancelled", "nothing_to_cancel", "forgotten", "forget_failed",
+             "refused", "help", "cancelled", "nothing_to_cancel", "forgotten", "forgotten_manager",
+             "forget_failed",
              "text_only", "voice_off", "voice_failed", "pick_button", "too_fast", "private_only",
              "pickup_alert", "text_only_relayed", "handback_button", "handed_back", "console_hint",
              "menu_start", "menu_help", "menu_cancel", "menu_forget")
 SECTIONS = ("system", "notes") + TEXT_KEYS
+RETIRED = ("thanks_sent", "thanks_later")  # texts of earlier versions, allowed in an owner's file
 PLACEHOLDERS = {"greeting": "name", "privacy": "url", "thanks_after_hours": "when",
                 "pickup_alert": "minutes"}  # the one {…} each of these sections has replaced
 MANY_PARAGRAPHS = ("system", "notes", "help")  # in others a second paragraph: a lost header's text
@@ -1171,6 +1150,8 @@ def section_problems(name, number, body, named):
     where = f"prompt.txt, строка {number}: [{name}]"
     if not "".join(line for _, line in body).strip():
         return [f"{where} пуст — напишите текст под заголовком"]
+    if name in RETIRED:
+        return []  # an older version's text, no longer read: the owner's file still starts
     if name.split(" ")[0] != "question" and name not in SECTIONS:
         return [f"{where} — такого раздела нет" + (f"; может быть, [{guess(name)}]?" if guess(name)
                                                     else "; список разделов — в начале prompt.txt")]
@@ -1555,15 +1536,16 @@ class Bot:
         self.lock = store.open_data_dir(cfg.data_dir)  # held while the process lives
         self.leads = store.Leads(cfg.data_dir / "leads.csv", cfg.csv_delimiter)
         self.journal = store.Journal(cfg.data_dir / "state.jsonl" if source == "telegram" else None, valid_dialog)
-        self.outbox, self.funnel = store.Outbox(cfg.data_dir / "outbox"), store.Funnel(cfg.data_dir / "funnel.jsonl")
+        self.funnel = store.Funnel(cfg.data_dir / "funnel.jsonl")
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
-        self.stopping, self.wake = getattr(out, "stopping", threading.Event()), threading.Event()
+        self.stopping = getattr(out, "stopping", threading.Event())
         self.mailing = threading.Event()  # set while an email itself goes out: a stop waits for it
-        self.unconfirmed, self.recent, self.invited, self.llm_sessions = [], {}, set(), queue.SimpleQueue()
+        self.recent, self.invited, self.llm_sessions = {}, set(), queue.SimpleQueue()
         self.replies, self.saves, self.batch, self.senders = [], [], {}, concurrent.futures.ThreadPoolExecutor(32)
         self.fatal = None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
+        self.ledger = store.Ledger(cfg.data_dir, ["csv", *self.channels])
 
     def text(self, key):
         return self.prompt.texts[key]
@@ -1627,12 +1609,21 @@ def run_console(cfg):
             line = sys.stdin.readline()
     except KeyboardInterrupt:
         print()
-    for item in [i for i in bot.outbox.items() if i["confirmed"] and i["owed"]]:  # the console does not stay to retry
-        deliver(bot, item, ["csv", *bot.channels])  # a manager's card waits for the Telegram bot
-        if item["owed"]:
-            print(f"The lead's {', '.join(item['owed'])} could not be sent now; "
-                  "it goes out at the next start of the bot.")
+    for name in bot.ledger.cursors:  # the console does not stay to retry
+        if not deliver_now(bot, name):
+            print(f"The lead's {name} could not be sent now; it goes out at the next start of the bot.")
     return 0
+
+
+def deliver_now(bot, name):
+    """What the channel still owes, delivered at once (the console's way); False if one failed."""
+    while (record := bot.ledger.next(name, timeout=0)) is not None:
+        try:
+            finish_record(bot, name, record, CHANNELS[name](bot, record))
+        except (OSError, mailer.MailError) as e:
+            log.warning("%s for the console failed: %s", name, failure_reason(name, e))
+            return False
+    return True
 
 
 # --- --check, --stats and what start-up tells the owner ---------------------------------------

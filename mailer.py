@@ -3,6 +3,7 @@
 import contextlib
 import datetime
 import email.message
+import email.utils
 import smtplib
 import socket
 import ssl
@@ -90,25 +91,42 @@ def send_lead(cfg, lead: dict, lead_id: str, accepted=lambda: None, sending=lamb
     """E-mail the card to the manager; raises MailError. sending() is asked just before the message
     itself goes out (False: send nothing after all), accepted() runs once the server took it,
     before QUIT."""
+    # The Message-ID depends on lead_id only, so the manager's mail system can drop a resend.
+    send_text(cfg, subject(lead), card(lead), f"<{lead_id}@leadbot>", accepted, sending)
+
+
+def send_text(cfg, title: str, text: str, message_id=None, accepted=lambda: None,
+              sending=lambda: True) -> None:
+    """E-mail a text to the manager, as send_lead describes; raises MailError."""
     body = "\n".join(line if len(line) <= _WRAPPER.width else _WRAPPER.fill(line)
-                     for line in card(lead).split("\n"))
+                     for line in text.split("\n"))
     with contextlib.closing(_login(cfg)) as smtp:
         with _translated():
             message = email.message.EmailMessage()
             message["From"], message["To"] = cfg.mail_from, cfg.manager_email
-            message["Subject"] = subject(lead)
+            message["Subject"] = title
             message["Date"] = datetime.datetime.now().astimezone()
-            # The Message-ID depends on lead_id only, so the manager's mail system can drop a
-            # resend.
-            message["Message-ID"] = f"<{lead_id}@leadbot>"
+            message["Message-ID"] = message_id or email.utils.make_msgid("leadbot")
             eight_bit = smtp.has_extn("8bitmime")  # then the body is readable UTF-8
             message.set_content(body, charset="utf-8", cte="8bit" if eight_bit else "base64")
             if not sending():
                 return
             smtp.send_message(message, mail_options=["BODY=8BITMIME"] if eight_bit else [])
-        accepted()  # from here on the lead must never be sent again, whatever happens next
+        accepted()  # from here on the message must never be sent again, whatever happens next
         with contextlib.suppress(OSError):  # a failed goodbye changes nothing: the server has it
             smtp.quit()
+
+
+def deletion_request(leads: list[dict], rows: int = 0, chat=None) -> tuple[str, str]:
+    """The subject and text that ask the manager to delete a forgotten client's data: the leads
+    this channel delivered, or the rows of leads.csv that someone changed and the bot left."""
+    lines = ["Клиент попросил удалить свои данные (команда /forget). Бот удалил их у себя."]
+    lines += [f"Удалите и у себя заявку «{subject(lead)}» от {lead.get('timestamp', '')}."
+              for lead in leads]
+    if rows:
+        lines.append(f"В leads.csv осталось строк этого клиента (chat_id {chat}), изменённых вручную: {rows}. "
+                     "Бот не трогает изменённые строки — удалите их сами.")
+    return "Удалите данные клиента", "\n".join(lines)
 
 
 def check(cfg) -> list[tuple[bool | None, str]]:

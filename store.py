@@ -1,4 +1,5 @@
-"""Everything leadbot keeps in DATA_DIR: the lock, leads.csv, the dialog journal, the outbox and the funnel."""
+"""Everything leadbot keeps in DATA_DIR: the lock, the ledger and its channels' cursors, leads.csv,
+the dialog journal and the funnel."""
 
 import codecs
 import contextlib
@@ -14,7 +15,6 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def open_data_dir(path: Path) -> object:
 def _make_private(folder: Path) -> None:
     """Client data is for this user alone: the folder 0700, its files 0600, whatever the umask made them
     (new files get the same from leadbot's umask 077). Windows keeps its own access lists."""
-    for path in [folder, *folder.glob("*"), *folder.glob("outbox/*")]:
+    for path in [folder, *folder.glob("*")]:
         with contextlib.suppress(OSError):
             os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
@@ -142,26 +142,13 @@ def _delimiter_of(text: str) -> str | None:
     return next((d for d in ";," if header == d.join(COLUMNS)), None)
 
 
-def _chat_of(cell: str) -> str:
-    """A chat id cell as the bot wrote it: Excel or pandas may have made 42 into " 42", "42" or 42.0."""
-    return re.sub(r"\.0+$", "", cell.strip().strip('"').strip())
-
-
-def _row_chat(line: str, delimiter: str) -> str | None:
-    """The chat id of the row a physical line of leads.csv starts, else None: a first cell that is a date in any
-    shape (or empty: the owner's own row), then a number. Lines of notes such as "Итог;25000;…" or "100,200,…" are
-    not."""
-    fields = line.split(delimiter, 2)
-    if len(fields) < 2 or not re.fullmatch(r'\s*"?(\d{1,4}[-./]\d{1,2}.*)?', fields[0]):
-        return None
-    return chat if (chat := _chat_of(fields[1])).lstrip("-").isdigit() else None
-
-
 class Leads:
-    """{data_dir}/leads.csv, the owner's file: rows are appended, or removed by /forget; it is never repaired."""
+    """{data_dir}/leads.csv, the owner's file: the bot only appends rows, and /forget removes exactly
+    the rows the bot wrote; it is never repaired."""
 
     def __init__(self, path: Path, delimiter: str):
         self.path, self.delimiter, self._lock = Path(path).absolute(), delimiter, threading.Lock()
+        self.appended = False
         try:
             text = self.path.read_bytes().decode("utf-8").removeprefix("\ufeff") if self.path.exists() else ""
         except UnicodeError:
@@ -189,37 +176,32 @@ class Leads:
             raise StoreError(f"leads.csv {self.path}: ячейка в кавычках со строки {line} не закрыта "
                              "— допишите закрывающую \" в редакторе и запустите бота снова")
 
-    def position(self) -> int:
-        """Where the next row will start: the size of the file (0 if it is missing)."""
-        return self.path.stat().st_size if self.path.exists() else 0
-
-    def write(self, lead: dict, since: int, wanted=lambda: True) -> bool:
-        """Append the lead unless its exact row already stands at or after byte `since`, or wanted() (asked under
-        the file's lock, which forget() takes too) says it was forgotten meanwhile (then False); raises
-        OSError."""
+    def append(self, lead: dict) -> None:
+        """Append the lead's row; raises OSError, and writes nothing, when the file is not in the
+        shape the bot writes. The first row after a start is not written when it is the file's last
+        row already: the channel's cursor could not move past it before a crash."""
         with self._lock, open(self.path, "a+b", buffering=0) as f:
-            if not wanted():
-                return False
             f.seek(0)  # the owner may have re-saved it while the bot ran: with the other delimiter is fine
             head = f.read(200).decode("utf-8", "replace")
             found = _delimiter_of(head)
             if head.lstrip("\ufeff") and not found:  # a row under the wrong columns would be silent harm
-                raise OSError(f"leads.csv has other columns than {','.join(COLUMNS)} now — put that header back")
+                raise OSError(f"в leads.csv теперь другие столбцы, а нужны {','.join(COLUMNS)} — "
+                              "верните эту строку заголовка")
             self.delimiter = found or self.delimiter
-            buffer, values = io.StringIO(), ["" if lead.get(c) is None else str(lead[c]) for c in COLUMNS]
-            csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(  # defuse formulas:
-                "'" + v if c in TEXT_FIELDS and v.startswith(FORMULA_STARTS) else v for c, v in zip(COLUMNS, values))
+            buffer = io.StringIO()
+            csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(row_cells(lead))
             row = buffer.getvalue().encode("utf-8")
             size = f.seek(0, os.SEEK_END)
-            f.seek(since)
-            if row in f.read():
-                return True  # written before a crash: exactly once
-            f.seek(max(size - 4096, 0))
+            f.seek(max(size - max(4096, len(row) + 3), 0))
             tail = f.read()
+            first, self.appended = not self.appended, True
+            if first and tail.endswith(row) and (len(tail) == len(row) or tail[:-len(row)].endswith(b"\n")):
+                return  # written before a crash: exactly once
             try:  # re-saved as ANSI, the owner's Excel would show a UTF-8 row as «Р‘РѕСЂРёСЃ»
                 codecs.getincrementaldecoder("utf-8")().decode(tail.lstrip(bytes(range(0x80, 0xC0))))
             except UnicodeDecodeError:
-                raise OSError("leads.csv is not UTF-8 now (saved as ANSI?) — save it as «CSV UTF-8»") from None
+                raise OSError("leads.csv теперь не в UTF-8 (сохранён как ANSI?) — сохраните его "
+                              "как «CSV UTF-8»") from None
             end = tail[-3:]
             if size <= len(BOM) and end in (b"", BOM):  # new, or emptied down to its BOM
                 row = (b"" if end else BOM) + (self.delimiter.join(COLUMNS) + "\r\n").encode() + row
@@ -233,38 +215,36 @@ class Leads:
             except OSError:
                 f.truncate(size)  # only the bytes this call wrote: never half a row for the next one
                 raise
-            return True
 
-    def forget(self, chat_id) -> int:
-        """Remove every row of that chat, every other byte identical; returns how many. Raises OSError, and removes
-        nothing, when a row of the chat is not a clean record of its own (a quote the owner left open joins rows)."""
+    def remove(self, leads: list[dict]) -> int:
+        """/forget: removes each row whose cells are exactly what the bot wrote for one of these leads,
+        every other byte identical; returns how many of the leads have no such row left to remove
+        (the owner changed or moved it). Raises OSError."""
         with self._lock:
-            if not self.path.exists():
-                return 0
+            if not leads or not self.path.exists():
+                return len(leads)
             text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")  # every byte comes back
-            delimiter = _delimiter_of(text)  # as it is now: the owner may have re-saved it
-            if text.strip() and not delimiter:  # never say «удалены» unsure
-                raise OSError("leads.csv has other columns now")
-            self.delimiter = delimiter or self.delimiter
+            self.delimiter = _delimiter_of(text) or self.delimiter
+            wanted = [row_cells(lead) for lead in leads]
             lines = io.StringIO(text, newline="").readlines()  # split where csv splits: at \r\n, \n and \r
-            reader, chat = csv.reader(lines, delimiter=self.delimiter), str(chat_id)
-            kept, kept_from, start, removed = [], 0, 0, 0
-            for row in reader:  # csv's own rules; reader.line_num tells which lines a record took
-                if start and len(row) != len(COLUMNS) and chat in map(_chat_of, row):  # rows run together
-                    raise OSError("leads.csv: a row of that chat runs into another (a quote left open, a line "
-                                  "break deleted?)")
-                if start and len(row) > 1 and _chat_of(row[1]) == chat:  # start == 0: the header
-                    if any(_row_chat(line, self.delimiter) for line in lines[start + 1:reader.line_num]):
-                        raise OSError("leads.csv: a row of that chat runs into other rows (a quote left open?)")
-                    kept += lines[kept_from:start]
-                    kept_from, removed = reader.line_num, removed + 1
+            reader, kept, start = csv.reader(lines, delimiter=self.delimiter), [], 0
+            for row in reader:  # reader.line_num tells which lines a record took
+                if row in wanted:
+                    wanted.remove(row)
+                else:
+                    kept += lines[start:reader.line_num]
                 start = reader.line_num
-            kept += lines[kept_from:]
-            if any(chat in line and _row_chat(line, self.delimiter) == chat for line in kept):  # inside a cell
-                raise OSError("leads.csv: a row of that chat is inside another row (a quote left open?)")
-            if removed:
+            if len(wanted) < len(leads):
                 _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))
-            return removed
+            return len(wanted)
+
+
+def row_cells(lead: dict) -> list[str]:
+    """The cells of the lead's row as the bot writes them: a text cell that Excel would take for a
+    formula gets a leading apostrophe."""
+    values = ["" if lead.get(c) is None else str(lead[c]) for c in COLUMNS]
+    return ["'" + v if c in TEXT_FIELDS and v.startswith(FORMULA_STARTS) else v
+            for c, v in zip(COLUMNS, values)]
 
 
 class Journal:
@@ -345,97 +325,171 @@ class Journal:
         self._lines, self._rewrite = len(lines), False
 
 
-def _well_formed(item) -> bool:
-    kinds = {"id": str, "lead": dict, "owed": list, "due": (int, float), "attempts": int, "chat_id": (int, str)}
-    return isinstance(item, dict) and all(
-        isinstance(item.get(key), kind) and not isinstance(item[key], bool) for key, kind in kinds.items())
+class Ledger:
+    """{data_dir}/ledger.jsonl, written by the bot alone: each lead and each /forget as one fsynced
+    line with a sequence number. A lead is committed exactly when its line is on disk; every channel
+    (leads.csv, email, the manager's card) delivers from here with its own cursor file
+    {name}.cursor (the last seq it finished, and the forgotten leads it skipped)."""
 
+    def __init__(self, folder: Path, channels):
+        self.path, self._cond = Path(folder).absolute() / "ledger.jsonl", threading.Condition()
+        self.records, self._rewrite = _read_jsonl(self.path, lambda r: type(r.get("seq")) is int)
+        self.cursors = {name: self._read_cursor(name) for name in channels}
+        for name in channels:  # a new channel starts at the end: it is not sent the owner's history
+            self._write_cursor(name)
 
-class Outbox:
-    """{data_dir}/outbox/: one JSON file per lead with the deliveries still owed (its write-ahead log)."""
+    def _read_cursor(self, name):
+        try:
+            cursor = json.loads((self.path.parent / f"{name}.cursor").read_text(encoding="utf-8"))
+            return {"seq": int(cursor["seq"]), "skipped": [str(i) for i in cursor["skipped"]]}
+        except FileNotFoundError:
+            return {"seq": self.last(), "skipped": []}
+        except (OSError, ValueError, KeyError, TypeError):  # the bot's own torn write: redo from the start
+            log.warning("%s.cursor is unreadable; that channel starts again at the ledger's start", name)
+            return {"seq": 0, "skipped": []}
 
-    def __init__(self, folder: Path):
-        self.folder, self._lock, self._items = Path(folder).absolute(), threading.RLock(), {}
-        for file in sorted(self.folder.glob("*.json")):
-            try:
-                item = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                item = None
-            if _well_formed(item):
-                self._items[item["id"]] = item
-            else:  # kept for the owner to look at; start-up goes on
-                (self.folder / "bad").mkdir(exist_ok=True)
-                os.replace(file, self.folder / "bad" / file.name)
-                log.warning("outbox file %s is malformed — moved to %s", file.name, self.folder / "bad")
+    def _write_cursor(self, name) -> None:
+        _write_atomically(self.path.parent / f"{name}.cursor", json.dumps(self.cursors[name]).encode())
 
-    def _file(self, lead_id: str) -> Path:
-        return self.folder / (quote(lead_id, safe="") + ".json")  # any id makes one plain file name
-
-    def _save(self, item: dict) -> None:
-        """Keep the item, then write its file; raises OSError, the item still kept in memory (and delivered)."""
-        self._items[item["id"]] = copy.deepcopy(item)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self._file(item["id"]), json.dumps(item).encode())
-
-    def add(self, lead_id: str, lead: dict, owed: list[str], since: int, update_id: int | None) -> dict:
-        """Create the item once (an existing one is returned unchanged); a write failure is logged, never raised."""
-        item = {"id": lead_id, "chat_id": lead["chat_id"], "lead": lead, "owed": list(owed), "since": since,
-                "update_id": update_id, "confirmed": False, "due": time.time(), "attempts": 0}
-        with self._lock:
-            try:
-                if lead_id not in self._items:
-                    self._save(item)
-            except OSError as e:  # the channels are still tried now, and again while this process runs
-                log.error("cannot write %s (%s); the lead is kept in memory only", self.folder, type(e).__name__)
-            return copy.deepcopy(self._items[lead_id])
+    def last(self) -> int:
+        seqs = [r["seq"] for r in self.records] + [c["seq"] for c in getattr(self, "cursors", {}).values()]
+        return max(seqs, default=0)
 
     def has(self, lead_id: str) -> bool:
-        with self._lock:
-            return lead_id in self._items
+        with self._cond:
+            return any(r.get("id") == lead_id for r in self.records)
 
-    def items(self) -> list[dict]:
-        with self._lock:
-            return copy.deepcopy(sorted(self._items.values(), key=lambda item: item["due"]))
-
-    def update(self, item: dict) -> None:
-        """Rewrite one item; a confirmed one that owes nothing is removed instead. Raises OSError."""
-        with self._lock:
-            if item["id"] not in self._items:
-                return  # dropped by /forget meanwhile: never write it back
-            if item["owed"] or not item.get("confirmed"):
-                return self._save(item)
-            self.drop(item["id"])
-
-    def retry_later(self, lead_id: str, delay: float) -> None:
-        """Count a failed attempt and try again after delay seconds. Never raises."""
-        with self._lock:
-            if (item := self._items.get(lead_id)) is None:
-                return  # dropped by /forget while it was being sent
-            item.update(attempts=item["attempts"] + 1, due=time.time() + delay)
+    def add(self, record: dict) -> bool:
+        """Append the record (a lead: {"id", "lead"}; a /forget: {"forget": chat_id}) as the next seq,
+        fsynced; a lead already there is not added twice. False, nothing written, when the disk refuses."""
+        with self._cond:
+            if "id" in record and any(r.get("id") == record["id"] for r in self.records):
+                return True
+            record = {"seq": self.last() + 1, **record}
             try:
-                self._save(item)
+                if self._rewrite:  # a torn line of an earlier crash must not have a record glued to it
+                    self._compact()
+                _append_synced(self.path, json.dumps(record, ensure_ascii=False) + "\n")
             except OSError as e:
-                log.warning("cannot write %s (%s); the retry is kept in memory", self.folder, type(e).__name__)
+                log.error("cannot write %s (%s)", self.path.name, type(e).__name__)
+                return False
+            self.records.append(record)
+            self._cond.notify_all()
+            return True
 
-    def next_due(self) -> float | None:
-        with self._lock:
-            return min((item["due"] for item in self._items.values() if item["owed"]), default=None)
+    def next(self, name, timeout: float) -> dict | None:
+        """The first record after the channel's cursor, waiting up to timeout for one."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._after(name), timeout)
+            return copy.deepcopy(self._after(name)[0]) if self._after(name) else None
 
-    def drop(self, lead_id: str) -> None:
-        """Forget the item, then remove its file; raises OSError, the item gone from memory all the same (a stale
-        copy there would be delivered again and again)."""
-        with self._lock:
-            self._items.pop(lead_id, None)
-            self._file(lead_id).unlink(missing_ok=True)
-            self._file(lead_id).with_suffix(".json.tmp").unlink(missing_ok=True)  # left by a crash mid-write
+    def _after(self, name):
+        return [r for r in self.records if r["seq"] > self.cursors[name]["seq"]]
 
-    def drop_chat(self, chat_id) -> int:
-        """Remove every item of that chat (/forget); returns how many; raises OSError."""
-        with self._lock:
-            ids = [key for key, item in self._items.items() if str(item["chat_id"]) == str(chat_id)]
-            for lead_id in ids:
-                self.drop(lead_id)
-            return len(ids)
+    def forgotten(self, record) -> bool:
+        """True for a lead whose chat a later /forget erased."""
+        with self._cond:
+            chat = str(record["lead"]["chat_id"])
+            return any(str(r.get("forget")) == chat and r["seq"] > record["seq"] for r in self.records)
+
+    def done(self, name, record, skipped=False) -> None:
+        """The channel finished this record (skipped: a forgotten lead it never sent); raises OSError."""
+        with self._cond:
+            cursor = self.cursors[name]
+            if record["seq"] > cursor["seq"]:
+                cursor["seq"] = record["seq"]
+                if skipped and "lead" in record:
+                    cursor["skipped"].append(record["id"])
+                self._write_cursor(name)
+
+    def delivered(self, name, forget) -> list[dict]:
+        """The leads of the forgotten chat this channel had delivered before the /forget."""
+        with self._cond:
+            chat, skipped = str(forget["forget"]), self.cursors[name]["skipped"]
+            return [r["lead"] for r in self.records if "lead" in r and r["seq"] < forget["seq"]
+                    and str(r["lead"]["chat_id"]) == chat and r["id"] not in skipped]
+
+    def _marks(self, chat):
+        """The chat's /forget records and the "ask" records the csv channel added for them."""
+        return [r for r in self.records if "lead" not in r and str(r.get("forget", r.get("ask"))) == str(chat)]
+
+    def settled(self, chat) -> bool:
+        """True once every channel is past the chat's /forget (and what it asked of the others)."""
+        with self._cond:
+            last = max((r["seq"] for r in self._marks(chat)), default=None)
+            return last is not None and all(c["seq"] >= last for c in self.cursors.values())
+
+    def manager_has(self, chat) -> bool:
+        """Whether the manager holds some of the chat's data the bot cannot remove itself."""
+        with self._cond:
+            marks = self._marks(chat)
+            return any("ask" in r for r in marks) or any(
+                self.delivered(name, r) for name in self.cursors if name != "csv" for r in marks if "forget" in r)
+
+    def drop_chat(self, chat) -> None:
+        """Once settled: the chat's records up to its last /forget leave the ledger; raises OSError."""
+        with self._cond:
+            last = max(r["seq"] for r in self._marks(chat))
+            mine = [r for r in self.records if r["seq"] <= last and str(r.get("forget", r.get("ask", r.get(
+                "lead", {}).get("chat_id")))) == str(chat)]
+            ids = {r.get("id") for r in mine}
+            self.records = [r for r in self.records if r not in mine]
+            for name, cursor in self.cursors.items():
+                cursor["skipped"] = [i for i in cursor["skipped"] if i not in ids]
+                self._write_cursor(name)
+            self._compact()
+            drop_lines(self.path.with_name(self.path.name + ".bad"), chat)
+
+    def _compact(self) -> None:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
+        _write_atomically(self.path, lines.encode())
+        self._rewrite = False
+
+
+def _append_synced(path: Path, line: str) -> None:
+    """One line at the file's end, on disk when this returns; on failure the file is as it was."""
+    with open(path, "ab") as f:
+        size = f.seek(0, os.SEEK_END)
+        try:
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                f.truncate(size)
+            raise
+
+
+def _read_jsonl(path: Path, valid) -> tuple[list, bool]:
+    """The well-formed records of a file the bot wrote, and whether it must be rewritten: a torn or
+    bad line (a crash, a full disk) is set aside in {name}.bad and never stops a start."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    except OSError as e:
+        raise StoreError(f"{path} не читается ({type(e).__name__}) — исправьте права доступа") from None
+    records, bad = [], []
+    for line in filter(str.strip, text.split("\n")):
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and valid(record)
+        except Exception:  # whatever is wrong with one line sets only it aside
+            ok = False
+        records.append(record) if ok else bad.append(line)
+    if bad:
+        with contextlib.suppress(OSError):
+            with open(path.with_name(path.name + ".bad"), "a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in bad))
+            log.warning("%d malformed lines of %s were set aside in %s.bad", len(bad), path.name, path.name)
+    return records, bool(bad)
+
+
+def drop_lines(path: Path, chat) -> None:
+    """/forget in a .bad copy: every line that names the chat goes (a torn line is judged by its text)."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        kept = [line for line in lines if str(chat) not in re.findall(r"-?\d+", line)]
+        if len(kept) < len(lines):
+            _write_atomically(path, "".join(kept).encode())
 
 
 class Funnel:

@@ -1788,9 +1788,24 @@ def full_dialog(telegram, chat_id, contact="+7 999 123-45-67", **sender):
     return say(telegram, chat_id, contact, "Спасибо", **sender)
 
 
-def read_rows(env, delimiter=None):
+def csv_caught_up(data_dir):
+    """True once leads.csv's channel has taken every record the ledger holds (csv.cursor's seq)."""
+    data_dir = Path(data_dir)
+    try:
+        seqs = [json.loads(line)["seq"] for line in
+                (data_dir / "ledger.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+        cursor = json.loads((data_dir / "csv.cursor").read_text(encoding="utf-8"))["seq"]
+    except (OSError, ValueError, KeyError):
+        return not (data_dir / "ledger.jsonl").exists()
+    return cursor >= max(seqs, default=0)
+
+
+def read_rows(env, delimiter=None, wait=5):
     """The rows of {DATA_DIR}/leads.csv as dicts, read as a spreadsheet would (the delimiter taken from
-    the header unless given); none while it is missing."""
+    the header unless given); none while it is missing. Waits up to `wait` seconds for the csv
+    channel to take what the ledger holds (a stopped bot or a held file: read as it is)."""
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: csv_caught_up(env["DATA_DIR"]), timeout=wait)
     try:
         with open(Path(env["DATA_DIR"]) / "leads.csv", encoding="utf-8-sig", newline="") as f:
             header = f.readline()

@@ -38,8 +38,7 @@ def rows(path, delimiter=","):
 
 
 def append(leads, lead):
-    """What the bot does: remember where the row will start, then write it."""
-    leads.write(lead, leads.position())
+    leads.append(lead)
 
 
 @pytest.fixture
@@ -52,13 +51,13 @@ def path(tmp_path):
 @pytest.mark.parametrize("delimiter", [",", ";"])
 def test_a_new_file_gets_bom_and_header_once_and_crlf_rows(path, delimiter):
     leads = Leads(path, delimiter)
-    assert not path.exists() and leads.position() == 0
+    assert not path.exists()
     append(leads, make_lead(chat_id=1))
     append(leads, make_lead(chat_id=2))
 
     raw = path.read_bytes()
     assert raw.startswith(BOM + header(delimiter)) and raw.count(BOM) == 1 and raw.count(b"client_name") == 1
-    assert raw.endswith(b"\r\n") and leads.position() == len(raw)
+    assert raw.endswith(b"\r\n")
     assert rows(path, delimiter) == [COLUMNS] + [
         [TS, str(chat), "Anna", "anna@example.com", "buy a sofa", "", "telegram", "new"] for chat in (1, 2)]
 
@@ -114,7 +113,7 @@ def test_any_text_round_trips_neutralised_and_the_file_stays_readable(tmp_path):
         texts = {field: random_text(rng) for field in store.TEXT_FIELDS}
         leads = Leads(path, delimiter)
         append(leads, make_lead(**texts))
-        append(leads, make_lead(**texts))  # the same lead twice, each with its own position: two rows
+        append(leads, make_lead(**texts))  # the same lead twice (two records of the ledger): two rows
         Leads(path, delimiter)  # and a restart accepts what was written
 
         written = rows(path, delimiter)
@@ -246,34 +245,18 @@ def test_three_identical_leads_make_three_rows(path):
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_a_write_repeated_after_a_crash_adds_no_second_row(path, existing):
+def test_the_first_row_after_a_restart_is_not_written_twice(path, existing):
+    """The csv channel's cursor could not move past the row before a crash: the next start offers it
+    again, and finds it at the file's end."""
     if existing:
         owner_file(path, b"2026-11-20T10:00:00+03:00,1,Ann,x,y,z,telegram,new")  # no final line break
-    leads = Leads(path, ",")
-    since = leads.position()
-    leads.write(make_lead(notes="a\nb"), since)
+    Leads(path, ",").append(make_lead(notes="a\nb"))
     written = path.read_bytes()
-
-    Leads(path, ",").write(make_lead(notes="a\nb"), since)  # after the restart, with the recorded position
-
-    assert path.read_bytes() == written
-    assert len(rows(path)) == 2 + existing
-
-
-def test_a_repeat_finds_its_row_behind_later_rows(path):
-    leads = Leads(path, ",")
-    since = leads.position()
-    leads.write(make_lead(chat_id=1), since)
-    append(leads, make_lead(chat_id=2))
-    leads.write(make_lead(chat_id=1), since)
-    assert [row[1] for row in rows(path)[1:]] == ["1", "2"]
-
-
-def test_a_row_before_the_position_does_not_count(path):
-    leads = Leads(path, ",")
-    append(leads, make_lead())
-    leads.write(make_lead(), leads.position() + 1000)  # e.g. after /forget made the file shorter
-    assert len(rows(path)) == 3
+    after_restart = Leads(path, ",")
+    after_restart.append(make_lead(notes="a\nb"))
+    assert path.read_bytes() == written and len(rows(path)) == 2 + existing
+    after_restart.append(make_lead(notes="a\nb"))  # a second, identical lead of this run is a row
+    assert len(rows(path)) == 3 + existing
 
 
 def test_a_failed_write_leaves_exactly_the_bytes_that_were_there(path, monkeypatch):
@@ -285,7 +268,7 @@ def test_a_failed_write_leaves_exactly_the_bytes_that_were_there(path, monkeypat
     monkeypatch.setattr(store.os, "fsync", full_disk)
     leads = Leads(path, ",")
     with pytest.raises(OSError):
-        leads.write(make_lead(), leads.position())
+        leads.append(make_lead())
     assert path.read_bytes() == before
 
 
@@ -297,51 +280,59 @@ def test_a_file_that_cannot_be_opened_raises_oserror(path, monkeypatch):
 
     monkeypatch.setattr(store, "open", locked_by_excel, raising=False)
     with pytest.raises(OSError):
-        leads.write(make_lead(), 0)
+        leads.append(make_lead())
 
 
-# --- /forget ------------------------------------------------------------------------------------
+# --- /forget: exactly the rows the bot wrote -----------------------------------------------------
 
-def test_forget_removes_only_that_chat_and_keeps_every_other_byte(path):
-    records = [
-        b'2026-11-24T10:00:00+00:00,1,Ann,x,y,"keep\nme ""please"" 2",telegram,new\r\n',
-        b'2026-11-24T10:01:00+00:00,2,Bob,x,y,"forget\r\nme, 1",telegram,new\r\n',
-        b'2026-11-24T10:02:00+00:00,"3",Cy,x,y,plain,console,rejected\n',  # odd but valid
-        f"2026-11-24T10:02:30+00:00,5,Eve,x,{ROMASHKA},2,telegram,new\r\n".encode(),
-        b'2026-11-24T10:03:00+00:00,2,Bob,x,y,,telegram,new\r\n',
-        "2026-11-24T10:03:30+00:00,6,Ольга,x,y,z,telegram,new\r\n".encode("cp1251"),  # saved by Excel
-        b'2026-11-24T10:04:00+00:00,22,Dee,x,y,"2\n2",telegram,new',  # no final line break
-    ]
+def test_forget_removes_exactly_the_rows_the_bot_wrote_and_keeps_every_other_byte(path):
     leads = Leads(path, ",")
-    owner_file(path, *records)  # edited while the bot runs, one row saved by Excel in ANSI
-
-    assert leads.forget(2) == 2
-    kept = [records[i] for i in (0, 2, 3, 5, 6)]
-    assert path.read_bytes() == BOM + header() + b"".join(kept)
-    assert leads.forget("3") == 1
-    assert path.read_bytes() == BOM + header() + b"".join(kept[:1] + kept[2:])
-    assert leads.forget(77) == 0 and leads.forget("chat_id") == 0
-    assert path.read_bytes().startswith(BOM + header())
+    mine = [make_lead(chat_id=2, notes="forget\r\nme, 1"), make_lead(chat_id=2, intent="=SUM(A1)")]
+    owner = [b'2026-11-24T10:00:00+00:00,1,Ann,x,y,"keep\nme ""please"" 2",telegram,new\r\n',
+             "2026-11-24T10:03:30+00:00,6,Ольга,x,y,z,telegram,new\r\n".encode("cp1251")]  # saved by Excel
+    append(leads, mine[0])
+    path.write_bytes(path.read_bytes() + owner[0])
+    append(leads, mine[1])
+    path.write_bytes(path.read_bytes() + owner[1] + b'2026-11-24T10:04:00+00:00,22,Dee,x,y,"2\n2",tg,new')
+    assert leads.remove(mine) == 0
+    assert path.read_bytes() == (BOM + header() + b"".join(owner)
+                                 + b'2026-11-24T10:04:00+00:00,22,Dee,x,y,"2\n2",tg,new')
+    assert leads.remove([make_lead(chat_id=77)]) == 1  # nothing of it there: one left for the manager
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_row_the_owner_changed_is_left_and_counted(path):
+    leads = Leads(path, ";")
+    append(leads, make_lead(chat_id=7, contact="+79990001122"))
+    append(leads, make_lead(chat_id=7, contact="ivan@mail.ru"))
+    path.write_bytes(path.read_bytes().replace(b"+79990001122", b"+79990001122 (called)"))
+    before_other = path.read_bytes()
+    assert leads.remove([make_lead(chat_id=7, contact="+79990001122"),
+                         make_lead(chat_id=7, contact="ivan@mail.ru")]) == 1
+    text = path.read_bytes().decode("utf-8-sig")
+    assert "(called)" in text and "ivan@mail.ru" not in text and len(before_other) > len(text)
 
 
 def test_forget_without_a_file_or_a_match_changes_nothing(path):
     leads = Leads(path, ",")
-    assert leads.forget(1) == 0 and not path.exists()
+    assert leads.remove([make_lead(chat_id=1)]) == 1 and not path.exists()
     append(leads, make_lead(chat_id=5))
     before = path.read_bytes()
-    assert leads.forget(6) == 0 and path.read_bytes() == before
+    assert leads.remove([make_lead(chat_id=6)]) == 1 and path.read_bytes() == before
+    assert leads.remove([]) == 0 and path.read_bytes() == before
 
 
 def test_forget_in_a_100000_row_file(path):
     """Linear, not timed here: a parse that is quadratic in the rows would take minutes."""
     def record(n):
-        return f'2026-01-01T00:00:00+00:00,{n % 50_000},Client {n},"+1 {n}",intent,"note\nline 2",telegram,new\r\n'
+        return f'2026-01-01T00:00:00+00:00,{n % 50_000},Client {n},"1 {n}",intent,"note\nline 2",telegram,new\r\n'
 
     before = BOM + header() + "".join(record(n) for n in range(100_000)).encode()
     path.write_bytes(before)
-    assert Leads(path, ",").forget(49_999) == 2
-    assert path.read_bytes() == before.replace(record(49_999).encode(), b"").replace(record(99_999).encode(), b"")
+    lead = make_lead(timestamp="2026-01-01T00:00:00+00:00", chat_id=49_999, client_name="Client 99999",
+                     contact="1 99999", intent="intent", notes="note\nline 2")
+    assert Leads(path, ",").remove([lead]) == 0
+    assert path.read_bytes() == before.replace(record(99_999).encode(), b"")
 
 
 def test_start_up_checks_a_100000_row_file_with_an_open_quote_at_the_end(path):
@@ -421,7 +412,8 @@ def test_a_refused_message_is_a_failure_and_not_reported_as_accepted(serve):
 
 
 def test_leads_csv_resaved_with_the_other_delimiter_while_the_bot_runs(tmp_path):
-    """Excel re-saves the file with "," while the bot runs: /forget still finds the chat, new rows follow ","."""
+    """Excel re-saves the file with "," while the bot runs: /forget still finds the rows by their
+    cells, new rows follow ","."""
     path = tmp_path / "leads.csv"
     leads = Leads(path, ";")
     append(leads, make_lead(chat_id=42))
@@ -429,21 +421,9 @@ def test_leads_csv_resaved_with_the_other_delimiter_while_the_bot_runs(tmp_path)
     records = rows(path, ";")
     with open(path, "w", encoding="utf-8-sig", newline="") as f:
         csv.writer(f, delimiter=",").writerows(records)
-    assert leads.forget(42) == 1
+    assert leads.remove([make_lead(chat_id=42)]) == 0
     append(leads, make_lead(chat_id=44))
     assert [row[1] for row in rows(path, ",")] == ["chat_id", "43", "44"]
-    path.write_bytes(b"")  # emptied by hand
-    assert leads.forget(44) == 0
-
-
-def test_forget_on_a_file_with_other_columns_now_fails_instead_of_claiming_it_deleted(tmp_path):
-    path = tmp_path / "leads.csv"
-    leads = Leads(path, ";")
-    append(leads, make_lead(chat_id=42))
-    path.write_bytes(path.read_bytes().replace(b"chat_id", b"chat", 1))  # a column renamed while the bot runs
-    with pytest.raises(OSError):
-        leads.forget(42)
-    assert b"anna@example.com" in path.read_bytes()
 
 
 @pytest.mark.parametrize("edit", [
@@ -451,25 +431,20 @@ def test_forget_on_a_file_with_other_columns_now_fails_instead_of_claiming_it_de
     (";срочно;", ';"срочно, потом;'),  # a cell typed to start with a quote that is never closed
 ])
 @pytest.mark.parametrize("chat", [111, 222, 333, 444])
-def test_forget_after_an_unclosed_quote_never_removes_another_chats_row_nor_keeps_its_own(path, edit, chat):
+def test_forget_after_an_unclosed_quote_never_removes_another_chats_row(path, edit, chat):
     leads = Leads(path, ";")
-    for n in (111, 222, 333, 444):
-        append(leads, make_lead(chat_id=n, contact=f"+7900000{n}", intent="срочно" if n == 111 else "сайт",
-                                notes=f"Задача: сайт {n}; Бюджет: 50"))
+    made = {n: make_lead(chat_id=n, contact=f"+7900000{n}", intent="срочно" if n == 111 else "сайт",
+                         notes=f"Задача: сайт {n}; Бюджет: 50") for n in (111, 222, 333, 444)}
+    for lead in made.values():
+        append(leads, lead)
     lines = path.read_bytes().decode("utf-8-sig").split("\r\n")
     broken = next(i for i, line in enumerate(lines) if ";111;" in line)
     lines[broken] = lines[broken].replace(*edit, 1)
     path.write_bytes(BOM + "\r\n".join(lines).encode())
-    before = path.read_bytes()
-    try:
-        removed = leads.forget(chat)
-    except OSError:  # the client hears «не получилось», and nothing was changed
-        assert path.read_bytes() == before
-        return
+    left = leads.remove([made[chat]])
     after = path.read_bytes().decode("utf-8-sig")
-    assert f"+7900000{chat}" not in after  # what the client is told is gone is gone
     assert all(f"+7900000{n}" in after for n in (111, 222, 333, 444) if n != chat)
-    assert removed == 1
+    assert (f"+7900000{chat}" in after) == (left == 1)  # what is not removed is counted for the manager
 
 
 @pytest.mark.parametrize("resave", [
@@ -482,7 +457,7 @@ def test_a_file_re_saved_with_other_columns_or_encoding_while_the_bot_runs_gets_
     append(leads, make_lead(chat_id=1, client_name="Борис"))
     path.write_bytes(resave(path.read_bytes().decode("utf-8-sig")))
     before = path.read_bytes()
-    with pytest.raises(OSError):  # the lead stays in the outbox and the log says what to fix
+    with pytest.raises(OSError):  # the csv channel holds the lead in the ledger; the log says what to fix
         append(leads, make_lead(chat_id=2, client_name="Ольга"))
     assert path.read_bytes() == before
 
@@ -491,64 +466,4 @@ def test_a_file_with_old_mac_line_ends_is_read_written_and_forgotten_in(path):
     path.write_bytes(BOM + header(";").rstrip(b"\r\n") + b"\r" + f"{TS};7;Ann;x;y;z;telegram;new\r".encode())
     leads = Leads(path, ";")  # not "other columns": its lines end with \r alone
     append(leads, make_lead(chat_id=8))
-    assert leads.forget(7) == 1 and [row[1] for row in rows(path, ";")] == ["chat_id", "8"]
-
-
-@pytest.mark.parametrize("delimiter, row, other", [
-    (",", f'{TS},7,Ann,x,y,"first line\nсумма 1,500,000",telegram,new\r\n', ""),  # numbers in the owner's note
-    (";", f'{TS};7;Ann;x;y;"заказ\nИтог;25000;оплачено";telegram;new\r\n', ""),
-    (",", f'{TS},7,Ann,x,y,"Бюджет: 150\n150,000, можно обсудить",telegram,new\r\n', ""),  # a comma file
-    (",", f'{TS},7,Ann,x,y,"Тираж:\n100,200,300,500,1000,2000 шт",telegram,new\r\n', ""),
-    (";", f"{TS};7.0;Ann;x;y;z;telegram;new\r\n", ""),  # re-saved by pandas
-    (";", f"{TS}; 7 ;Ann;x;y;z;telegram;new\r\n", ""),  # typed with spaces
-    (";", f"{TS};7;Ann;x;y;z;telegram;new\r\n", f'{TS};8;Bob;x;y;"заказ\nпозиция;7;шт";telegram;new\r\n'),
-])
-def test_forget_takes_rows_the_owner_edited_and_not_a_cell_that_only_looks_like_a_row(path, delimiter, row, other):
-    path.write_bytes(BOM + header(delimiter) + (row + other).encode())
-    assert Leads(path, delimiter).forget(7) == 1
-    assert path.read_bytes() == BOM + header(delimiter) + other.encode()
-
-
-def test_forget_never_takes_the_owners_own_row_without_a_time_when_a_quote_joins_it(path):
-    rows = [f'{TS};7;"Иван;+79991112233;сайт;перезвонить;telegram;new\r\n',  # a quote typed before the name
-            ';99;"ООО ""Ромашка""";+74950000000;лендинг;звонил сам;manual;new\r\n',  # the owner's row, no time
-            f"{TS};12;Пётр;@petr;магазин;каталог;telegram;new\r\n"]
-    path.write_bytes(BOM + header(";") + "".join(rows).encode())
-    before = path.read_bytes()
-    with pytest.raises(OSError):  # «не получилось», and nothing changed
-        Leads(path, ";").forget(7)
-    assert path.read_bytes() == before
-
-
-def test_forget_never_says_done_while_a_row_of_the_chat_with_a_two_line_contact_sits_inside_another(path):
-    rows = [f'{TS},5,Ann,x,y,"VIP клиент,telegram,new\r\n',  # a quote typed into another client's notes
-            f'{TS},42,Борис,"+7 999 111-22-33\n+7 999 444-55-66",y,z,telegram,new\r\n',  # Alt+Enter in Excel
-            f"{TS},12,Пётр,x,y,z,telegram,new\r\n"]
-    path.write_bytes(BOM + header(",") + "".join(rows).encode())
-    before = path.read_bytes()
-    with pytest.raises(OSError):  # «не получилось», never «удалены» with Борис's phones still in the file
-        Leads(path, ",").forget(42)
-    assert path.read_bytes() == before
-
-
-@pytest.mark.parametrize("delimiter", [",", ";"])
-def test_forget_never_says_done_for_a_row_run_into_the_line_before_it(path, delimiter):
-    d = delimiter
-    rows = [f"{TS}{d}111{d}Ann{d}x{d}y{d}z{d}telegram{d}new",  # the line break after it deleted in Notepad
-            f"{TS}{d}222{d}Борис{d}+79991112233{d}y{d}z{d}telegram{d}new\r\n"]
-    path.write_bytes(BOM + header(d) + "".join(rows).encode())
-    before = path.read_bytes()
-    with pytest.raises(OSError):
-        Leads(path, d).forget(222)
-    assert path.read_bytes() == before
-
-
-def test_forget_never_cuts_a_row_with_a_line_break_in_its_first_cells_swallowed_by_a_quote(path):
-    rows = [f'{TS},111,Ann,x,y,z,telegram,"new\r\n',  # a quote typed before the status
-            f'{TS},222,Борис,+79991112233,"Ремонт\nванной",Вопрос,tg,new\r\n',  # Alt+Enter in the intent
-            f'{TS},333,Пётр,x,y,z,telegram,new"\r\n']
-    path.write_bytes(BOM + header(",") + "".join(rows).encode())
-    before = path.read_bytes()
-    with pytest.raises(OSError):
-        Leads(path, ",").forget(111)
-    assert path.read_bytes() == before
+    assert leads.remove([make_lead(chat_id=8)]) == 0 and [row[1] for row in rows(path, ";")] == ["chat_id", "7"]

@@ -1,4 +1,4 @@
-"""store: the DATA_DIR lock and --check, the dialog journal, the outbox and the funnel.
+"""store: the DATA_DIR lock and --check, the dialog journal, the ledger and the funnel.
 leads.csv is tested in test_leads_units.py."""
 import json
 import logging
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import store
-from store import Funnel, Journal, Outbox, StoreError, check, open_data_dir, stats
+from store import Funnel, Journal, Ledger, StoreError, check, open_data_dir, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLD = """
@@ -336,146 +336,94 @@ def test_journal_is_thread_safe(state):
     assert Journal(state, always).dialogs == {chat: {"step": 199} for chat in range(6)}
 
 
-# --- outbox -------------------------------------------------------------------------------------
+# --- ledger: the one commit point ---------------------------------------------------------------
 
 LEAD = {"timestamp": "2026-11-24T12:00:00+00:00", "chat_id": 42, "client_name": "Anna", "contact": "a@b.c",
         "intent": "sofa", "notes": "", "source": "telegram", "status": "new", "answers": [["Q", "A"]]}
-
-
-@pytest.fixture
-def folder(tmp_path):
-    return tmp_path / "outbox"
 
 
 def lead(chat_id=42):
     return {**LEAD, "chat_id": chat_id}
 
 
-def get(outbox, lead_id):
-    return next((item for item in outbox.items() if item["id"] == lead_id), None)
+def drain(ledger, name):
+    """Every record the channel would take now, each marked done."""
+    taken = []
+    while (record := ledger.next(name, timeout=0)) is not None:
+        ledger.done(name, record, skipped=ledger.forgotten(record) if "lead" in record else False)
+        taken.append(record)
+    return taken
 
 
-def test_add_writes_the_item_once(folder):
-    outbox = Outbox(folder)
-    before = time.time()
-    item = outbox.add("42-1", lead(), ["csv", "email"], 120, 7)
-    assert item == {"id": "42-1", "chat_id": 42, "lead": lead(), "owed": ["csv", "email"], "since": 120,
-                    "update_id": 7, "confirmed": False, "due": item["due"], "attempts": 0}
-    assert before <= item["due"] <= time.time()
-    assert json.loads((folder / "42-1.json").read_text()) == item
-
-    again = outbox.add("42-1", lead(), ["telegram"], 999, 8)
-    assert again == item and get(Outbox(folder), "42-1") == item
+def test_a_lead_is_committed_once_and_every_channel_takes_it_once(tmp_path):
+    ledger = Ledger(tmp_path, ["csv", "email"])
+    assert ledger.add({"id": "42-1", "lead": lead()}) and ledger.add({"id": "42-1", "lead": lead()})
+    assert [r["id"] for r in drain(ledger, "csv")] == ["42-1"] and drain(ledger, "csv") == []
+    again = Ledger(tmp_path, ["csv", "email"])  # a restart: csv is past it, email is not
+    assert drain(again, "csv") == [] and [r["seq"] for r in drain(again, "email")] == [1]
+    assert json.loads((tmp_path / "email.cursor").read_text())["seq"] == 1
 
 
-def test_items_are_copies_earliest_due_first(folder):
-    outbox = Outbox(folder)
-    for n, due in enumerate([300.0, 100.0, 200.0]):
-        item = outbox.add(f"i{n}", lead(), ["email"], 0, None)
-        outbox.update({**item, "due": due})
-    assert [i["id"] for i in outbox.items()] == ["i1", "i2", "i0"]
-    outbox.items()[0]["owed"].append("x")
-    outbox.items()[0]["lead"]["client_name"] = "changed"
-    assert get(outbox, "i1")["owed"] == ["email"] and get(outbox, "i1")["lead"] == lead()
-    assert get(outbox, "unknown") is None and outbox.next_due() == 100.0
+def test_a_new_channel_starts_at_the_end_and_is_not_sent_the_history(tmp_path):
+    Ledger(tmp_path, ["csv"]).add({"id": "42-1", "lead": lead()})
+    assert drain(Ledger(tmp_path, ["csv", "telegram"]), "telegram") == []
 
 
-def test_update_rewrites_and_a_confirmed_item_that_owes_nothing_goes(folder):
-    outbox = Outbox(folder)
-    item = outbox.add("a:1", lead(), ["csv", "email"], 0, None)
-    item["owed"] = ["email"]
-    outbox.update(item)
-    assert get(Outbox(folder), "a:1")["owed"] == ["email"]
+def test_a_full_disk_commits_nothing_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path, ["csv"])
+    ledger.add({"id": "1-1", "lead": lead(1)})
+    before = (tmp_path / "ledger.jsonl").read_bytes()
 
-    item["owed"] = []
-    outbox.update(item)  # owes nothing, but the client was not told yet
-    assert get(outbox, "a:1") is not None and outbox.next_due() is None
-    item["confirmed"] = True
-    outbox.update(item)
-    assert get(outbox, "a:1") is None and outbox.items() == [] and list(folder.iterdir()) == []
-
-
-def test_an_item_dropped_meanwhile_is_never_written_back(folder):
-    outbox = Outbox(folder)
-    item = outbox.add("42-1", lead(), ["email"], 0, None)
-    assert outbox.drop_chat("42") == 1
-    outbox.update({**item, "owed": []})
-    outbox.retry_later("42-1", 1.0)
-    assert outbox.items() == [] and list(folder.glob("*.json")) == []
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(store.os, "fsync", full)
+    assert ledger.add({"id": "2-1", "lead": lead(2)}) is False
+    assert (tmp_path / "ledger.jsonl").read_bytes() == before and not ledger.has("2-1")
+    monkeypatch.undo()
+    assert ledger.add({"id": "2-1", "lead": lead(2)}) and ledger.has("2-1")
 
 
-def test_retry_later_counts_the_attempt_and_persists_the_due_time(folder):
-    outbox = Outbox(folder)
-    outbox.add("a", lead(), ["email"], 0, None)
-    before = time.time()
-    for _ in range(3):
-        outbox.retry_later("a", 60.0)
-    item = get(Outbox(folder), "a")
-    assert item["attempts"] == 3 and before + 60.0 <= item["due"] <= time.time() + 60.0
-    assert outbox.next_due() == item["due"]
+def test_a_torn_last_line_never_stops_a_start_and_nothing_is_glued_to_it(tmp_path):
+    Ledger(tmp_path, ["csv"]).add({"id": "1-1", "lead": lead(1)})
+    with open(tmp_path / "ledger.jsonl", "a") as f:
+        f.write('{"seq": 2, "id": "2-1", "lead": {"chat_id"')  # kill -9 in the middle of a write
+    ledger = Ledger(tmp_path, ["csv"])
+    assert ledger.add({"id": "3-1", "lead": lead(3)})
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["1-1", "3-1"]
+    assert "2-1" in (tmp_path / "ledger.jsonl.bad").read_text()
 
 
-def test_retry_later_never_raises(folder, monkeypatch, caplog):
-    outbox = Outbox(folder)
-    outbox.add("a", lead(), ["email"], 0, None)
-    monkeypatch.setattr(store.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
-    outbox.retry_later("a", 5.0)
-    assert get(outbox, "a")["attempts"] == 1 and len(warnings(caplog)) == 1
+def test_forget_skips_what_was_not_sent_and_names_what_was(tmp_path):
+    ledger = Ledger(tmp_path, ["csv", "email"])
+    ledger.add({"id": "42-1", "lead": lead()})
+    drain(ledger, "email")  # emailed before the /forget
+    ledger.add({"id": "42-2", "lead": lead()})
+    ledger.add({"id": "7-1", "lead": lead(7)})
+    ledger.add({"forget": 42})
+    assert not ledger.settled(42)
+    drain(ledger, "csv")
+    drain(ledger, "email")
+    forget = next(r for r in ledger.records if "forget" in r)
+    assert [le["chat_id"] for le in ledger.delivered("email", forget)] == [42]  # 42-1 only: 42-2 was skipped
+    assert len(ledger.delivered("csv", forget)) == 0  # csv reached both after the /forget: skipped both
+    assert ledger.settled(42) and ledger.manager_has(42)
+    ledger.drop_chat(42)
+    text = (tmp_path / "ledger.jsonl").read_text() + (tmp_path / "email.cursor").read_text()
+    assert '"chat_id": 42' not in text and "42-" not in text and ledger.has("7-1")
+    assert not ledger.settled(42)  # answered once: no second answer
+    assert Ledger(tmp_path, ["csv", "email"]).add({"id": "8-1", "lead": lead(8)})
+    assert [r["seq"] for r in Ledger(tmp_path, ["csv"]).records] == [3, 5]  # seq numbers never reused
 
 
-def test_add_that_cannot_write_says_so_and_keeps_the_item_in_memory_for_this_run(tmp_path, caplog):
-    (tmp_path / "outbox").write_text("a file where the folder should be")
-    outbox = Outbox(tmp_path / "outbox")
-    item = outbox.add("a", lead(), ["email"], 0, None)
-    assert item["id"] == "a" and item["owed"] == ["email"]
-    assert [i["id"] for i in outbox.items()] == ["a"]  # the delivery thread still sees it
-    assert "kept in memory only" in caplog.text
-    assert Outbox(tmp_path / "outbox").items() == []
-
-
-def test_drop_chat_removes_the_items_of_that_chat_for_good(folder):
-    outbox = Outbox(folder)
-    for n, chat in enumerate([1, "1", 2, 3]):
-        outbox.add(f"i{n}", lead(chat), ["email"], 0, None)
-    assert outbox.drop_chat("1") == 2 and outbox.drop_chat(5) == 0
-    assert [i["id"] for i in Outbox(folder).items()] == ["i2", "i3"]
-    assert sorted(p.name for p in folder.iterdir()) == ["i2.json", "i3.json"]
-
-
-def test_malformed_outbox_files_are_moved_aside_and_the_rest_loads(folder, caplog):
-    outbox = Outbox(folder)
-    good = outbox.add("good", lead(), ["email"], 0, None)
-    broken = {"torn.json": '{"id": "torn", "lead": {', "list.json": "[]", "binary.json": "\udcff",
-              "no-owed.json": json.dumps({k: v for k, v in good.items() if k != "owed"}),
-              "bool-due.json": json.dumps({**good, "id": "b", "due": True}),
-              "str-attempts.json": json.dumps({**good, "id": "s", "attempts": "1"})}
-    for name, text in broken.items():
-        (folder / name).write_bytes(text.encode("utf-8", errors="surrogateescape"))
-
-    reloaded = Outbox(folder)
-
-    assert reloaded.items() == [good]
-    assert sorted(p.name for p in (folder / "bad").iterdir()) == sorted(broken)
-    assert sorted(warnings(caplog)) == sorted(f"outbox file {name} is malformed — moved to {folder / 'bad'}"
-                                              for name in broken)
-
-
-def test_outbox_is_thread_safe(folder):
-    outbox = Outbox(folder)
-
-    def work(n):
-        for step in range(10):
-            item = outbox.add(f"{n}-{step}", lead(n), ["email"], 0, None)
-            outbox.retry_later(item["id"], 1.0)
-            outbox.update({**item, "owed": [], "confirmed": True})
-            outbox.items()
-
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert outbox.items() == [] and list(folder.glob("*.json")) == []
+def test_a_lead_after_the_forget_is_not_forgotten(tmp_path):
+    ledger = Ledger(tmp_path, ["csv"])
+    ledger.add({"forget": 42})
+    ledger.add({"id": "42-9", "lead": lead()})
+    assert not ledger.forgotten(ledger.records[-1])
+    drain(ledger, "csv")
+    ledger.drop_chat(42)
+    assert ledger.has("42-9")
 
 
 # --- funnel -------------------------------------------------------------------------------------
@@ -597,35 +545,6 @@ def test_a_journal_without_a_path_keeps_dialogs_in_memory_only(tmp_path, monkeyp
     journal.erase(1)
     journal.save(2, None)
     assert journal.dialogs == {} and list(tmp_path.iterdir()) == []
-
-
-def test_an_outbox_write_that_fails_leaves_no_copy_on_disk_and_the_item_in_memory(folder, monkeypatch):
-    outbox = Outbox(folder)
-    item = outbox.add("7-1", {"chat_id": 7, "contact": "+79991234567"}, ["csv"], 0, 1)
-
-    def full(fd):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(store.os, "fsync", full)
-    with pytest.raises(OSError):
-        outbox.update({**item, "confirmed": True})  # a half-written copy holding the phone must not stay
-    assert [p.name for p in folder.iterdir()] == ["7-1.json"]
-    assert outbox.items()[0]["confirmed"]  # the delivery thread sends it all the same
-    monkeypatch.undo()
-    outbox.drop_chat(7)
-    assert list(folder.iterdir()) == []
-
-
-def test_an_item_delivered_while_its_file_cannot_be_removed_is_not_delivered_again(folder, monkeypatch):
-    outbox = Outbox(folder)
-    item = outbox.add("7-1", {"chat_id": 7}, ["email"], 0, 1)
-    outbox.update({**item, "confirmed": True})
-
-    def read_only(self, *args, **kwargs):  # a read-only disk, or an antivirus holding the file on Windows
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(Path, "unlink", read_only)
-    with pytest.raises(OSError):
-        outbox.update({**item, "confirmed": True, "owed": []})  # the email went out
-    assert outbox.items() == [] and outbox.next_due() is None  # so it is not sent again every 50 ms
 
 
 def test_a_torn_journal_line_on_a_full_disk_never_stops_a_start(tmp_path, monkeypatch):
