@@ -683,7 +683,8 @@ def write_row(bot, record):
         return True
     if "ask" in record or bot.ledger.forgotten(record):
         return True
-    bot.leads.append(record["lead"])
+    # Only the record the channel was at when the bot stopped can be in the file already.
+    bot.leads.append(record["lead"], maybe_written=record["seq"] == bot.ledger.resumed["csv"])
     return False
 
 

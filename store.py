@@ -148,7 +148,6 @@ class Leads:
 
     def __init__(self, path: Path, delimiter: str):
         self.path, self.delimiter, self._lock = Path(path).absolute(), delimiter, threading.Lock()
-        self.appended = False
         try:
             text = self.path.read_bytes().decode("utf-8").removeprefix("\ufeff") if self.path.exists() else ""
         except UnicodeError:
@@ -176,10 +175,10 @@ class Leads:
             raise StoreError(f"leads.csv {self.path}: ячейка в кавычках со строки {line} не закрыта "
                              "— допишите закрывающую \" в редакторе и запустите бота снова")
 
-    def append(self, lead: dict) -> None:
+    def append(self, lead: dict, maybe_written=False) -> None:
         """Append the lead's row; raises OSError, and writes nothing, when the file is not in the
-        shape the bot writes. The first row after a start is not written when it is the file's last
-        row already: the channel's cursor could not move past it before a crash."""
+        shape the bot writes. maybe_written: the lead the csv channel was at when the bot stopped (its
+        cursor moves only after the row): not written again when it is the file's last row."""
         with self._lock, open(self.path, "a+b", buffering=0) as f:
             f.seek(0)  # the owner may have re-saved it while the bot ran: with the other delimiter is fine
             head = f.read(200).decode("utf-8", "replace")
@@ -194,8 +193,7 @@ class Leads:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(size - max(4096, len(row) + 3), 0))
             tail = f.read()
-            first, self.appended = not self.appended, True
-            if first and tail.endswith(row) and (len(tail) == len(row) or tail[:-len(row)].endswith(b"\n")):
+            if maybe_written and tail.endswith(row) and (len(tail) == len(row) or tail[:-len(row)].endswith(b"\n")):
                 return  # written before a crash: exactly once
             try:  # re-saved as ANSI, the owner's Excel would show a UTF-8 row as «Р‘РѕСЂРёСЃ»
                 codecs.getincrementaldecoder("utf-8")().decode(tail.lstrip(bytes(range(0x80, 0xC0))))
@@ -335,6 +333,9 @@ class Ledger:
         self.path, self._cond = Path(folder).absolute() / "ledger.jsonl", threading.Condition()
         self.records, self._rewrite = _read_jsonl(self.path, lambda r: type(r.get("seq")) is int)
         self.cursors = {name: self._read_cursor(name) for name in channels}
+        # The record each channel was at when the bot stopped (see Leads.append), None if it was done.
+        self.resumed = {name: next((r["seq"] for r in self.records if r["seq"] > cursor["seq"]), None)
+                        for name, cursor in self.cursors.items()}
         for name in channels:  # a new channel starts at the end: it is not sent the owner's history
             self._write_cursor(name)
 

@@ -77,7 +77,7 @@ def completes(step, text):
         return text == QUESTIONS[step][1]
     if step == OFFER_STEP:  # the recommendation, then the contact request
         return text.startswith(TEXTS["contact_request"])
-    return text in (TEXTS["thanks_saved"], TEXTS["thanks_sent"])
+    return text == TEXTS["thanks_saved"]
 
 
 def answer_for(request):

@@ -116,17 +116,22 @@ def test_an_env_file_the_bot_may_not_read_gives_one_line_and_exit_2(monkeypatch,
     assert len(lines) == (2 if args == ["--check"] else 1)  # --check adds what to run next
 
 
-def test_a_lead_forgotten_while_the_delivery_thread_holds_its_copy_gets_no_row(tmp_path):
+def test_a_lead_forgotten_while_leads_csv_is_held_gets_no_row_and_the_client_hears_after(tmp_path):
     bot = make_bot(tmp_path)
     leads = bot.cfg.data_dir / "leads.csv"
     leads.mkdir(parents=True)  # the row cannot be written now (Excel holds the file)
     for text in ["/start", "Сайт", "3", "Пока не знаю"]:
         say(bot, text)
     settle(bot)
-    say(bot, "+7 999 123-45-67", update_id=5)  # «не получилось, пришлите ещё раз»: the outbox keeps trying
-    held = bot.outbox.items()  # the delivery thread's round, taken just before the file is free again
+    assert say(bot, "+7 999 123-45-67", update_id=5) == TEXTS["thanks_saved"]  # committed in the ledger
+    assert not leadbot.deliver_now(bot, "csv")  # the csv channel holds it, the lead is not lost
+    before = len(bot.out.sent)
+    say(bot, "/forget")
+    assert bot.out.sent[before:] == []  # no «удалены» while the lead is still on its way to leads.csv
     leads.rmdir()
-    assert say(bot, "/forget") == TEXTS["forgotten"]  # while the delivery thread goes through that round
-    for item in held:
-        leadbot.deliver(bot, item, list(item["owed"]))
+    assert leadbot.deliver_now(bot, "csv")  # reaches the forgotten lead: skipped, then the /forget
+    leadbot.handle_event(bot, bot.inbox.get(timeout=1))
+    leadbot.flush(bot)
+    assert bot.out.sent[-1] == TEXTS["forgotten"]
     assert not leads.exists() or b"123-45-67" not in leads.read_bytes()
+    assert b"123-45-67" not in (bot.cfg.data_dir / "ledger.jsonl").read_bytes()

@@ -137,18 +137,17 @@ def test_cancel_and_forget_in_the_console_start_a_new_dialog_and_keep_earlier_co
 
 def test_a_card_the_telegram_bot_owes_stays_owed_after_a_console_dialog(tmp_path):
     env = {"DATA_DIR": str(tmp_path / "data"), "MANAGER_CHAT_ID": "5550001"}
-    outbox = tmp_path / "data" / "outbox"
-    outbox.mkdir(parents=True)
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
     lead = {"timestamp": "2026-11-24T10:00:00+03:00", "chat_id": 42, "client_name": "Ольга", "contact": "+79991234567",
             "intent": "сайт", "notes": "", "source": "telegram", "status": "new"}
-    item = {"id": "42-7", "chat_id": 42, "lead": lead, "owed": ["telegram"], "since": 0, "update_id": 7,
-            "confirmed": True, "due": 0, "attempts": 0, "took": ["csv"]}
-    (outbox / "42-7.json").write_text(json.dumps(item), encoding="utf-8")
+    (data / "ledger.jsonl").write_text(json.dumps({"seq": 1, "id": "42-7", "lead": lead}) + "\n", encoding="utf-8")
+    (data / "csv.cursor").write_text('{"seq": 1, "skipped": []}', encoding="utf-8")
+    (data / "telegram.cursor").write_text('{"seq": 0, "skipped": []}', encoding="utf-8")
     result = run_bot(env, "--console", cwd=tmp_path, input="\n".join(ANSWERS + ["anna@example.ru"]) + "\n", timeout=20)
     assert result.returncode == 0, result.stderr
-    assert json.loads((outbox / "42-7.json").read_text(encoding="utf-8"))["owed"] == ["telegram"]
-    assert "telegram could not be sent now; it goes out at the next start" in result.stdout
-
+    assert json.loads((data / "telegram.cursor").read_text(encoding="utf-8"))["seq"] == 0  # the bot sends it
+    assert [row["chat_id"] for row in read_rows(env)] == ["0"]  # the console's own lead, the old one not again
 
 def test_the_not_now_button_beside_the_share_button_ends_the_dialog_politely(bot, bot_env, telegram):
     bot()

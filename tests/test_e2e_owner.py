@@ -120,7 +120,7 @@ def test_the_default_delimiter_is_excels_russian_one(bot, bot_env, telegram):
     bot(CSV_DELIMITER=None)
     full_dialog(telegram, 1103)
     path = Path(bot_env["DATA_DIR"]) / "leads.csv"
-    wait_until(path.exists)
+    wait_until(lambda: path.exists() and path.stat().st_size)
     assert path.read_bytes().startswith("\ufefftimestamp;chat_id;client_name".encode())
 
 

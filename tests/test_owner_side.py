@@ -126,10 +126,10 @@ def test_a_deleted_header_after_buttons_is_named_where_its_text_is(app, bot_env,
 
 
 def test_a_lost_text_header_is_named_where_its_text_is_not_at_the_end(app, bot_env, tmp_path):
-    edit_prompt(app, "\n[thanks_sent]\n", "\n")
+    edit_prompt(app, "\n[forgotten_manager]\n", "\n")
     [problem] = start_up(app, bot_env, tmp_path)
-    assert f"строка {line_of(app, 'Спасибо! Заявка передана')}:" in problem
-    assert "[thanks_sent]" in problem and "[thanks_saved]" in problem
+    assert f"строка {line_of(app, 'Готово: ваши данные удалены из бота')}:" in problem
+    assert "[forgotten_manager]" in problem and "[forgotten]" in problem
 
 
 def test_check_names_every_section_a_new_version_needs_and_where_to_add_it(app, bot_env, tmp_path):
