@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 import zoneinfo
 from datetime import datetime, time as dtime, timedelta, timezone
 from pathlib import Path
@@ -458,6 +459,9 @@ def handle_event(bot, event):
             bot.offset = event["update_id"] + 1
 
 
+ALLOWED_UPDATES = ["message", "edited_message"]  # what getUpdates asks for; no other kind is sent
+
+
 def poll_telegram(bot):
     """The poller thread: getUpdates, each update into the inbox; the next call's offset confirms the
     batch only once all of it is handled, so a crash loses none (ids need not grow: Telegram restarts
@@ -466,7 +470,8 @@ def poll_telegram(bot):
     while not bot.stopping.is_set():
         try:
             updates = bot.out.call("getUpdates", http_timeout=bot.cfg.poll_timeout + bot.cfg.telegram_timeout,
-                                   offset=bot.offset, timeout=bot.cfg.poll_timeout, allowed_updates=["message"])
+                                   offset=bot.offset, timeout=bot.cfg.poll_timeout,
+                                   allowed_updates=ALLOWED_UPDATES)
             if not isinstance(updates, list):
                 raise TelegramError(0, "getUpdates answer is not a list")
             good = [u for u in updates if isinstance(u, dict) and type(u.get("update_id")) is int]
@@ -802,9 +807,20 @@ def finish_lead(bot, item):
 # --- The client's words --------------------------------------------------------------------------
 
 MAX_TEXT = 2000  # kept of a client's message
-PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d(?!\w)")
-EMAIL_RE = re.compile(r"[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}")
-USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?t\.me/)([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# Every repetition in these is bounded: a search takes time linear in the text, whatever it holds.
+# A phone keeps its extension («доб. 123», «ext. 12», «#123»); is_phone judges the number alone.
+PHONE_RE = re.compile(r"(?<![\w+])(?P<number>\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d)"
+                      r"(?!\w)(?:[ \t]{0,3},?[ \t]{0,3}(?i:доб(?:авочный)?\.?|ext\.?|#)[ \t]{0,3}"
+                      r"\d{1,6}(?!\w))?")
+# An email ends with a punycode, Latin or Cyrillic top-level domain; a Latin one ends before
+# Cyrillic letters glued to it («ivan@mail.ruпишите» is ivan@mail.ru).
+EMAIL_RE = re.compile(r"[\w%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}"
+                      r"\.(?:xn--[A-Za-z0-9-]{1,59}(?![\w-])|[A-Za-z]{2,24}(?![A-Za-z0-9_-])"
+                      r"|[а-яёА-ЯЁ]{2,24}(?![\w-]))")
+USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?(?:www\.)?(?:t|telegram)\.me/)"
+                         r"([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# Fullwidth + - ( ) . @ and space, as a Chinese or Japanese keyboard types them, made plain.
+WIDE = str.maketrans("\uff0b\uff0d\uff08\uff09\uff0e\uff20\u3000", "+-().@ ")
 REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен|не против))|неа|no(?! problem)"
                         r"|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
 # After a «нет», words of sending the contact soon («нет-нет, сейчас напишу», «нет, погодите») and of another way
@@ -816,19 +832,51 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u
 
 
 def find_contacts(text):
-    """Every phone, email and @username in the text, as written, in order of appearance."""
-    found = [(m.start(), m.group()) for m in PHONE_RE.finditer(text) if is_phone(m.group())]
-    found += [(m.start(), m.group()) for m in EMAIL_RE.finditer(text)]
-    found += [(m.start(), "@" + m.group(1)) for m in USERNAME_RE.finditer(text)]
-    return [contact for _, contact in sorted(found)]
+    """Every phone, email and @username in the text, as written (digits made ASCII), in order."""
+    return [contact for _, _, contact in contact_spans(text)]
 
 
-def is_phone(candidate):
-    """+ and 8-15 digits (any country), or a Russian 8/7 and ten more digits."""
-    digits = re.sub(r"\D", "", candidate)
-    if candidate.startswith("+"):
+def contact_spans(text):
+    """(start, end, contact) of each contact in normal_digits(text), in order; of two that overlap
+    (79991234567@mail.ru) the one that starts first, or the longer, is kept."""
+    text = normal_digits(text)
+    found = [(m.start(), m.end(), m.group()) for m in EMAIL_RE.finditer(text)] + phone_spans(text)
+    found += [(m.start(), m.end(), "@" + m.group(1)) for m in USERNAME_RE.finditer(text)]
+    kept, end = [], 0
+    for span in sorted(found, key=lambda span: (span[0], -span[1])):
+        if span[0] >= end:
+            kept.append(span)
+            end = span[1]
+    return kept
+
+
+def phone_spans(text):
+    """Phones within a line, then one a line break cuts («+7 999\\n123-45-67»), kept on one line."""
+    spans = [(m.start(), m.end(), m.group()) for m in PHONE_RE.finditer(text)
+             if is_phone(m["number"])]
+    if "\n" in text:
+        for m in PHONE_RE.finditer(text.replace("\n", " ")):
+            if (text.count("\n", m.start(), m.end()) == 1 and is_phone(m["number"])
+                    and not any(start < m.end() and m.start() < end for start, end, _ in spans)):
+                spans.append((m.start(), m.end(), m.group()))
+    return spans
+
+
+def normal_digits(text):
+    """The text with every decimal digit as ASCII (fullwidth «８», Arabic-Indic «٨» …) and fullwidth
+    + - ( ) . @ and space made plain; its length stays, so positions in it are those of the text."""
+    if text.isascii():
+        return text
+    return re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group())), text.translate(WIDE))
+
+
+def is_phone(number):
+    """+ and 8-15 digits (any country), a Russian 8/7 and ten more digits, or the ten digits of a
+    Russian mobile without them («999 123 45 67»)."""
+    digits = re.sub(r"\D", "", number)
+    if number.startswith("+"):
         return 8 <= len(digits) <= 15
-    return len(digits) == 11 and digits[0] in "78"
+    return len(digits) == 11 and digits[0] in "78" or len(digits) == 10 and digits[0] == "9"
 
 
 def is_refusal(text, asked_again=False):
@@ -840,11 +888,14 @@ def is_refusal(text, asked_again=False):
 
 
 def scrub(text):
-    """Removes anything that looks like a contact, for text that goes to the LLM or the notes; and <think> tags,
-    which an LLM echoing them would take for the end of its reasoning."""
-    text = EMAIL_RE.sub("[контакт]", re.sub(r"</?think", "<_think", text, flags=re.I))
-    text = PHONE_RE.sub(lambda m: "[контакт]" if is_phone(m.group()) else m.group(), text)
-    return USERNAME_RE.sub("[контакт]", text)
+    """«[контакт]» for anything that looks like a contact, in text for the LLM or the notes; and
+    <think> tags broken, which an LLM echoing them would take for the end of its reasoning."""
+    text = normal_digits(re.sub(r"</?think", "<_think", text, flags=re.I))
+    pieces, last = [], 0
+    for start, end, _ in contact_spans(text):
+        pieces += [text[last:start], "[контакт]"]
+        last = end
+    return "".join(pieces) + text[last:]
 
 
 def clean_text(text):
@@ -867,8 +918,10 @@ MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "doc
 
 
 def incoming_from(bot, update):
-    """The client message in an update, or None for updates the bot does not answer."""
-    message = update.get("message")
+    """The client message in an update, or None for updates the bot does not answer. A caption is
+    the message's text only when it holds a contact (the file itself goes nowhere); an edited
+    message is taken, as a new message, only when it holds a contact and the bot asks for one."""
+    message = update.get("message") or update.get("edited_message")
     if not isinstance(message, dict) or not isinstance(message.get("from"), dict) or message["from"].get("is_bot"):
         return None
     sender, chat, text = message["from"], message.get("chat") or {}, clean_text(message.get("text"))
@@ -877,6 +930,10 @@ def incoming_from(bot, update):
         bot.say(chat["id"], bot.text("private_only"))
     if chat.get("type") != "private" or type(chat.get("id")) is not int:
         return None
+    if not text and find_contacts(caption := clean_text(message.get("caption"))):
+        text = caption  # «мой номер …» under a photo: the number is what the client sends
+    if "message" not in update and not edit_taken(bot, chat["id"], text):
+        return None
     contact = message["contact"] if isinstance(message.get("contact"), dict) else None
     media = not text and not contact and next((k for k in MEDIA_KINDS if k in message), False)
     if not (text or contact or media):
@@ -884,6 +941,13 @@ def incoming_from(bot, update):
     return Incoming(chat["id"], text, clean_text((contact or {}).get("phone_number"))[:32],
                     not contact or contact.get("user_id") == sender.get("id"), media,
                     clean_text(sender.get("first_name"))[:64], update["update_id"])
+
+
+def edit_taken(bot, chat_id, text):
+    """An edit counts when it adds the contact the bot asks for; any other is ignored, so an answer
+    corrected later never answers a question again."""
+    dialog = bot.journal.dialogs.get(chat_id)
+    return bool(dialog and dialog["stage"] == "collecting_contact" and find_contacts(text))
 
 
 # --- The Bot API -------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Contacts as people write them, captions, edits and voice messages, against the real bot process."""
+import json
+
+from fakes import ANSWERS, CONTACT_REQUEST, TEXTS, reach_contact_step, read_rows, say
+
+THANKS = "Спасибо"
+
+# (as the client writes it, the contact the manager gets)
+WRITTEN = [
+    ("+7 495 123-45-67 доб. 123", "+7 495 123-45-67 доб. 123"),
+    ("звоните +7 495 123-45-67, ext. 12", "+7 495 123-45-67, ext. 12"),
+    ("8 495 123 45 67 #123", "8 495 123 45 67 #123"),
+    ("o'brien@mail.ru", "o'brien@mail.ru"),
+    ("ivan@xn--e1afmkfd.xn--p1ai", "ivan@xn--e1afmkfd.xn--p1ai"),
+    ("ivan@mail.ruпишите туда", "ivan@mail.ru"),
+    ("８ ９１２ ３４５ ６７ ８９", "8 912 345 67 89"),
+    ("＋７ ９１２ ３４５－６７－８９", "+7 912 345-67-89"),
+    ("٨٩١٢٣٤٥٦٧٨٩", "89123456789"),
+    ("telegram.me/ivan_petrov", "@ivan_petrov"),
+    ("999 123 45 67", "999 123 45 67"),
+    ("мой номер +7 912\n345-67-89", "+7 912 345-67-89"),
+]
+
+
+def contact_of(env, chat_id):
+    [row] = [row for row in read_rows(env) if row["chat_id"] == str(chat_id)]
+    return row["contact"].lstrip("'")  # a leading + is quoted against spreadsheet formulas
+
+
+def test_contacts_as_people_write_them_make_the_lead(bot, bot_env, telegram):
+    bot()
+    for chat_id, (written, contact) in enumerate(WRITTEN, start=3101):
+        reach_contact_step(telegram, chat_id)
+        say(telegram, chat_id, written, THANKS)
+        assert contact_of(bot_env, chat_id) == contact, written
+
+
+def test_contacts_as_people_write_them_never_reach_the_llm(bot, llm, telegram):
+    bot()
+    for chat_id, (written, contact) in enumerate(WRITTEN, start=3201):
+        calls = llm.calls
+        answers = [f"Нужен сайт, {written}", *ANSWERS[1:]]
+        say(telegram, chat_id, "/start", "задача")
+        for answer in answers:
+            before = len(telegram.texts(chat_id))
+            telegram.send_text(chat_id, answer)
+            telegram.wait_for(lambda: len(telegram.texts(chat_id)) > before, 10, "the bot's answer")
+        telegram.wait_for(lambda: llm.calls > calls, 10, "the LLM asked for the offer")
+        sent = "\n".join(json.dumps(r["json"], ensure_ascii=False) for r in llm.requests[calls:])
+        assert "[контакт]" in sent, written
+        for piece in (contact, written, contact.replace(" ", "")[-7:]):
+            assert piece not in sent, written
+
+
+def test_a_pathological_message_is_answered(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 3301)
+    hostile = ("1 " * 150 + "a." * 150 + "x@" + "a-" * 150 + "доб. " * 100 + "+7 " * 100)[:2000]
+    say(telegram, 3301, hostile, "")  # any answer: the search ended
+    say(telegram, 3301, "8 999 123-45-67", THANKS)
+    assert contact_of(bot_env, 3301) == "8 999 123-45-67"
+
+
+def test_a_contact_in_a_caption_is_taken_as_the_text(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 3401)
+    before = len(telegram.texts(3401))
+    telegram.send_media(3401, "photo", caption="Мой номер +7 999 123-45-67")
+    telegram.wait_for(lambda: any(THANKS in t for t in telegram.texts(3401)[before:]), 10, "thanks")
+    assert contact_of(bot_env, 3401) == "+7 999 123-45-67"
+    reach_contact_step(telegram, 3402)
+    before = len(telegram.texts(3402))
+    telegram.send_media(3402, "document", caption="пишите на anna@example.ru")
+    telegram.wait_for(lambda: any(THANKS in t for t in telegram.texts(3402)[before:]), 10, "thanks")
+    assert contact_of(bot_env, 3402) == "anna@example.ru"
+    assert not [t for t in telegram.texts(3401) + telegram.texts(3402) if t == TEXTS["text_only"]]
+
+
+def confirmed(telegram, update_id):
+    telegram.wait_for(lambda: telegram.confirmed_offset > update_id, 10, f"update {update_id} confirmed")
+
+
+def send_kept(telegram, chat_id, text):
+    """Sends text as a message the client can edit later; returns its message_id."""
+    message = telegram.build_message(chat_id, text=text)
+    telegram.push_update({"message": message})
+    return message["message_id"]
+
+
+def test_an_edit_that_adds_the_phone_at_the_contact_step_gives_the_lead(bot, bot_env, telegram):
+    bot()
+    telegram.wait_for(lambda: telegram.allowed_updates, 10, "getUpdates called")
+    assert {"message", "edited_message"} <= set(telegram.allowed_updates)
+    reach_contact_step(telegram, 3501)
+    before = len(telegram.texts(3501))
+    message_id = send_kept(telegram, 3501, "мой телефон 8 999 123-45")  # a digit short
+    telegram.wait_for(lambda: TEXTS["contact_format"] in telegram.texts(3501)[before:], 10, "asked again")
+    before = len(telegram.texts(3501))
+    telegram.edit_text(3501, message_id, "мой телефон 8 999 123-45-67")
+    telegram.wait_for(lambda: any(THANKS in t for t in telegram.texts(3501)[before:]), 10, "thanks")
+    assert contact_of(bot_env, 3501) == "8 999 123-45-67"
+
+
+def test_an_edit_without_a_contact_or_before_the_contact_step_is_ignored(bot, bot_env, telegram):
+    bot()
+    say(telegram, 3601, "/start", "задача")
+    first = send_kept(telegram, 3601, ANSWERS[0])
+    telegram.wait_for(lambda: len(telegram.texts(3601)) == 3, 10, "the second question")
+    confirmed(telegram, telegram.edit_text(3601, first, "Нужен сайт, звоните 8 999 123-45-67"))
+    for answer in ANSWERS[1:-1]:
+        say(telegram, 3601, answer, "")
+    say(telegram, 3601, ANSWERS[-1], CONTACT_REQUEST)
+    count = len(telegram.texts(3601))
+    confirmed(telegram, telegram.edit_text(3601, first, "Нужен сайт для кондитерской"))
+    say(telegram, 3601, "+7 999 123-45-67", THANKS)
+    assert len(telegram.texts(3601)) == count + 1  # the edits got no answer of their own
+    assert read_rows(bot_env)[0]["contact"].lstrip("'") == "+7 999 123-45-67"
