@@ -206,8 +206,10 @@ def dispatch(bot, msg, old):
     command = command_of(msg.text)
     if command in COMMANDS:
         return COMMANDS[command](bot, msg, old)
+    if msg.media == "voice":
+        return listen(bot, msg)
     if msg.media or (msg.shared and (not old or old["stage"] != "collecting_contact")):
-        return bot.say(msg.chat_id, bot.text("voice_off" if msg.media == "voice" else "text_only"))
+        return bot.say(msg.chat_id, bot.text("text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)
     else:
@@ -449,6 +451,8 @@ def handle_event(bot, event):
             handle_llm(bot, event)
         elif isinstance(event, Taken):
             handle_taken(bot, event)
+        elif isinstance(event, Heard):
+            handle_heard(bot, event)
         elif msg := incoming_from(bot, event):
             handle(bot, msg)
     except Exception as e:  # noqa: BLE001 - one poisoned update must not block the others
@@ -506,6 +510,8 @@ def explain_poll_error(e, failures, delay):
 # What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
 Written = collections.namedtuple("Written", "chat_id dialog_id offer intent notes update_id",
                                  defaults=(None, "", "", None))
+# What a voice job hands back: the voice message and its text ("" when none came in time).
+Heard = collections.namedtuple("Heard", "msg text")
 # What the delivery thread hands back when a lead that no channel took at first reached one.
 Taken = collections.namedtuple("Taken", "chat_id dialog_id update_id", defaults=(None,))
 
@@ -541,6 +547,78 @@ def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
             bot.inbox.put(Written(chat_id, dialog_id, offer=bot.text("llm_failed")))
         bot.inbox.put(Written(chat_id, dialog_id, intent=scrub(intent)[:200],
                               notes=scrub(notes)[:MAX_TEXT]))
+
+
+# --- The voice job: a voice message's text, off the dispatcher's thread --------------------------
+
+VOICE_BYTES = 20 * 1024 * 1024  # the largest file the Bot API lets a bot download
+
+
+def listen(bot, msg):
+    """Starts transcribing a voice message; the client is asked to write when STT is off, or the
+    message is longer than VOICE_MAX_SECONDS or larger than 20 MB."""
+    voice = msg.voice or {}
+    if not bot.cfg.stt_model:
+        return bot.say(msg.chat_id, bot.text("voice_off"))
+    duration, size = voice.get("duration") or 0, voice.get("file_size") or 0
+    if not voice.get("file_id") or duration > bot.cfg.voice_max_seconds or size > VOICE_BYTES:
+        log.info("voice message not transcribed: chat %s, %d s, %d bytes", msg.chat_id, duration,
+                 size)
+        return bot.say(msg.chat_id, bot.text("voice_failed"))
+    threading.Thread(target=hear, args=(bot, msg), daemon=True).start()
+
+
+def hear(bot, msg):
+    """The voice job: the file from Telegram, then its text, within TELEGRAM_TIMEOUT + LLM_TIMEOUT
+    in all; the text goes to the dispatcher as Heard, "" when none came. Nothing of it is logged."""
+    answer = queue.Queue()
+
+    def call():
+        try:
+            answer.put(llm.transcribe(bot.cfg, voice_file(bot, msg.voice["file_id"])))
+        except Exception as e:  # noqa: BLE001 - whatever failed, the client is asked to write
+            reason = e if isinstance(e, llm.LLMError) else getattr(e, "reason", type(e).__name__)
+            log.warning("voice message not transcribed: chat %s, %s", msg.chat_id, reason)
+            answer.put("")
+    threading.Thread(target=call, daemon=True).start()
+    done = threading.Event()
+    threading.Thread(target=bot.out.typing, args=(msg.chat_id, done.is_set), daemon=True).start()
+    try:
+        text = answer.get(timeout=bot.cfg.telegram_timeout + bot.cfg.llm_timeout)
+    except queue.Empty:
+        log.warning("voice message not transcribed: chat %s, not within the deadline", msg.chat_id)
+        text = ""
+    done.set()
+    bot.inbox.put(Heard(msg, clean_text(text)))
+
+
+def voice_file(bot, file_id):
+    """The voice message's file, by getFile and a download of at most VOICE_BYTES; TelegramError
+    otherwise (its text never holds the URL, which holds the token)."""
+    found = bot.out.call("getFile", file_id=file_id) or {}
+    path = found.get("file_path") if isinstance(found, dict) else None
+    if not isinstance(path, str) or (found.get("file_size") or 0) > VOICE_BYTES:
+        raise TelegramError(0, "no file to download, or over 20 MB")
+    url = f"{bot.cfg.telegram_api_url}/file/bot{bot.cfg.telegram_bot_token}/{path}"
+    audio = bytearray()
+    try:
+        with requests.get(url, stream=True, timeout=(10, bot.cfg.telegram_timeout)) as response:
+            response.raise_for_status()
+            for chunk in response.iter_content(1 << 16):
+                audio += chunk
+                if len(audio) > VOICE_BYTES:
+                    raise TelegramError(0, "the file is over 20 MB")
+    except requests.RequestException as e:  # its text holds the URL
+        raise TelegramError(0, f"download failed ({type(e).__name__})") from None
+    return bytes(audio)
+
+
+def handle_heard(bot, event):
+    """A voice message's text is the client's message (not one Telegram sent: no update id to
+    remember); without one the client is asked to write."""
+    if not event.text:
+        return bot.say(event.msg.chat_id, bot.text("voice_failed"))
+    handle(bot, event.msg._replace(text=event.text, media=False, voice=None, update_id=None))
 
 
 def gone(bot, chat_id, dialog_id):
@@ -911,8 +989,10 @@ def command_of(text):
 
 # One client message, reduced to what the dialog needs: `shared` is the phone of a contact shared with the button
 # (own_contact: the sender's own), `media` a photo, sticker, voice … instead of text.
-Incoming = collections.namedtuple("Incoming", "chat_id text shared own_contact media first_name update_id",
-                                  defaults=("", "", True, False, "", None))
+# `voice`: the file_id, duration and file_size of a voice message.
+Incoming = collections.namedtuple("Incoming",
+                                  "chat_id text shared own_contact media first_name update_id voice",
+                                  defaults=("", "", True, False, "", None, None))
 MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "document", "location", "venue",
                "poll", "dice", "animation", "game", "caption")
 
@@ -940,7 +1020,15 @@ def incoming_from(bot, update):
         return None  # a service message (someone joined, a pin ...) is not the client talking
     return Incoming(chat["id"], text, clean_text((contact or {}).get("phone_number"))[:32],
                     not contact or contact.get("user_id") == sender.get("id"), media,
-                    clean_text(sender.get("first_name"))[:64], update["update_id"])
+                    clean_text(sender.get("first_name"))[:64], update["update_id"],
+                    voice_of(message) if media == "voice" else None)
+
+
+def voice_of(message):
+    """What the voice job needs of a voice message: its file id, duration and size, as numbers."""
+    voice = message["voice"] if isinstance(message["voice"], dict) else {}
+    numbers = {key: voice[key] if type(voice.get(key)) is int else 0 for key in ("duration", "file_size")}
+    return {"file_id": str(voice.get("file_id") or "")[:200], **numbers}
 
 
 def edit_taken(bot, chat_id, text):

@@ -1,7 +1,7 @@
 """Contacts as people write them, captions, edits and voice messages, against the real bot process."""
 import json
 
-from fakes import ANSWERS, CONTACT_REQUEST, TEXTS, reach_contact_step, read_rows, say
+from fakes import ANSWERS, CONTACT_REQUEST, QUESTIONS, TEXTS, reach_contact_step, read_rows, say
 
 THANKS = "Спасибо"
 
@@ -115,3 +115,68 @@ def test_an_edit_without_a_contact_or_before_the_contact_step_is_ignored(bot, bo
     say(telegram, 3601, "+7 999 123-45-67", THANKS)
     assert len(telegram.texts(3601)) == count + 1  # the edits got no answer of their own
     assert read_rows(bot_env)[0]["contact"].lstrip("'") == "+7 999 123-45-67"
+
+
+# --- Voice messages -----------------------------------------------------------------------------
+
+VOICE = b"OggS\x00\x02" + bytes(58) + b"voice of chat"
+STT = {"STT_MODEL": "whisper-1"}
+
+
+def test_a_voice_answer_is_transcribed_and_taken_as_the_text(bot, bot_env, telegram, llm):
+    process = bot(**STT)
+    llm.transcripts.extend(["Нужен сайт для кондитерской", "Запишите номер +7 999 123-45-67"])
+    say(telegram, 3701, "/start", "задача")
+    before = len(telegram.texts(3701))
+    telegram.send_voice(3701, duration=7, data=VOICE)
+    telegram.wait_for(lambda: len(telegram.texts(3701)) > before, 10, "the next question")
+    assert telegram.texts(3701)[before] == QUESTIONS[1][1]
+    [heard] = llm.transcriptions
+    assert (heard["model"], heard["filename"], heard["data"]) == ("whisper-1", "voice.ogg", VOICE)
+    for answer in ANSWERS[1:-1]:
+        say(telegram, 3701, answer, "")
+    say(telegram, 3701, ANSWERS[-1], CONTACT_REQUEST)
+    before = len(telegram.texts(3701))
+    telegram.send_voice(3701, duration=4)
+    telegram.wait_for(lambda: any(THANKS in t for t in telegram.texts(3701)[before:]), 10, "thanks")
+    [row] = read_rows(bot_env)
+    assert row["contact"].lstrip("'") == "+7 999 123-45-67"
+    assert "кондитерской" in row["notes"]  # the spoken answer is the answer
+    output = process.output()
+    for secret in ("кондитерской", "999 123", telegram.token.partition(":")[2]):
+        assert secret not in output  # no content and no token in the log
+
+
+def voice_reply(telegram, chat_id, **voice):
+    """Sends a voice message, returns the bot's reply."""
+    before = len(telegram.texts(chat_id))
+    telegram.send_voice(chat_id, **voice)
+    return telegram.wait_reply(chat_id, before)
+
+
+def test_a_voice_message_not_transcribed_is_answered_honestly(bot, telegram, llm):
+    process = bot(**STT, VOICE_MAX_SECONDS="60", LLM_TIMEOUT="1", TELEGRAM_TIMEOUT="1")
+    assert voice_reply(telegram, 3801, duration=61) == TEXTS["voice_failed"]  # too long
+    too_big = 21 * 1024 * 1024
+    assert voice_reply(telegram, 3801, file_size=too_big) == TEXTS["voice_failed"]
+    assert llm.transcriptions == [] and telegram.calls("getFile") == []
+    llm.stt_fail_times(1)
+    assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]  # the STT server failed
+    telegram.fail("getFile", 400, "Bad Request: invalid file_id")
+    assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]
+    telegram.fail("download", 500, "Internal Server Error")
+    assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]
+    llm.stt_delay = 30  # past LLM_TIMEOUT: the deadline answers
+    assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]
+    assert "Traceback" not in process.output() and telegram.token not in process.output()
+
+
+def test_a_transcription_never_holds_up_other_chats(bot, telegram, llm):
+    bot(**STT)
+    llm.stt_delay = 3
+    telegram.send_voice(3901)
+    telegram.wait_for(lambda: llm.transcriptions, 10, "the transcription asked")
+    say(telegram, 3902, "/start", "задача")
+    assert telegram.texts(3901) == []  # still transcribing while the other chat got its answer
+    telegram.wait_for(lambda: telegram.texts(3901), 10, "the voice message answered")
+    assert "Здравствуйте" in telegram.texts(3901)[0]  # the transcript began the dialog
