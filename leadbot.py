@@ -945,7 +945,8 @@ def normal_digits(text):
     + - ( ) . @ and space made plain; its length stays, so positions in it are those of the text."""
     if text.isascii():
         return text
-    return re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group())), text.translate(WIDE))
+    return re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group(), m.group())),
+                  text.translate(WIDE))
 
 
 def is_phone(number):
@@ -1035,7 +1036,8 @@ def edit_taken(bot, chat_id, text):
     """An edit counts when it adds the contact the bot asks for; any other is ignored, so an answer
     corrected later never answers a question again."""
     dialog = bot.journal.dialogs.get(chat_id)
-    return bool(dialog and dialog["stage"] == "collecting_contact" and find_contacts(text))
+    return bool(dialog and dialog["stage"] == "collecting_contact" and not expired(bot, dialog)
+                and find_contacts(text))
 
 
 # --- The Bot API -------------------------------------------------------------------------------
