@@ -166,9 +166,12 @@ def test_a_voice_message_not_transcribed_is_answered_honestly(bot, telegram, llm
     assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]
     telegram.fail("download", 500, "Internal Server Error")
     assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]
+    telegram.disconnect("download")  # requests' error names the URL, and the URL the token
+    assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]
     llm.stt_delay = 30  # past LLM_TIMEOUT: the deadline answers
     assert voice_reply(telegram, 3801) == TEXTS["voice_failed"]
-    assert "Traceback" not in process.output() and telegram.token not in process.output()
+    output = process.output()
+    assert "Traceback" not in output and telegram.token not in output and "/file/" not in output
 
 
 def test_a_transcription_never_holds_up_other_chats(bot, telegram, llm):
@@ -180,3 +183,19 @@ def test_a_transcription_never_holds_up_other_chats(bot, telegram, llm):
     assert telegram.texts(3901) == []  # still transcribing while the other chat got its answer
     telegram.wait_for(lambda: telegram.texts(3901), 10, "the voice message answered")
     assert "Здравствуйте" in telegram.texts(3901)[0]  # the transcript began the dialog
+
+
+def test_a_voice_message_sent_while_the_llm_writes_waits_its_turn(bot, bot_env, telegram, llm):
+    bot(**STT)
+    llm.transcript = "Запишите номер +7 999 765-43-21"
+    llm.delay = 1.5
+    say(telegram, 4001, "/start", "задача")
+    for answer in ANSWERS[:-1]:
+        say(telegram, 4001, answer, "")
+    telegram.send_text(4001, ANSWERS[-1])
+    telegram.wait_for(lambda: llm.calls, 10, "the LLM writing")
+    telegram.send_voice(4001)
+    telegram.wait_for(lambda: any(THANKS in t for t in telegram.texts(4001)), 10, "thanks")
+    texts = telegram.texts(4001)
+    assert texts.index(llm.reply) < len(texts) - 1  # the offer first, then the voice's answer
+    assert contact_of(bot_env, 4001) == "+7 999 765-43-21"
