@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 import zoneinfo
 from datetime import datetime, time as dtime, timedelta, timezone
 from pathlib import Path
@@ -205,8 +206,10 @@ def dispatch(bot, msg, old):
     command = command_of(msg.text)
     if command in COMMANDS:
         return COMMANDS[command](bot, msg, old)
+    if msg.media == "voice":
+        return listen(bot, msg)
     if msg.media or (msg.shared and (not old or old["stage"] != "collecting_contact")):
-        return bot.say(msg.chat_id, bot.text("voice_off" if msg.media == "voice" else "text_only"))
+        return bot.say(msg.chat_id, bot.text("text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)
     else:
@@ -448,6 +451,8 @@ def handle_event(bot, event):
             handle_llm(bot, event)
         elif isinstance(event, Taken):
             handle_taken(bot, event)
+        elif isinstance(event, Heard):
+            handle_heard(bot, event)
         elif msg := incoming_from(bot, event):
             handle(bot, msg)
     except Exception as e:  # noqa: BLE001 - one poisoned update must not block the others
@@ -458,6 +463,9 @@ def handle_event(bot, event):
             bot.offset = event["update_id"] + 1
 
 
+ALLOWED_UPDATES = ["message", "edited_message"]  # what getUpdates asks for; no other kind is sent
+
+
 def poll_telegram(bot):
     """The poller thread: getUpdates, each update into the inbox; the next call's offset confirms the
     batch only once all of it is handled, so a crash loses none (ids need not grow: Telegram restarts
@@ -466,7 +474,8 @@ def poll_telegram(bot):
     while not bot.stopping.is_set():
         try:
             updates = bot.out.call("getUpdates", http_timeout=bot.cfg.poll_timeout + bot.cfg.telegram_timeout,
-                                   offset=bot.offset, timeout=bot.cfg.poll_timeout, allowed_updates=["message"])
+                                   offset=bot.offset, timeout=bot.cfg.poll_timeout,
+                                   allowed_updates=ALLOWED_UPDATES)
             if not isinstance(updates, list):
                 raise TelegramError(0, "getUpdates answer is not a list")
             good = [u for u in updates if isinstance(u, dict) and type(u.get("update_id")) is int]
@@ -501,6 +510,8 @@ def explain_poll_error(e, failures, delay):
 # What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
 Written = collections.namedtuple("Written", "chat_id dialog_id offer intent notes update_id",
                                  defaults=(None, "", "", None))
+# What a voice job hands back: the voice message and its text ("" when none came in time).
+Heard = collections.namedtuple("Heard", "msg text")
 # What the delivery thread hands back when a lead that no channel took at first reached one.
 Taken = collections.namedtuple("Taken", "chat_id dialog_id update_id", defaults=(None,))
 
@@ -536,6 +547,78 @@ def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
             bot.inbox.put(Written(chat_id, dialog_id, offer=bot.text("llm_failed")))
         bot.inbox.put(Written(chat_id, dialog_id, intent=scrub(intent)[:200],
                               notes=scrub(notes)[:MAX_TEXT]))
+
+
+# --- The voice job: a voice message's text, off the dispatcher's thread --------------------------
+
+VOICE_BYTES = 20 * 1024 * 1024  # the largest file the Bot API lets a bot download
+
+
+def listen(bot, msg):
+    """Starts transcribing a voice message; the client is asked to write when STT is off, or the
+    message is longer than VOICE_MAX_SECONDS or larger than 20 MB."""
+    voice = msg.voice or {}
+    if not bot.cfg.stt_model:
+        return bot.say(msg.chat_id, bot.text("voice_off"))
+    duration, size = voice.get("duration") or 0, voice.get("file_size") or 0
+    if not voice.get("file_id") or duration > bot.cfg.voice_max_seconds or size > VOICE_BYTES:
+        log.info("voice message not transcribed: chat %s, %d s, %d bytes", msg.chat_id, duration,
+                 size)
+        return bot.say(msg.chat_id, bot.text("voice_failed"))
+    threading.Thread(target=hear, args=(bot, msg), daemon=True).start()
+
+
+def hear(bot, msg):
+    """The voice job: the file from Telegram, then its text, within TELEGRAM_TIMEOUT + LLM_TIMEOUT
+    in all; the text goes to the dispatcher as Heard, "" when none came. Nothing of it is logged."""
+    answer = queue.Queue()
+
+    def call():
+        try:
+            answer.put(llm.transcribe(bot.cfg, voice_file(bot, msg.voice["file_id"])))
+        except Exception as e:  # noqa: BLE001 - whatever failed, the client is asked to write
+            reason = e if isinstance(e, llm.LLMError) else getattr(e, "reason", type(e).__name__)
+            log.warning("voice message not transcribed: chat %s, %s", msg.chat_id, reason)
+            answer.put("")
+    threading.Thread(target=call, daemon=True).start()
+    done = threading.Event()
+    threading.Thread(target=bot.out.typing, args=(msg.chat_id, done.is_set), daemon=True).start()
+    try:
+        text = answer.get(timeout=bot.cfg.telegram_timeout + bot.cfg.llm_timeout)
+    except queue.Empty:
+        log.warning("voice message not transcribed: chat %s, not within the deadline", msg.chat_id)
+        text = ""
+    done.set()
+    bot.inbox.put(Heard(msg, clean_text(text)))
+
+
+def voice_file(bot, file_id):
+    """The voice message's file, by getFile and a download of at most VOICE_BYTES; TelegramError
+    otherwise (its text never holds the URL, which holds the token)."""
+    found = bot.out.call("getFile", file_id=file_id) or {}
+    path = found.get("file_path") if isinstance(found, dict) else None
+    if not isinstance(path, str) or (found.get("file_size") or 0) > VOICE_BYTES:
+        raise TelegramError(0, "no file to download, or over 20 MB")
+    url = f"{bot.cfg.telegram_api_url}/file/bot{bot.cfg.telegram_bot_token}/{path}"
+    audio = bytearray()
+    try:
+        with requests.get(url, stream=True, timeout=(10, bot.cfg.telegram_timeout)) as response:
+            response.raise_for_status()
+            for chunk in response.iter_content(1 << 16):
+                audio += chunk
+                if len(audio) > VOICE_BYTES:
+                    raise TelegramError(0, "the file is over 20 MB")
+    except requests.RequestException as e:  # its text holds the URL
+        raise TelegramError(0, f"download failed ({type(e).__name__})") from None
+    return bytes(audio)
+
+
+def handle_heard(bot, event):
+    """A voice message's text is the client's message (not one Telegram sent: no update id to
+    remember); without one the client is asked to write."""
+    if not event.text:
+        return bot.say(event.msg.chat_id, bot.text("voice_failed"))
+    handle(bot, event.msg._replace(text=event.text, media=False, voice=None, update_id=None))
 
 
 def gone(bot, chat_id, dialog_id):
@@ -802,9 +885,20 @@ def finish_lead(bot, item):
 # --- The client's words --------------------------------------------------------------------------
 
 MAX_TEXT = 2000  # kept of a client's message
-PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d(?!\w)")
-EMAIL_RE = re.compile(r"[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}")
-USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?t\.me/)([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# Every repetition in these is bounded: a search takes time linear in the text, whatever it holds.
+# A phone keeps its extension («доб. 123», «ext. 12», «#123»); is_phone judges the number alone.
+PHONE_RE = re.compile(r"(?<![\w+])(?P<number>\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d)"
+                      r"(?!\w)(?:[ \t]{0,3},?[ \t]{0,3}(?i:доб(?:авочный)?\.?|ext\.?|#)[ \t]{0,3}"
+                      r"\d{1,6}(?!\w))?")
+# An email ends with a punycode, Latin or Cyrillic top-level domain; a Latin one ends before
+# Cyrillic letters glued to it («ivan@mail.ruпишите» is ivan@mail.ru).
+EMAIL_RE = re.compile(r"[\w%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}"
+                      r"\.(?:xn--[A-Za-z0-9-]{1,59}(?![\w-])|[A-Za-z]{2,24}(?![A-Za-z0-9_-])"
+                      r"|[а-яёА-ЯЁ]{2,24}(?![\w-]))")
+USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?(?:www\.)?(?:t|telegram)\.me/)"
+                         r"([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# Fullwidth + - ( ) . @ and space, as a Chinese or Japanese keyboard types them, made plain.
+WIDE = str.maketrans("\uff0b\uff0d\uff08\uff09\uff0e\uff20\u3000", "+-().@ ")
 REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен|не против))|неа|no(?! problem)"
                         r"|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
 # After a «нет», words of sending the contact soon («нет-нет, сейчас напишу», «нет, погодите») and of another way
@@ -816,19 +910,52 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u
 
 
 def find_contacts(text):
-    """Every phone, email and @username in the text, as written, in order of appearance."""
-    found = [(m.start(), m.group()) for m in PHONE_RE.finditer(text) if is_phone(m.group())]
-    found += [(m.start(), m.group()) for m in EMAIL_RE.finditer(text)]
-    found += [(m.start(), "@" + m.group(1)) for m in USERNAME_RE.finditer(text)]
-    return [contact for _, contact in sorted(found)]
+    """Every phone, email and @username in the text, as written (digits made ASCII), in order."""
+    return [contact for _, _, contact in contact_spans(text)]
 
 
-def is_phone(candidate):
-    """+ and 8-15 digits (any country), or a Russian 8/7 and ten more digits."""
-    digits = re.sub(r"\D", "", candidate)
-    if candidate.startswith("+"):
+def contact_spans(text):
+    """(start, end, contact) of each contact in normal_digits(text), in order; of two that overlap
+    (79991234567@mail.ru) the one that starts first, or the longer, is kept."""
+    text = normal_digits(text)
+    found = [(m.start(), m.end(), m.group()) for m in EMAIL_RE.finditer(text)] + phone_spans(text)
+    found += [(m.start(), m.end(), "@" + m.group(1)) for m in USERNAME_RE.finditer(text)]
+    kept, end = [], 0
+    for span in sorted(found, key=lambda span: (span[0], -span[1])):
+        if span[0] >= end:
+            kept.append(span)
+            end = span[1]
+    return kept
+
+
+def phone_spans(text):
+    """Phones within a line, then one a line break cuts («+7 999\\n123-45-67»), kept on one line."""
+    spans = [(m.start(), m.end(), m.group()) for m in PHONE_RE.finditer(text)
+             if is_phone(m["number"])]
+    if "\n" in text:
+        for m in PHONE_RE.finditer(text.replace("\n", " ")):
+            if (text.count("\n", m.start(), m.end()) == 1 and is_phone(m["number"])
+                    and not any(start < m.end() and m.start() < end for start, end, _ in spans)):
+                spans.append((m.start(), m.end(), m.group()))
+    return spans
+
+
+def normal_digits(text):
+    """The text with every decimal digit as ASCII (fullwidth «８», Arabic-Indic «٨» …) and fullwidth
+    + - ( ) . @ and space made plain; its length stays, so positions in it are those of the text."""
+    if text.isascii():
+        return text
+    return re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group(), m.group())),
+                  text.translate(WIDE))
+
+
+def is_phone(number):
+    """+ and 8-15 digits (any country), a Russian 8/7 and ten more digits, or the ten digits of a
+    Russian mobile without them («999 123 45 67»)."""
+    digits = re.sub(r"\D", "", number)
+    if number.startswith("+"):
         return 8 <= len(digits) <= 15
-    return len(digits) == 11 and digits[0] in "78"
+    return len(digits) == 11 and digits[0] in "78" or len(digits) == 10 and digits[0] == "9"
 
 
 def is_refusal(text, asked_again=False):
@@ -840,11 +967,14 @@ def is_refusal(text, asked_again=False):
 
 
 def scrub(text):
-    """Removes anything that looks like a contact, for text that goes to the LLM or the notes; and <think> tags,
-    which an LLM echoing them would take for the end of its reasoning."""
-    text = EMAIL_RE.sub("[контакт]", re.sub(r"</?think", "<_think", text, flags=re.I))
-    text = PHONE_RE.sub(lambda m: "[контакт]" if is_phone(m.group()) else m.group(), text)
-    return USERNAME_RE.sub("[контакт]", text)
+    """«[контакт]» for anything that looks like a contact, in text for the LLM or the notes; and
+    <think> tags broken, which an LLM echoing them would take for the end of its reasoning."""
+    text = normal_digits(re.sub(r"</?think", "<_think", text, flags=re.I))
+    pieces, last = [], 0
+    for start, end, _ in contact_spans(text):
+        pieces += [text[last:start], "[контакт]"]
+        last = end
+    return "".join(pieces) + text[last:]
 
 
 def clean_text(text):
@@ -860,15 +990,19 @@ def command_of(text):
 
 # One client message, reduced to what the dialog needs: `shared` is the phone of a contact shared with the button
 # (own_contact: the sender's own), `media` a photo, sticker, voice … instead of text.
-Incoming = collections.namedtuple("Incoming", "chat_id text shared own_contact media first_name update_id",
-                                  defaults=("", "", True, False, "", None))
+# `voice`: the file_id, duration and file_size of a voice message.
+Incoming = collections.namedtuple("Incoming",
+                                  "chat_id text shared own_contact media first_name update_id voice",
+                                  defaults=("", "", True, False, "", None, None))
 MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "document", "location", "venue",
                "poll", "dice", "animation", "game", "caption")
 
 
 def incoming_from(bot, update):
-    """The client message in an update, or None for updates the bot does not answer."""
-    message = update.get("message")
+    """The client message in an update, or None for updates the bot does not answer. A caption is
+    the message's text only when it holds a contact (the file itself goes nowhere); an edited
+    message is taken, as a new message, only when it holds a contact and the bot asks for one."""
+    message = update.get("message") or update.get("edited_message")
     if not isinstance(message, dict) or not isinstance(message.get("from"), dict) or message["from"].get("is_bot"):
         return None
     sender, chat, text = message["from"], message.get("chat") or {}, clean_text(message.get("text"))
@@ -877,13 +1011,33 @@ def incoming_from(bot, update):
         bot.say(chat["id"], bot.text("private_only"))
     if chat.get("type") != "private" or type(chat.get("id")) is not int:
         return None
+    if not text and find_contacts(caption := clean_text(message.get("caption"))):
+        text = caption  # «мой номер …» under a photo: the number is what the client sends
+    if "message" not in update and not edit_taken(bot, chat["id"], text):
+        return None
     contact = message["contact"] if isinstance(message.get("contact"), dict) else None
     media = not text and not contact and next((k for k in MEDIA_KINDS if k in message), False)
     if not (text or contact or media):
         return None  # a service message (someone joined, a pin ...) is not the client talking
     return Incoming(chat["id"], text, clean_text((contact or {}).get("phone_number"))[:32],
                     not contact or contact.get("user_id") == sender.get("id"), media,
-                    clean_text(sender.get("first_name"))[:64], update["update_id"])
+                    clean_text(sender.get("first_name"))[:64], update["update_id"],
+                    voice_of(message) if media == "voice" else None)
+
+
+def voice_of(message):
+    """What the voice job needs of a voice message: its file id, duration and size, as numbers."""
+    voice = message["voice"] if isinstance(message["voice"], dict) else {}
+    numbers = {key: voice[key] if type(voice.get(key)) is int else 0 for key in ("duration", "file_size")}
+    return {"file_id": str(voice.get("file_id") or "")[:200], **numbers}
+
+
+def edit_taken(bot, chat_id, text):
+    """An edit counts when it adds the contact the bot asks for; any other is ignored, so an answer
+    corrected later never answers a question again."""
+    dialog = bot.journal.dialogs.get(chat_id)
+    return bool(dialog and dialog["stage"] == "collecting_contact" and not expired(bot, dialog)
+                and find_contacts(text))
 
 
 # --- The Bot API -------------------------------------------------------------------------------

@@ -177,3 +177,36 @@ def test_the_waiting_list_never_drops_a_contact_for_later_small_talk():
         waiting = leadbot.queued(waiting, {"chat_id": 1, "text": f"ещё {i}"})
     assert len(waiting) == 20
     assert waiting[0]["text"] == "+7 999 123-45-67" and waiting[-1]["text"] == "ещё 24"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("+7 495 123-45-67 доб. 123", ["+7 495 123-45-67 доб. 123"]),
+    ("8 495 123 45 67, ДОБ 45, после обеда", ["8 495 123 45 67, ДОБ 45"]),
+    ("+7 495 123-45-67 ext. 12", ["+7 495 123-45-67 ext. 12"]),
+    ("+7 495 123-45-67#123", ["+7 495 123-45-67#123"]),
+    ("Пишите: o'brien@mail.ru.", ["o'brien@mail.ru"]),
+    ("ivan@xn--e1afmkfd.xn--p1ai", ["ivan@xn--e1afmkfd.xn--p1ai"]),
+    ("ivan@mail.ruпишите", ["ivan@mail.ru"]),
+    ("８ ９１２ ３４５ ６７ ８９", ["8 912 345 67 89"]),
+    ("٨٩١٢٣٤٥٦٧٨٩", ["89123456789"]),
+    ("۸۹۱۲۳۴۵۶۷۸۹", ["89123456789"]),  # Extended Arabic-Indic (Persian)
+    ("https://telegram.me/ivan_petrov", ["@ivan_petrov"]),
+    ("999 123 45 67", ["999 123 45 67"]),
+    ("+7 912\n345-67-89", ["+7 912 345-67-89"]),
+    ("8 999 123 45 67\n8 999 765 43 21", ["8 999 123 45 67", "8 999 765 43 21"]),
+    ("79991234567@mail.ru", ["79991234567@mail.ru"]),
+])
+def test_contacts_as_people_write_them(text, expected):
+    assert leadbot.find_contacts(text) == expected
+
+
+@pytest.mark.parametrize("text", ["123 45 67", "899 123 45 67", "1999 год\n12 месяцев", "доб. 123",
+                                  "1\n2\n3\n4\n5\n6\n7\n8\n9\n0", "ivan@mail.ru1", "#123"])
+def test_numbers_that_are_no_phone(text):
+    assert leadbot.find_contacts(text) == []
+
+
+def test_scrub_takes_the_extension_and_keeps_the_text_around():
+    assert leadbot.scrub("Звоните +7 495 123-45-67 доб. 123 вечером") == "Звоните [контакт] вечером"
+    scrubbed = leadbot.scrub("почта ivan@mail.ruпишите, ８ ９１２ ３４５ ６７ ８９")
+    assert scrubbed == "почта [контакт]пишите, [контакт]"
