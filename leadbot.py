@@ -90,6 +90,11 @@ def take_contact(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("contact_format"))
         ask_contact(bot, msg.chat_id)
         return "collecting_contact"
+    return lead_with_contact(bot, dialog, msg, contact)
+
+
+def lead_with_contact(bot, dialog, msg, contact):
+    """The one place a contact becomes a lead: saved and thanked; the next stage."""
     taken = commit_lead(bot, dialog, msg, contact, "new")
     if not taken:  # no channel took the lead: the client must not hear "saved"
         bot.say(msg.chat_id, bot.text("not_taken"))
