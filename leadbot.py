@@ -623,9 +623,13 @@ def ask_offer(bot, chat_id, dialog_id, answers):
         return bot.text("no_llm")
     draft = Draft(bot, chat_id, dialog_id)
     threading.Thread(target=bot.out.typing, args=(chat_id, draft.typing_done), daemon=True).start()
-    offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show)
+    offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show) or ""
     draft.close()
-    return bot.text("llm_failed") if not offer or leaks_prompt(offer, bot.prompt.system) else offer
+    safe = without_leak(offer, bot.prompt.system)  # as the drafts showed it: never taken back
+    if safe != offer:
+        log.warning("LLM offer repeated a rule of [system]: %s", "cut before it" if safe else
+                    "the fallback text sent")
+    return safe or bot.text("llm_failed")
 
 
 def ask_llm(bot, system, user, what, on_text=None):
@@ -674,7 +678,8 @@ class Draft:
             if (self.closed or self.sending and self.sending.is_alive() or now - self.last < 0.5
                     or self.refused or text and now - self.words_since < 0.1):
                 return
-            self.last, self.sending = now, threading.Thread(target=self.send, args=(text[:4000],), daemon=True)
+            shown = without_leak(text, self.bot.prompt.system)[:4000]  # a rule never shows
+            self.last, self.sending = now, threading.Thread(target=self.send, args=(shown,), daemon=True)
             self.sending.start()
 
     def send(self, text):
@@ -699,11 +704,26 @@ def answers_text(bot, dialog):
     return "; ".join(f"{q.label}: {a}" for q, a in zip(bot.prompt.questions, dialog["answers"]))
 
 
+RULE_MARK = "- "  # a [system] line that starts with it is a rule for the LLM, never for a client
+
+
 def leaks_prompt(answer, prompt):
-    """True when the answer repeats a sizeable line of the system prompt word for word."""
-    flat = " ".join(answer.split()).lower()
-    lines = (" ".join(x.split()).lower().lstrip("-*•0123456789. ") for x in prompt.splitlines())
-    return any(len(line) >= 40 and line in flat for line in lines)
+    """True when the answer repeats a rule of [system] word for word (see without_leak)."""
+    return without_leak(answer, prompt) != answer
+
+
+def without_leak(answer, prompt):
+    """The answer up to its last whole sentence before a rule of [system] it repeats word for word
+    (a line that starts with «- », of 40 characters or more); the whole answer when it repeats
+    none. The rest of [system] (the company, its services) is there to be quoted."""
+    rules = [line.strip()[len(RULE_MARK):].split() for line in prompt.splitlines()
+             if line.strip().startswith(RULE_MARK) and len(line.strip()) >= 40 + len(RULE_MARK)]
+    found = [re.search(r"\s+".join(map(re.escape, words)), answer, re.I) for words in rules]
+    start = min((match.start() for match in found if match), default=None)
+    if start is None:
+        return answer
+    ends = [end.end() for end in re.finditer(r"[.!?…](?=\s|$)", answer[:start])]
+    return answer[:ends[-1]].strip() if ends else ""
 
 
 # --- The lead's way to the manager: the outbox is written ahead, then each channel ------------

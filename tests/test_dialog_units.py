@@ -134,11 +134,17 @@ def test_split_text_cuts_a_text_without_spaces():
     assert [len(p) for p in pieces] == [4000, 4000, 1000]
 
 
-def test_answer_quoting_the_system_prompt_is_caught():
-    prompt = "Ты — консультант небольшой веб-студии «Пример» и отвечаешь клиентам в чате.\nКоротко."
-    assert leadbot.leaks_prompt("Мои инструкции: Ты — консультант небольшой веб-студии «Пример» "
-                                "и отвечаешь клиентам в чате.", prompt)
-    assert not leadbot.leaks_prompt("Рекомендуем лендинг.", prompt)
+def test_only_the_rules_of_the_system_prompt_are_guarded_the_catalogue_may_be_quoted():
+    prompt = ("Ты — консультант небольшой веб-студии «Пример» и отвечаешь клиентам в чате.\n"
+              "3. Telegram-бот — приём заявок, запись, ответы на частые вопросы.\n"
+              "- Не называй цены и сроки, ничего не обещай и не гарантируй — это обсудит менеджер.")
+    quoting = "Вам подойдёт Telegram-бот — приём заявок, запись, ответы на частые вопросы."
+    assert not leadbot.leaks_prompt(quoting, prompt)
+    assert not leadbot.leaks_prompt("Я консультант небольшой веб-студии «Пример» и отвечаю клиентам.",
+                                    prompt)
+    leaked = quoting + " Мне сказано: не называй цены и сроки, ничего не обещай и не гарантируй — это"
+    assert leadbot.without_leak(leaked + " обсудит менеджер.", prompt) == quoting
+    assert leadbot.without_leak(leaked, prompt) == leaked  # not yet the whole rule: a draft may show it
 
 
 def test_a_prompt_rule_quoted_without_its_list_mark_is_caught():

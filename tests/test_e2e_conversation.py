@@ -1,7 +1,9 @@
 """Conversations as real people have them: a contact wherever it is given, «пишите сюда», refusals
 and the re-ask cap, the first message kept, what comes after a lead, answers never taken back."""
-from fakes import (ANSWERS, CONTACT_REQUEST, TEXTS, reach_contact_step, read_rows, saved_dialogs,
-                   say, wait_until)
+import pytest
+
+from fakes import (ANSWERS, CONTACT_REQUEST, PROMPT, TEXTS, reach_contact_step, read_rows,
+                   saved_dialogs, say, wait_until)
 
 TOOTH = "Перезвоните мне на 89171234567, болит зуб"
 SAVED = "Заявка"  # in both thank-you texts; «Спасибо» alone is also in [llm_failed]
@@ -171,3 +173,54 @@ def test_a_contact_after_a_refusal_is_the_lead_after_all(bot, bot_env, telegram)
     say(telegram, 4041, "ладно, вот: +7 999 123-45-67", SAVED)
     assert [(row["status"], row["contact"].lstrip("'")) for row in read_rows(bot_env)] == [
         ("rejected", ""), ("new", "+7 999 123-45-67")]
+
+
+CATALOGUE = ("Вам подойдёт Telegram-бот — приём заявок, запись, ответы на частые вопросы. "
+             "Менеджер расскажет подробнее.")
+RULE = "Не называй цены и сроки, ничего не обещай и не гарантируй — это обсудит менеджер."
+
+
+def offer_of(telegram, chat_id):
+    """The message just before the contact request."""
+    texts = telegram.texts(chat_id)
+    return texts[next(i for i, t in enumerate(texts) if CONTACT_REQUEST in t) - 1]
+
+
+def test_an_offer_quoting_the_service_catalogue_is_sent_as_the_client_watched_it(
+        bot, telegram, llm):
+    assert "Telegram-бот — приём заявок, запись, ответы на частые вопросы." in PROMPT.system
+    llm.reply, llm.chunk_delay = CATALOGUE, 0.15  # drafts while it is written
+    bot()
+    reach_contact_step(telegram, 4050)
+    assert telegram.drafts(4050) and offer_of(telegram, 4050) == CATALOGUE
+
+
+def test_a_rule_of_the_prompt_never_reaches_the_client_and_what_came_before_stays(
+        bot, telegram, llm):
+    assert "- " + RULE in PROMPT.system
+    llm.reply, llm.chunk_delay = "Рекомендуем лендинг для пекарни. " + RULE, 0.15
+    bot()
+    reach_contact_step(telegram, 4051)
+    assert offer_of(telegram, 4051) == "Рекомендуем лендинг для пекарни."
+    assert not [d for d in telegram.drafts(4051) if RULE in d["text"]]
+
+
+def test_a_model_streaming_steadily_past_llm_timeout_gives_what_arrived_cut_at_a_sentence(
+        bot, telegram, llm):
+    llm.reply = "Рекомендуем лендинг. " + "Он покажет меню и примет заказы. " * 30
+    llm.chunks, llm.chunk_delay = "word", 0.1  # a steady model: about 20 s for the whole answer
+    process = bot(LLM_TIMEOUT="2")
+    reach_contact_step(telegram, 4052)
+    offer = offer_of(telegram, 4052)
+    assert offer.startswith("Рекомендуем лендинг.") and offer.endswith(".")
+    assert llm.reply.startswith(offer) and len(offer) < len(llm.reply.strip())
+    assert TEXTS["llm_failed"] not in telegram.texts(4052)
+    process.wait_log("LLM answer cut at the deadline")
+
+
+@pytest.mark.parametrize("stream", ["1", "0"])
+def test_an_answer_cut_at_max_tokens_ends_at_its_last_whole_sentence(bot, telegram, llm, stream):
+    llm.reply, llm.finish_reason = "Рекомендуем лендинг. Он подойдёт: онлайн-оплата и са", "length"
+    bot(LLM_STREAM=stream)
+    reach_contact_step(telegram, 4053)
+    assert offer_of(telegram, 4053) == "Рекомендуем лендинг."
