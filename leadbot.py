@@ -679,7 +679,8 @@ class Draft:
                     or self.refused or text and now - self.words_since < 0.1):
                 return
             shown = without_leak(text, self.bot.prompt.system)[:4000]  # a rule never shows
-            self.last, self.sending = now, threading.Thread(target=self.send, args=(shown,), daemon=True)
+            self.last = now
+            self.sending = threading.Thread(target=self.send, args=(shown,), daemon=True)
             self.sending.start()
 
     def send(self, text):

@@ -140,11 +140,11 @@ def test_only_the_rules_of_the_system_prompt_are_guarded_the_catalogue_may_be_qu
               "- Не называй цены и сроки, ничего не обещай и не гарантируй — это обсудит менеджер.")
     quoting = "Вам подойдёт Telegram-бот — приём заявок, запись, ответы на частые вопросы."
     assert not leadbot.leaks_prompt(quoting, prompt)
-    assert not leadbot.leaks_prompt("Я консультант небольшой веб-студии «Пример» и отвечаю клиентам.",
-                                    prompt)
-    leaked = quoting + " Мне сказано: не называй цены и сроки, ничего не обещай и не гарантируй — это"
-    assert leadbot.without_leak(leaked + " обсудит менеджер.", prompt) == quoting
-    assert leadbot.without_leak(leaked, prompt) == leaked  # not yet the whole rule: a draft may show it
+    about = "Я консультант небольшой веб-студии «Пример» и отвечаю клиентам."
+    assert not leadbot.leaks_prompt(about, prompt)
+    leaked = quoting + " Мне сказано: не называй цены и сроки, ничего не обещай и не гарантируй"
+    assert leadbot.without_leak(leaked + " — это обсудит менеджер.", prompt) == quoting
+    assert leadbot.without_leak(leaked, prompt) == leaked  # not the whole rule yet: a draft may show it
 
 
 def test_a_prompt_rule_quoted_without_its_list_mark_is_caught():
