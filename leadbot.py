@@ -44,9 +44,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def greet(bot, dialog, msg):
-    """Greets the client, asks the first question."""
+    """Greets the client, asks the first question; a first message that says more than hello
+    (not /start) is kept as the client's request."""
     name = f", {dialog['name']}" if dialog["name"] else ""
     bot.say(msg.chat_id, bot.text("greeting").replace("{name}", name))
+    if msg.text and not command_of(msg.text) and not GREETING_ONLY.fullmatch(plain_words(msg.text)):
+        dialog["request"] = msg.text
+    note_contact(bot, dialog, msg)
     ask_question(bot, msg.chat_id, 0)
     return "qualifying"
 
@@ -59,6 +63,7 @@ def take_answer(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("pick_button"))
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
         return "qualifying"
+    note_contact(bot, dialog, msg)
     dialog["answers"].append(button_text(question, msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
@@ -68,50 +73,113 @@ def take_answer(bot, dialog, msg):
 
 
 def make_offer(bot, dialog, msg):
-    """Sends the recommendation the LLM wrote, asks for a contact."""
+    """Sends the recommendation the LLM wrote, asks for a contact unless the client gave one
+    already (the lead is then saved with it as soon as the notes are in: handle_llm)."""
     dialog["offer"] = msg.offer
     bot.say(msg.chat_id, msg.offer, remove_keyboard=True)
-    ask_contact(bot, msg.chat_id)
+    if not dialog.get("contact"):
+        ask_contact(bot, msg.chat_id)
     return "collecting_contact"
 
 
 def take_contact(bot, dialog, msg):
-    """Saves the lead and thanks; a refusal ends politely; anything else gets the format explained."""
+    """A contact (or «пишите сюда») -> the lead; a refusal, or the REASK_CAP-th answer without a
+    contact -> goodbye with the door open; anything else gets the format explained once."""
     if msg.shared and not msg.own_contact:
         bot.say(msg.chat_id, bot.text("foreign_contact"), contact_button=True)
         return "collecting_contact"
-    contact = msg.shared or ", ".join(find_contacts(msg.text))
+    # A contact given earlier stands whatever comes now (after a lead no channel took, say).
+    contact = contact_in(bot, msg) or dialog.get("contact", "")
+    if contact:
+        return lead_with_contact(bot, dialog, msg, contact)
+    dialog["unanswered"] = dialog.get("unanswered", 0) + 1
     declined = msg.text == bot.text("decline_button")  # the «Не сейчас» button: no guess needed
-    if not contact and (declined or is_refusal(msg.text, asked_again=dialog.get("asked_again", False))):
+    if declined or is_refusal(msg.text) or dialog["unanswered"] >= REASK_CAP:
         commit_lead(bot, dialog, msg, "", "rejected")
         bot.say(msg.chat_id, bot.text("refused"), remove_keyboard=True)
         return "done"
-    if not contact:
-        dialog["asked_again"] = is_refusal(msg.text, asked_again=True)  # «нет, лучше на почту»: once more
-        bot.say(msg.chat_id, bot.text("contact_format"))
-        ask_contact(bot, msg.chat_id)
-        return "collecting_contact"
+    bot.say(msg.chat_id, bot.text("contact_format"))
+    ask_contact(bot, msg.chat_id)
+    return "collecting_contact"
+
+
+def lead_with_contact(bot, dialog, msg, contact):
+    """The one place a contact becomes a lead: saved and thanked; the next stage."""
     taken = commit_lead(bot, dialog, msg, contact, "new")
     if not taken:  # no channel took the lead: the client must not hear "saved"
         bot.say(msg.chat_id, bot.text("not_taken"))
         return "collecting_contact"
     bot.say(msg.chat_id, bot.text("thanks_saved" if "csv" in taken else "thanks_sent"), remove_keyboard=True)
+    dialog["saved"] = True
     return "done"
+
+
+def contact_given(bot, dialog, msg):
+    """The offer is out and the client gave a contact before it: the lead, without asking again."""
+    return lead_with_contact(bot, dialog, msg, dialog["contact"])
+
+
+def note_contact(bot, dialog, msg):
+    """A contact in any answer is the lead's: kept in the dialog, said once, not asked for again."""
+    known = dialog.get("contact", "")
+    found = [contact for contact in find_contacts(msg.text) if contact not in known.split(", ")]
+    if found and not known:
+        bot.say(msg.chat_id, bot.text("contact_noted"))
+    if found:
+        dialog["contact"] = ", ".join(([known] if known else []) + found)
+
+
+def contact_in(bot, msg):
+    """The contact a message gives: a shared one, its phones, emails, @usernames, or this chat."""
+    return msg.shared or ", ".join(find_contacts(msg.text)) or chat_contact(bot, msg)
+
+
+def chat_contact(bot, msg):
+    """«Пишите сюда»: this chat (and the sender's @username) is the way to reach the client."""
+    if not WRITE_HERE.search(plain_words(msg.text)):
+        return ""
+    username = f" @{msg.username}" if msg.username else ""
+    return f"{bot.source.capitalize()} chat {msg.chat_id}{username}"
 
 
 def thank_later(bot, dialog, msg):
     """The lead the client was asked to send again reached the manager after all: says so, ends the dialog."""
     bot.say(msg.chat_id, bot.text("thanks_later"), remove_keyboard=True)
     record_lead(bot, dialog, "contact")
+    dialog["saved"] = True
+    return "done"
+
+
+def after_end(bot, dialog, msg):
+    """After a saved lead, what the client writes is kept (the manager's to read) and one tap on
+    the button starts a new request. After a refusal, a contact is the lead after all; anything
+    else begins anew."""
+    if msg.text in (bot.text("new_request_button"), "1"):  # «1»: its number, as in the console
+        renew(bot, dialog, msg)
+        return greet(bot, dialog, msg._replace(text=""))
+    if not dialog.get("saved"):
+        contact = contact_in(bot, msg)
+        if contact:
+            return lead_with_contact(bot, dialog, msg, contact)
+        return start_over(bot, dialog, msg)
+    kept = dialog.get("after", []) + [{"text": msg.text, "at": round(time.time())}]
+    dialog["after"] = kept[-AFTER_KEPT:]
+    bot.say(msg.chat_id, bot.text("after_lead"), buttons=[bot.text("new_request_button")])
     return "done"
 
 
 def start_over(bot, dialog, msg):
     """Begins a new dialog and takes this message as the answer to the first question."""
-    old = dict(dialog)
-    dialog.clear()  # nothing of the finished dialog (offer, notes) stays in the new one but what is still to run:
-    dialog.update(new_dialog(msg.chat_id, old["name"], bot.source), waiting=old["waiting"], seen=old["seen"])
+    renew(bot, dialog, msg)
     return take_answer(bot, dialog, msg)
+
+
+def renew(bot, dialog, msg):
+    """The dialog begins anew in place: nothing of the old one (offer, notes) but what is to run."""
+    old = dict(dialog)
+    dialog.clear()
+    dialog.update(new_dialog(msg.chat_id, old["name"], bot.source), waiting=old["waiting"],
+                  seen=old["seen"])
 
 
 STAGES = {
@@ -119,8 +187,10 @@ STAGES = {
     "qualifying": take_answer,           # an answer -> the next question, or the offer is started
     "offering": make_offer,              # the LLM's recommendation -> sent, contact asked
     "collecting_contact": take_contact,  # a contact -> the lead; a refusal -> goodbye
-    "done": start_over,                  # a message after the end -> a new dialog
+    "done": after_end,                   # after a lead: kept, a new request offered
 }
+AFTER_KEPT = 10  # the client's messages after a lead kept in the dialog (dialog["after"])
+REASK_CAP = 2  # answers without a contact at the contact step before the dialog ends politely
 RETURN_AFTER = 3600  # seconds of silence after which a client in mid-dialog is welcomed back
 STOP_WAIT = mailer.TIMEOUT + 2  # seconds a stop waits for an email on its way (doc/deploy.md gives systemd 30)
 
@@ -315,7 +385,10 @@ def handle_llm(bot, event):
     if event.offer is not None:
         return advance(bot, event, dialog, make_offer)
     dialog["intent"], dialog["notes"], dialog["busy"] = event.intent, event.notes, False
-    save(bot, event.chat_id, dialog)  # the waiting messages stay saved until each is handled: a crash loses none
+    if dialog["stage"] == "collecting_contact" and dialog.get("contact"):
+        advance(bot, event, dialog, contact_given)  # given before the offer: saved with the notes
+    else:  # the waiting messages stay saved until each is handled: a crash loses none
+        save(bot, event.chat_id, dialog)
     replay(bot, event.chat_id)
 
 
@@ -519,8 +592,10 @@ Taken = collections.namedtuple("Taken", "chat_id dialog_id update_id", defaults=
 def start_offer(bot, chat_id, dialog):
     """Parks the chat and starts writing the offer (unless it was sent) and the manager's notes."""
     dialog["busy"] = True
-    # The seed's request shape; a contact typed into an answer never reaches the LLM.
-    answers = scrub(f"Контекст: {answers_text(bot, dialog)}\nЗапрос: {dialog['answers'][-1]}")
+    # The client's request (the first message, or else the first answer), the answers as its
+    # context; a contact typed into either never reaches the LLM.
+    request = dialog.get("request") or dialog["answers"][0]
+    answers = scrub(f"Контекст: {answers_text(bot, dialog)}\nЗапрос: {request}")
     args = (bot, chat_id, dialog["id"], answers, dialog["stage"] in ("qualifying", "offering"))
     threading.Thread(target=write_offer, args=args, daemon=True).start()
 
@@ -631,9 +706,13 @@ def ask_offer(bot, chat_id, dialog_id, answers):
         return bot.text("no_llm")
     draft = Draft(bot, chat_id, dialog_id)
     threading.Thread(target=bot.out.typing, args=(chat_id, draft.typing_done), daemon=True).start()
-    offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show)
+    offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show) or ""
     draft.close()
-    return bot.text("llm_failed") if not offer or leaks_prompt(offer, bot.prompt.system) else offer
+    safe = without_leak(offer, bot.prompt.system)  # as the drafts showed it: never taken back
+    if safe != offer:
+        log.warning("LLM offer repeated a rule of [system]: %s", "cut before it" if safe else
+                    "the fallback text sent")
+    return safe or bot.text("llm_failed")
 
 
 def ask_llm(bot, system, user, what, on_text=None):
@@ -682,7 +761,9 @@ class Draft:
             if (self.closed or self.sending and self.sending.is_alive() or now - self.last < 0.5
                     or self.refused or text and now - self.words_since < 0.1):
                 return
-            self.last, self.sending = now, threading.Thread(target=self.send, args=(text[:4000],), daemon=True)
+            shown = without_leak(text, self.bot.prompt.system)[:4000]  # a rule never shows
+            self.last = now
+            self.sending = threading.Thread(target=self.send, args=(shown,), daemon=True)
             self.sending.start()
 
     def send(self, text):
@@ -707,11 +788,26 @@ def answers_text(bot, dialog):
     return "; ".join(f"{q.label}: {a}" for q, a in zip(bot.prompt.questions, dialog["answers"]))
 
 
+RULE_MARK = "- "  # a [system] line that starts with it is a rule for the LLM, never for a client
+
+
 def leaks_prompt(answer, prompt):
-    """True when the answer repeats a sizeable line of the system prompt word for word."""
-    flat = " ".join(answer.split()).lower()
-    lines = (" ".join(x.split()).lower().lstrip("-*•0123456789. ") for x in prompt.splitlines())
-    return any(len(line) >= 40 and line in flat for line in lines)
+    """True when the answer repeats a rule of [system] word for word (see without_leak)."""
+    return without_leak(answer, prompt) != answer
+
+
+def without_leak(answer, prompt):
+    """The answer up to its last whole sentence before a rule of [system] it repeats word for word
+    (a line that starts with «- », of 40 characters or more); the whole answer when it repeats
+    none. The rest of [system] (the company, its services) is there to be quoted."""
+    rules = [line.strip()[len(RULE_MARK):].split() for line in prompt.splitlines()
+             if line.strip().startswith(RULE_MARK) and len(line.strip()) >= 40 + len(RULE_MARK)]
+    found = [re.search(r"\s+".join(map(re.escape, words)), answer, re.I) for words in rules]
+    start = min((match.start() for match in found if match), default=None)
+    if start is None:
+        return answer
+    ends = [end.end() for end in re.finditer(r"[.!?…](?=\s|$)", answer[:start])]
+    return answer[:ends[-1]].strip() if ends else ""
 
 
 # --- The lead's way to the manager: the outbox is written ahead, then each channel ------------
@@ -722,7 +818,8 @@ def commit_lead(bot, dialog, msg, contact, status):
     now = datetime.now(timezone.utc).astimezone()
     lead = {"timestamp": now.isoformat(timespec="seconds"), "chat_id": msg.chat_id,
             "client_name": dialog["name"], "contact": contact,
-            "intent": dialog.get("intent") or scrub(" ".join(dialog["answers"][0].split()[:8]))[:200],
+            "intent": dialog.get("intent") or scrub(" ".join(
+                (dialog.get("request") or dialog["answers"][0]).split()[:8]))[:200],
             "notes": dialog.get("notes") or scrub(answers_text(bot, dialog))[:MAX_TEXT], "source": bot.source,
             "status": status, "offer": dialog.get("offer", ""),
             "answers": [[q.label, a] for q, a in zip(bot.prompt.questions, dialog["answers"])]}
@@ -899,13 +996,27 @@ USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?(?:www\.)?(?:t|telegra
                          r"([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
 # Fullwidth + - ( ) . @ and space, as a Chinese or Japanese keyboard types them, made plain.
 WIDE = str.maketrans("\uff0b\uff0d\uff08\uff09\uff0e\uff20\u3000", "+-().@ ")
-REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен|не против))|неа|no(?! problem)"
-                        r"|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
-# After a «нет», words of sending the contact soon («нет-нет, сейчас напишу», «нет, погодите») and of another way
-# or time («нет, лучше в WhatsApp», «нет, не звоните»: either may be a refusal).
+# The word lists, all here, read on plain_words() (lower case, ё as е, no punctuation).
+# A refusal: the message starts with one, after polite words («спасибо, не надо», «пожалуй, нет»).
+REFUSAL_RE = re.compile(r"(?:(?:спасибо|благодарю|пожалуй|наверное|ну|извините|простите|пока|а|но"
+                        r"|да|мне) )*(?:нет(?! (?:проблем|вопрос|возражен|не против))|неа|nope"
+                        r"|no(?! problem)|не (?:хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас"
+                        r"|интересно|интересует|актуально)|неинтересно|отказ\w*|без контакт\w*"
+                        r"|отстан\w*|отвали\w*)\b")
+# After a «нет», words of sending the contact soon («нет-нет, сейчас напишу», «нет, погодите») and
+# of another way («нет, лучше в WhatsApp», «нет, не звоните»): no refusal, the bot asks once more
+# (REASK_CAP ends it after that).
 SENDING_SOON = re.compile(r"(?<!\bне )(минут|секунд|погод|подожд|момент|напиш|скин|пришл|найд)")
-OTHER_WAY = re.compile(r"сейчас|пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап|вотсап|"
-                       r"viber|вайбер|номер|лучше|давайте")
+OTHER_WAY = re.compile(r"пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап"
+                       r"|вотсап|viber|вайбер|номер|лучше|давайте")
+# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь»: this chat is the
+# contact (at the contact step). Broad on purpose: a chat taken for a contact costs the manager a
+# question in it; a missed one loses the lead.
+WRITE_HERE = re.compile(r"^(?!.*\bне (?:на)?пиш).*?(?:\b(?:на)?пиши(?:те)?\b"
+                        r"|(?<!\bне )\b(?:сюда|здесь|тут|в (?:этот|этом) чат\w*)$)")
+# A first message that only says hello is no request.
+GREETING_ONLY = re.compile(r"(?:(?:здравствуй\w*|привет\w*|добр\w* (?:день|утро|вечер)|hi|hello"
+                           r"|доброго времени суток|хай|start|старт|начать)(?: \w+)?)?")  # +1 word
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
@@ -958,12 +1069,18 @@ def is_phone(number):
     return len(digits) == 11 and digits[0] in "78" or len(digits) == 10 and digits[0] == "9"
 
 
-def is_refusal(text, asked_again=False):
-    """«Нет, не хочу» is a refusal, «нет-нет, сейчас напишу» is not. «Нет, лучше на почту» or «нет, не звоните» may
-    be: one is taken only when said again after the bot asked once more (a lead lost is worse than a question)."""
-    words = " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
+def plain_words(text):
+    """The text as the word lists see it: lower case, ё as е, one space apart, no punctuation."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
+
+
+def is_refusal(text):
+    """«Нет, не хочу», «спасибо, не надо», «отстаньте» are refusals; «нет-нет, сейчас напишу» is
+    not, nor «нет, лучше на почту» or «нет, не звоните» (asked once more: a lead lost is worse than
+    a question)."""
+    words = plain_words(text)
     return (bool(REFUSAL_RE.match(words)) and not SENDING_SOON.search(words)
-            and (asked_again or not OTHER_WAY.search(words)))
+            and not OTHER_WAY.search(words))
 
 
 def scrub(text):
@@ -990,10 +1107,10 @@ def command_of(text):
 
 # One client message, reduced to what the dialog needs: `shared` is the phone of a contact shared with the button
 # (own_contact: the sender's own), `media` a photo, sticker, voice … instead of text.
-# `voice`: the file_id, duration and file_size of a voice message.
-Incoming = collections.namedtuple("Incoming",
-                                  "chat_id text shared own_contact media first_name update_id voice",
-                                  defaults=("", "", True, False, "", None, None))
+# `voice`: the file_id, duration and file_size of a voice message; `username`: the sender's @name.
+Incoming = collections.namedtuple(
+    "Incoming", "chat_id text shared own_contact media first_name update_id voice username",
+    defaults=("", "", True, False, "", None, None, ""))
 MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "document", "location", "venue",
                "poll", "dice", "animation", "game", "caption")
 
@@ -1022,7 +1139,8 @@ def incoming_from(bot, update):
     return Incoming(chat["id"], text, clean_text((contact or {}).get("phone_number"))[:32],
                     not contact or contact.get("user_id") == sender.get("id"), media,
                     clean_text(sender.get("first_name"))[:64], update["update_id"],
-                    voice_of(message) if media == "voice" else None)
+                    voice_of(message) if media == "voice" else None,
+                    clean_text(sender.get("username"))[:32])
 
 
 def voice_of(message):
