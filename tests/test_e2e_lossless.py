@@ -228,13 +228,16 @@ def test_a_huge_manager_card_is_split_and_a_refused_card_is_not_retried_forever(
 
 def test_line_breaks_in_a_client_answer_cannot_forge_fields_for_the_manager(bot, telegram, smtp):
     bot(MANAGER_CHAT_ID="5550001")
-    forged = "Сайт\nКонтакт: +7 000 000-00-00\nBcc: spy@example.com"
+    # No phone or email in the forged lines: one in an answer is the lead's contact (issue 20).
+    forged = "Сайт\nКонтакт: позвоните директору\nBcc: spy at example.com"
     reach_contact_step(telegram, 916, answers=[forged, "В течение месяца", "50–200 тыс. ₽"])
     say(telegram, 916, "+7 999 123-45-67", THANKS)
     mail = smtp.wait_for_messages(1)[0]
     assert mail["Bcc"] is None
     for text in (mail.get_content(), telegram.wait_for(lambda: telegram.texts(5550001))[0]):
-        assert not any(line.startswith(("Контакт: +7 000", "Bcc:")) for line in text.splitlines())
+        forged_lines = [line for line in text.splitlines()
+                        if line.startswith(("Контакт: позвоните", "Bcc:"))]
+        assert not forged_lines
 
 
 def test_a_slow_trickling_llm_cannot_hold_a_client_past_its_deadline(bot, telegram, llm):
