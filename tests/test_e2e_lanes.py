@@ -2,6 +2,8 @@
 kill -9 cut off go out after the restart (no timing asserts: waits are bounded, order is checked)."""
 import threading
 
+import pytest
+
 import fakes
 from fakes import ANSWERS, CONTACT_REQUEST, QUESTIONS, TEXTS, saved_dialogs, wait_until
 
@@ -63,14 +65,23 @@ def test_502_on_one_send_in_three_in_a_burst_of_20_loses_no_reply_and_doubles_no
         assert len(texts) == len(expected) and all(e in t for e, t in zip(expected, texts)), (chat, texts)
 
 
+def hold_up(telegram, chat, fault):
+    """The chat's next sendMessage calls fail with 502 for good, or the next one hangs for 30 s."""
+    if fault == "502":
+        telegram.fail_chat(chat, "sendMessage", 502, "Bad Gateway", times=10_000)
+    else:
+        telegram.stall_chat(chat, "sendMessage", 30)
+
+
+@pytest.mark.parametrize("fault", ["502", "stalled"])
 def test_replies_pending_at_a_kill_9_go_out_after_the_restart_and_the_dialog_is_where_it_was(
-        bot, bot_env, telegram):
+        bot, bot_env, telegram, fault):
     chat = 5201
     first = bot()
     fakes.say(telegram, chat, "/start", QUESTIONS[0][1])
-    telegram.fail_chat(chat, "sendMessage", 502, "Bad Gateway", times=10_000)
+    hold_up(telegram, chat, fault)
     telegram.send_text(chat, ANSWERS[0])
-    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 4, 10, "the next question failing")
+    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 3, 10, "the next question held up")
     saved = saved_dialogs(bot_env["DATA_DIR"])[chat]
     assert saved["answers"] == ANSWERS[:1]  # the answer is kept at once, with what the client has still to read
     assert [reply[0] for reply in saved["replies"]] == [QUESTIONS[1][1]]
@@ -88,15 +99,16 @@ def test_replies_pending_at_a_kill_9_go_out_after_the_restart_and_the_dialog_is_
                message="the replies sent leave the saved dialog")
 
 
-def test_a_sigterm_while_replies_wait_for_telegram_sends_them_after_the_restart(bot, bot_env, telegram):
+@pytest.mark.parametrize("fault", ["502", "stalled"])
+def test_a_sigterm_while_replies_wait_for_telegram_sends_them_after_the_restart(bot, bot_env, telegram, fault):
     chat = 5251
     first = bot(RETRY_BASE_SECONDS="1", RETRY_MAX_SECONDS="2")
     fakes.say(telegram, chat, "/start", QUESTIONS[0][1])
-    telegram.fail_chat(chat, "sendMessage", 502, "Bad Gateway", times=10_000)
+    hold_up(telegram, chat, fault)
     telegram.send_text(chat, ANSWERS[0])
-    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 3, 10, "the next question failing")
+    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 3, 10, "the next question held up")
     first.terminate()
-    assert first.wait(5) == 0
+    assert first.wait(5) == 0  # a send hanging on its way is not waited for long
     with telegram._cond:
         telegram._faults.clear()
     bot()
@@ -122,3 +134,38 @@ def test_a_client_who_blocked_the_bot_has_the_dialog_ended_and_the_others_in_the
     telegram.unblock(gone)
     telegram.send_text(gone, "Привет")  # a new dialog: nothing of the old one is still pending
     assert telegram.wait_messages(gone, 4)[2:] == [GREETING, QUESTIONS[0][1]]
+
+
+def test_a_long_reply_cut_off_after_its_first_piece_goes_on_from_the_second_without_repeating(
+        bot, telegram, llm):
+    chat, offer = 5401, "Рекомендуем лендинг под ключ. " * 170  # 5,100 characters: two messages
+    llm.reply = offer.strip()
+    send, refused = telegram._methods["sendMessage"], []
+
+    def refuse_the_second_piece(params):
+        offer_sent = any(text.startswith("Рекомендуем") for text in telegram.texts(chat))
+        if offer_sent and not refused:
+            refused.append(params["text"])
+            raise fakes._ApiError(502, "Bad Gateway")
+        return send(params)
+    telegram._methods["sendMessage"] = refuse_the_second_piece
+    bot()
+    fakes.reach_contact_step(telegram, chat)
+    texts = telegram.texts(chat)
+    pieces = [text for text in texts if text.startswith("Рекомендуем")]
+    assert len(pieces) == 2 and refused and refused[0] == pieces[1]  # the failed piece, sent once after
+    assert " ".join(pieces).split() == offer.split() and CONTACT_REQUEST in texts[-1]
+    assert len(texts) == len(set(texts))
+
+
+def test_a_cancel_while_the_chat_waits_out_a_429_is_answered_after_the_replies_before_it(bot, bot_env, telegram):
+    chat = 5501
+    bot()
+    fakes.say(telegram, chat, "/start", QUESTIONS[0][1])
+    telegram.fail_chat(chat, "sendMessage", 429, "Too Many Requests: retry after 1", {"retry_after": 1})
+    telegram.send_text(chat, ANSWERS[0])
+    telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 3, 5, "the next question refused")
+    telegram.send_text(chat, "/cancel")
+    wait_until(lambda: chat not in saved_dialogs(bot_env["DATA_DIR"]), 5, message="the dialog dropped at once")
+    telegram.wait_messages(chat, 4)
+    assert telegram.texts(chat) == [GREETING, QUESTIONS[0][1], QUESTIONS[1][1], TEXTS["cancelled"]]
