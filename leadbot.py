@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 import zoneinfo
 from datetime import datetime, time as dtime, timedelta, timezone
 from pathlib import Path
@@ -42,9 +43,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def greet(bot, dialog, msg):
-    """Greets the client, asks the first question."""
+    """Greets the client, asks the first question; a first message that says more than hello
+    (not /start) is kept as the client's request."""
     name = f", {dialog['name']}" if dialog["name"] else ""
     bot.say(msg.chat_id, bot.text("greeting").replace("{name}", name))
+    if msg.text and not command_of(msg.text) and not GREETING_ONLY.fullmatch(plain_words(msg.text)):
+        dialog["request"] = msg.text
+    note_contact(bot, dialog, msg)
     ask_question(bot, msg.chat_id, 0)
     return "qualifying"
 
@@ -57,6 +62,7 @@ def take_answer(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("pick_button"))
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
         return "qualifying"
+    note_contact(bot, dialog, msg)
     dialog["answers"].append(button_text(question, msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
@@ -66,50 +72,113 @@ def take_answer(bot, dialog, msg):
 
 
 def make_offer(bot, dialog, msg):
-    """Sends the recommendation the LLM wrote, asks for a contact."""
+    """Sends the recommendation the LLM wrote, asks for a contact unless the client gave one
+    already (the lead is then saved with it as soon as the notes are in: handle_llm)."""
     dialog["offer"] = msg.offer
     bot.say(msg.chat_id, msg.offer, remove_keyboard=True)
-    ask_contact(bot, msg.chat_id)
+    if not dialog.get("contact"):
+        ask_contact(bot, msg.chat_id)
     return "collecting_contact"
 
 
 def take_contact(bot, dialog, msg):
-    """Saves the lead and thanks; a refusal ends politely; anything else gets the format explained."""
+    """A contact (or «пишите сюда») -> the lead; a refusal, or the REASK_CAP-th answer without a
+    contact -> goodbye with the door open; anything else gets the format explained once."""
     if msg.shared and not msg.own_contact:
         bot.say(msg.chat_id, bot.text("foreign_contact"), contact_button=True)
         return "collecting_contact"
-    contact = msg.shared or ", ".join(find_contacts(msg.text))
+    # A contact given earlier stands whatever comes now (after a lead no channel took, say).
+    contact = contact_in(bot, msg) or dialog.get("contact", "")
+    if contact:
+        return lead_with_contact(bot, dialog, msg, contact)
+    dialog["unanswered"] = dialog.get("unanswered", 0) + 1
     declined = msg.text == bot.text("decline_button")  # the «Не сейчас» button: no guess needed
-    if not contact and (declined or is_refusal(msg.text, asked_again=dialog.get("asked_again", False))):
+    if declined or is_refusal(msg.text) or dialog["unanswered"] >= REASK_CAP:
         commit_lead(bot, dialog, msg, "", "rejected")
         bot.say(msg.chat_id, bot.text("refused"), remove_keyboard=True)
         return "done"
-    if not contact:
-        dialog["asked_again"] = is_refusal(msg.text, asked_again=True)  # «нет, лучше на почту»: once more
-        bot.say(msg.chat_id, bot.text("contact_format"))
-        ask_contact(bot, msg.chat_id)
-        return "collecting_contact"
+    bot.say(msg.chat_id, bot.text("contact_format"))
+    ask_contact(bot, msg.chat_id)
+    return "collecting_contact"
+
+
+def lead_with_contact(bot, dialog, msg, contact):
+    """The one place a contact becomes a lead: saved and thanked; the next stage."""
     taken = commit_lead(bot, dialog, msg, contact, "new")
     if not taken:  # no channel took the lead: the client must not hear "saved"
         bot.say(msg.chat_id, bot.text("not_taken"))
         return "collecting_contact"
     bot.say(msg.chat_id, bot.text("thanks_saved" if "csv" in taken else "thanks_sent"), remove_keyboard=True)
+    dialog["saved"] = True
     return "done"
+
+
+def contact_given(bot, dialog, msg):
+    """The offer is out and the client gave a contact before it: the lead, without asking again."""
+    return lead_with_contact(bot, dialog, msg, dialog["contact"])
+
+
+def note_contact(bot, dialog, msg):
+    """A contact in any answer is the lead's: kept in the dialog, said once, not asked for again."""
+    known = dialog.get("contact", "")
+    found = [contact for contact in find_contacts(msg.text) if contact not in known.split(", ")]
+    if found and not known:
+        bot.say(msg.chat_id, bot.text("contact_noted"))
+    if found:
+        dialog["contact"] = ", ".join(([known] if known else []) + found)
+
+
+def contact_in(bot, msg):
+    """The contact a message gives: a shared one, its phones, emails, @usernames, or this chat."""
+    return msg.shared or ", ".join(find_contacts(msg.text)) or chat_contact(bot, msg)
+
+
+def chat_contact(bot, msg):
+    """«Пишите сюда»: this chat (and the sender's @username) is the way to reach the client."""
+    if not WRITE_HERE.search(plain_words(msg.text)):
+        return ""
+    username = f" @{msg.username}" if msg.username else ""
+    return f"{bot.source.capitalize()} chat {msg.chat_id}{username}"
 
 
 def thank_later(bot, dialog, msg):
     """The lead the client was asked to send again reached the manager after all: says so, ends the dialog."""
     bot.say(msg.chat_id, bot.text("thanks_later"), remove_keyboard=True)
     record_lead(bot, dialog, "contact")
+    dialog["saved"] = True
+    return "done"
+
+
+def after_end(bot, dialog, msg):
+    """After a saved lead, what the client writes is kept (the manager's to read) and one tap on
+    the button starts a new request. After a refusal, a contact is the lead after all; anything
+    else begins anew."""
+    if msg.text in (bot.text("new_request_button"), "1"):  # «1»: its number, as in the console
+        renew(bot, dialog, msg)
+        return greet(bot, dialog, msg._replace(text=""))
+    if not dialog.get("saved"):
+        contact = contact_in(bot, msg)
+        if contact:
+            return lead_with_contact(bot, dialog, msg, contact)
+        return start_over(bot, dialog, msg)
+    kept = dialog.get("after", []) + [{"text": msg.text, "at": round(time.time())}]
+    dialog["after"] = kept[-AFTER_KEPT:]
+    bot.say(msg.chat_id, bot.text("after_lead"), buttons=[bot.text("new_request_button")])
     return "done"
 
 
 def start_over(bot, dialog, msg):
     """Begins a new dialog and takes this message as the answer to the first question."""
-    old = dict(dialog)
-    dialog.clear()  # nothing of the finished dialog (offer, notes) stays in the new one but what is still to run:
-    dialog.update(new_dialog(msg.chat_id, old["name"], bot.source), waiting=old["waiting"], seen=old["seen"])
+    renew(bot, dialog, msg)
     return take_answer(bot, dialog, msg)
+
+
+def renew(bot, dialog, msg):
+    """The dialog begins anew in place: nothing of the old one (offer, notes) but what is to run."""
+    old = dict(dialog)
+    dialog.clear()
+    dialog.update(new_dialog(msg.chat_id, old["name"], bot.source), waiting=old["waiting"],
+                  seen=old["seen"])
 
 
 STAGES = {
@@ -117,8 +186,10 @@ STAGES = {
     "qualifying": take_answer,           # an answer -> the next question, or the offer is started
     "offering": make_offer,              # the LLM's recommendation -> sent, contact asked
     "collecting_contact": take_contact,  # a contact -> the lead; a refusal -> goodbye
-    "done": start_over,                  # a message after the end -> a new dialog
+    "done": after_end,                   # after a lead: kept, a new request offered
 }
+AFTER_KEPT = 10  # the client's messages after a lead kept in the dialog (dialog["after"])
+REASK_CAP = 2  # answers without a contact at the contact step before the dialog ends politely
 RETURN_AFTER = 3600  # seconds of silence after which a client in mid-dialog is welcomed back
 STOP_WAIT = mailer.TIMEOUT + 2  # seconds a stop waits for an email on its way (doc/deploy.md gives systemd 30)
 
@@ -211,8 +282,10 @@ def dispatch(bot, msg, old):
     command = command_of(msg.text)
     if command in COMMANDS:
         return COMMANDS[command](bot, msg, old)
+    if msg.media == "voice":
+        return listen(bot, msg)
     if msg.media or (msg.shared and (not old or old["stage"] != "collecting_contact")):
-        return bot.say(msg.chat_id, bot.text("voice_off" if msg.media == "voice" else "text_only"))
+        return bot.say(msg.chat_id, bot.text("text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)
     else:
@@ -306,7 +379,10 @@ def handle_llm(bot, event):
     if event.offer is not None:
         return advance(bot, event, dialog, make_offer)
     dialog["intent"], dialog["notes"], dialog["busy"] = event.intent, event.notes, False
-    save(bot, event.chat_id, dialog)  # the waiting messages stay saved until each is handled: a crash loses none
+    if dialog["stage"] == "collecting_contact" and dialog.get("contact"):
+        advance(bot, event, dialog, contact_given)  # given before the offer: saved with the notes
+    else:  # the waiting messages stay saved until each is handled: a crash loses none
+        save(bot, event.chat_id, dialog)
     replay(bot, event.chat_id)
 
 
@@ -455,6 +531,8 @@ def handle_event(bot, event):
             handle_llm(bot, event)
         elif isinstance(event, Taken):
             handle_taken(bot, event)
+        elif isinstance(event, Heard):
+            handle_heard(bot, event)
         elif msg := incoming_from(bot, event):
             handle(bot, msg)
     except Exception as e:  # noqa: BLE001 - one poisoned update must not block the others
@@ -465,6 +543,9 @@ def handle_event(bot, event):
             bot.offset = event["update_id"] + 1
 
 
+ALLOWED_UPDATES = ["message", "edited_message"]  # what getUpdates asks for; no other kind is sent
+
+
 def poll_telegram(bot):
     """The poller thread: getUpdates, each update into the inbox; the next call's offset confirms the
     batch only once all of it is handled, so a crash loses none (ids need not grow: Telegram restarts
@@ -473,7 +554,8 @@ def poll_telegram(bot):
     while not bot.stopping.is_set():
         try:
             updates = bot.out.call("getUpdates", http_timeout=bot.cfg.poll_timeout + bot.cfg.telegram_timeout,
-                                   offset=bot.offset, timeout=bot.cfg.poll_timeout, allowed_updates=["message"])
+                                   offset=bot.offset, timeout=bot.cfg.poll_timeout,
+                                   allowed_updates=ALLOWED_UPDATES)
             if not isinstance(updates, list):
                 raise TelegramError(0, "getUpdates answer is not a list")
             good = [u for u in updates if isinstance(u, dict) and type(u.get("update_id")) is int]
@@ -484,7 +566,7 @@ def poll_telegram(bot):
         except TelegramError as e:
             failures += 1
             if e.error_code in (401, 404):
-                bot.fatal = f"Telegram rejected TELEGRAM_BOT_TOKEN (HTTP {e.error_code})"
+                bot.fatal = f"Telegram отклонил TELEGRAM_BOT_TOKEN (HTTP {e.error_code}) — {TOKEN_FIX}"
                 return bot.stopping.set()
             delay = e.retry_after or backoff(bot.cfg, failures)
             explain_poll_error(e, failures, delay)
@@ -635,6 +717,8 @@ def marked_last(pieces):
 # What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
 Written = collections.namedtuple("Written", "chat_id dialog_id offer intent notes update_id",
                                  defaults=(None, "", "", None))
+# What a voice job hands back: the voice message and its text ("" when none came in time).
+Heard = collections.namedtuple("Heard", "msg text")
 # What the delivery thread hands back when a lead that no channel took at first reached one.
 Taken = collections.namedtuple("Taken", "chat_id dialog_id update_id", defaults=(None,))
 
@@ -642,8 +726,10 @@ Taken = collections.namedtuple("Taken", "chat_id dialog_id update_id", defaults=
 def start_offer(bot, chat_id, dialog):
     """Parks the chat and starts writing the offer (unless it was sent) and the manager's notes."""
     dialog["busy"] = True
-    # The seed's request shape; a contact typed into an answer never reaches the LLM.
-    answers = scrub(f"Контекст: {answers_text(bot, dialog)}\nЗапрос: {dialog['answers'][-1]}")
+    # The client's request (the first message, or else the first answer), the answers as its
+    # context; a contact typed into either never reaches the LLM.
+    request = dialog.get("request") or dialog["answers"][0]
+    answers = scrub(f"Контекст: {answers_text(bot, dialog)}\nЗапрос: {request}")
     args = (bot, chat_id, dialog["id"], answers, dialog["stage"] in ("qualifying", "offering"))
     threading.Thread(target=write_offer, args=args, daemon=True).start()
 
@@ -672,6 +758,78 @@ def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
                               notes=scrub(notes)[:MAX_TEXT]))
 
 
+# --- The voice job: a voice message's text, off the dispatcher's thread --------------------------
+
+VOICE_BYTES = 20 * 1024 * 1024  # the largest file the Bot API lets a bot download
+
+
+def listen(bot, msg):
+    """Starts transcribing a voice message; the client is asked to write when STT is off, or the
+    message is longer than VOICE_MAX_SECONDS or larger than 20 MB."""
+    voice = msg.voice or {}
+    if not bot.cfg.stt_model:
+        return bot.say(msg.chat_id, bot.text("voice_off"))
+    duration, size = voice.get("duration") or 0, voice.get("file_size") or 0
+    if not voice.get("file_id") or duration > bot.cfg.voice_max_seconds or size > VOICE_BYTES:
+        log.info("voice message not transcribed: chat %s, %d s, %d bytes", msg.chat_id, duration,
+                 size)
+        return bot.say(msg.chat_id, bot.text("voice_failed"))
+    threading.Thread(target=hear, args=(bot, msg), daemon=True).start()
+
+
+def hear(bot, msg):
+    """The voice job: the file from Telegram, then its text, within TELEGRAM_TIMEOUT + LLM_TIMEOUT
+    in all; the text goes to the dispatcher as Heard, "" when none came. Nothing of it is logged."""
+    answer = queue.Queue()
+
+    def call():
+        try:
+            answer.put(llm.transcribe(bot.cfg, voice_file(bot, msg.voice["file_id"])))
+        except Exception as e:  # noqa: BLE001 - whatever failed, the client is asked to write
+            reason = e if isinstance(e, llm.LLMError) else getattr(e, "reason", type(e).__name__)
+            log.warning("voice message not transcribed: chat %s, %s", msg.chat_id, reason)
+            answer.put("")
+    threading.Thread(target=call, daemon=True).start()
+    done = threading.Event()
+    threading.Thread(target=bot.out.typing, args=(msg.chat_id, done.is_set), daemon=True).start()
+    try:
+        text = answer.get(timeout=bot.cfg.telegram_timeout + bot.cfg.llm_timeout)
+    except queue.Empty:
+        log.warning("voice message not transcribed: chat %s, not within the deadline", msg.chat_id)
+        text = ""
+    done.set()
+    bot.inbox.put(Heard(msg, clean_text(text)))
+
+
+def voice_file(bot, file_id):
+    """The voice message's file, by getFile and a download of at most VOICE_BYTES; TelegramError
+    otherwise (its text never holds the URL, which holds the token)."""
+    found = bot.out.call("getFile", file_id=file_id) or {}
+    path = found.get("file_path") if isinstance(found, dict) else None
+    if not isinstance(path, str) or (found.get("file_size") or 0) > VOICE_BYTES:
+        raise TelegramError(0, "no file to download, or over 20 MB")
+    url = f"{bot.cfg.telegram_api_url}/file/bot{bot.cfg.telegram_bot_token}/{path}"
+    audio = bytearray()
+    try:
+        with requests.get(url, stream=True, timeout=(10, bot.cfg.telegram_timeout)) as response:
+            response.raise_for_status()
+            for chunk in response.iter_content(1 << 16):
+                audio += chunk
+                if len(audio) > VOICE_BYTES:
+                    raise TelegramError(0, "the file is over 20 MB")
+    except requests.RequestException as e:  # its text holds the URL
+        raise TelegramError(0, f"download failed ({type(e).__name__})") from None
+    return bytes(audio)
+
+
+def handle_heard(bot, event):
+    """A voice message's text is the client's message (not one Telegram sent: no update id to
+    remember); without one the client is asked to write."""
+    if not event.text:
+        return bot.say(event.msg.chat_id, bot.text("voice_failed"))
+    handle(bot, event.msg._replace(text=event.text, media=False, voice=None, update_id=None))
+
+
 def gone(bot, chat_id, dialog_id):
     """True once the dialog an LLM job writes for was cancelled, forgotten or started anew."""
     return (bot.journal.dialogs.get(chat_id) or {}).get("id") != dialog_id
@@ -682,9 +840,13 @@ def ask_offer(bot, chat_id, dialog_id, answers):
         return bot.text("no_llm")
     draft = Draft(bot, chat_id, dialog_id)
     threading.Thread(target=bot.out.typing, args=(chat_id, draft.typing_done), daemon=True).start()
-    offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show)
+    offer = ask_llm(bot, bot.prompt.system, answers, "offer", draft.show) or ""
     draft.close()
-    return bot.text("llm_failed") if not offer or leaks_prompt(offer, bot.prompt.system) else offer
+    safe = without_leak(offer, bot.prompt.system)  # as the drafts showed it: never taken back
+    if safe != offer:
+        log.warning("LLM offer repeated a rule of [system]: %s", "cut before it" if safe else
+                    "the fallback text sent")
+    return safe or bot.text("llm_failed")
 
 
 def ask_llm(bot, system, user, what, on_text=None):
@@ -733,7 +895,9 @@ class Draft:
             if (self.closed or self.sending and self.sending.is_alive() or now - self.last < 0.5
                     or self.refused or text and now - self.words_since < 0.1):
                 return
-            self.last, self.sending = now, threading.Thread(target=self.send, args=(text[:4000],), daemon=True)
+            shown = without_leak(text, self.bot.prompt.system)[:4000]  # a rule never shows
+            self.last = now
+            self.sending = threading.Thread(target=self.send, args=(shown,), daemon=True)
             self.sending.start()
 
     def send(self, text):
@@ -758,11 +922,26 @@ def answers_text(bot, dialog):
     return "; ".join(f"{q.label}: {a}" for q, a in zip(bot.prompt.questions, dialog["answers"]))
 
 
+RULE_MARK = "- "  # a [system] line that starts with it is a rule for the LLM, never for a client
+
+
 def leaks_prompt(answer, prompt):
-    """True when the answer repeats a sizeable line of the system prompt word for word."""
-    flat = " ".join(answer.split()).lower()
-    lines = (" ".join(x.split()).lower().lstrip("-*•0123456789. ") for x in prompt.splitlines())
-    return any(len(line) >= 40 and line in flat for line in lines)
+    """True when the answer repeats a rule of [system] word for word (see without_leak)."""
+    return without_leak(answer, prompt) != answer
+
+
+def without_leak(answer, prompt):
+    """The answer up to its last whole sentence before a rule of [system] it repeats word for word
+    (a line that starts with «- », of 40 characters or more); the whole answer when it repeats
+    none. The rest of [system] (the company, its services) is there to be quoted."""
+    rules = [line.strip()[len(RULE_MARK):].split() for line in prompt.splitlines()
+             if line.strip().startswith(RULE_MARK) and len(line.strip()) >= 40 + len(RULE_MARK)]
+    found = [re.search(r"\s+".join(map(re.escape, words)), answer, re.I) for words in rules]
+    start = min((match.start() for match in found if match), default=None)
+    if start is None:
+        return answer
+    ends = [end.end() for end in re.finditer(r"[.!?…](?=\s|$)", answer[:start])]
+    return answer[:ends[-1]].strip() if ends else ""
 
 
 # --- The lead's way to the manager: the outbox is written ahead, then each channel ------------
@@ -773,7 +952,8 @@ def commit_lead(bot, dialog, msg, contact, status):
     now = datetime.now(timezone.utc).astimezone()
     lead = {"timestamp": now.isoformat(timespec="seconds"), "chat_id": msg.chat_id,
             "client_name": dialog["name"], "contact": contact,
-            "intent": dialog.get("intent") or scrub(" ".join(dialog["answers"][0].split()[:8]))[:200],
+            "intent": dialog.get("intent") or scrub(" ".join(
+                (dialog.get("request") or dialog["answers"][0]).split()[:8]))[:200],
             "notes": dialog.get("notes") or scrub(answers_text(bot, dialog))[:MAX_TEXT], "source": bot.source,
             "status": status, "offer": dialog.get("offer", ""),
             "answers": [[q.label, a] for q, a in zip(bot.prompt.questions, dialog["answers"])]}
@@ -939,49 +1119,116 @@ def finish_lead(bot, item):
 # --- The client's words --------------------------------------------------------------------------
 
 MAX_TEXT = 2000  # kept of a client's message
-PHONE_RE = re.compile(r"(?<![\w+])\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d(?!\w)")
-EMAIL_RE = re.compile(r"[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}")
-USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?t\.me/)([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
-REFUSAL_RE = re.compile(r"(нет(?! (проблем|вопрос|возражен|не против))|неа|no(?! problem)"
-                        r"|не (хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас)|отказ\w*|без контакт\w*)\b")
-# After a «нет», words of sending the contact soon («нет-нет, сейчас напишу», «нет, погодите») and of another way
-# or time («нет, лучше в WhatsApp», «нет, не звоните»: either may be a refusal).
+# Every repetition in these is bounded: a search takes time linear in the text, whatever it holds.
+# A phone keeps its extension («доб. 123», «ext. 12», «#123»); is_phone judges the number alone.
+PHONE_RE = re.compile(r"(?<![\w+])(?P<number>\+?\d[\d \t().\-\u00a0\u202f\u2010-\u2015]{6,20}\d)"
+                      r"(?!\w)(?:[ \t]{0,3},?[ \t]{0,3}(?i:доб(?:авочный)?\.?|ext\.?|#)[ \t]{0,3}"
+                      r"\d{1,6}(?!\w))?")
+# An email ends with a punycode, Latin or Cyrillic top-level domain; a Latin one ends before
+# Cyrillic letters glued to it («ivan@mail.ruпишите» is ivan@mail.ru).
+EMAIL_RE = re.compile(r"[\w%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}"
+                      r"\.(?:xn--[A-Za-z0-9-]{1,59}(?![\w-])|[A-Za-z]{2,24}(?![A-Za-z0-9_-])"
+                      r"|[а-яёА-ЯЁ]{2,24}(?![\w-]))")
+USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?(?:www\.)?(?:t|telegram)\.me/)"
+                         r"([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# Fullwidth + - ( ) . @ and space, as a Chinese or Japanese keyboard types them, made plain.
+WIDE = str.maketrans("\uff0b\uff0d\uff08\uff09\uff0e\uff20\u3000", "+-().@ ")
+# The word lists, all here, read on plain_words() (lower case, ё as е, no punctuation).
+# A refusal: the message starts with one, after polite words («спасибо, не надо», «пожалуй, нет»).
+REFUSAL_RE = re.compile(r"(?:(?:спасибо|благодарю|пожалуй|наверное|ну|извините|простите|пока|а|но"
+                        r"|да|мне) )*(?:нет(?! (?:проблем|вопрос|возражен|не против))|неа|nope"
+                        r"|no(?! problem)|не (?:хочу|буду|надо|нужно|дам|оставлю|стоит|сейчас"
+                        r"|интересно|интересует|актуально)|неинтересно|отказ\w*|без контакт\w*"
+                        r"|отстан\w*|отвали\w*)\b")
+# After a «нет», words of sending the contact soon («нет-нет, сейчас напишу», «нет, погодите») and
+# of another way («нет, лучше в WhatsApp», «нет, не звоните»): no refusal, the bot asks once more
+# (REASK_CAP ends it after that).
 SENDING_SOON = re.compile(r"(?<!\bне )(минут|секунд|погод|подожд|момент|напиш|скин|пришл|найд)")
-OTHER_WAY = re.compile(r"сейчас|пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап|вотсап|"
-                       r"viber|вайбер|номер|лучше|давайте")
+OTHER_WAY = re.compile(r"пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап"
+                       r"|вотсап|viber|вайбер|номер|лучше|давайте")
+# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь»: this chat is the
+# contact (at the contact step). Broad on purpose: a chat taken for a contact costs the manager a
+# question in it; a missed one loses the lead.
+WRITE_HERE = re.compile(r"^(?!.*\bне (?:на)?пиш).*?(?:\b(?:на)?пиши(?:те)?\b"
+                        r"|(?<!\bне )\b(?:сюда|здесь|тут|в (?:этот|этом) чат\w*)$)")
+# A first message that only says hello is no request.
+GREETING_ONLY = re.compile(r"(?:(?:здравствуй\w*|привет\w*|добр\w* (?:день|утро|вечер)|hi|hello"
+                           r"|доброго времени суток|хай|start|старт|начать)(?: \w+)?)?")  # +1 word
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 def find_contacts(text):
-    """Every phone, email and @username in the text, as written, in order of appearance."""
-    found = [(m.start(), m.group()) for m in PHONE_RE.finditer(text) if is_phone(m.group())]
-    found += [(m.start(), m.group()) for m in EMAIL_RE.finditer(text)]
-    found += [(m.start(), "@" + m.group(1)) for m in USERNAME_RE.finditer(text)]
-    return [contact for _, contact in sorted(found)]
+    """Every phone, email and @username in the text, as written (digits made ASCII), in order."""
+    return [contact for _, _, contact in contact_spans(text)]
 
 
-def is_phone(candidate):
-    """+ and 8-15 digits (any country), or a Russian 8/7 and ten more digits."""
-    digits = re.sub(r"\D", "", candidate)
-    if candidate.startswith("+"):
+def contact_spans(text):
+    """(start, end, contact) of each contact in normal_digits(text), in order; of two that overlap
+    (79991234567@mail.ru) the one that starts first, or the longer, is kept."""
+    text = normal_digits(text)
+    found = [(m.start(), m.end(), m.group()) for m in EMAIL_RE.finditer(text)] + phone_spans(text)
+    found += [(m.start(), m.end(), "@" + m.group(1)) for m in USERNAME_RE.finditer(text)]
+    kept, end = [], 0
+    for span in sorted(found, key=lambda span: (span[0], -span[1])):
+        if span[0] >= end:
+            kept.append(span)
+            end = span[1]
+    return kept
+
+
+def phone_spans(text):
+    """Phones within a line, then one a line break cuts («+7 999\\n123-45-67»), kept on one line."""
+    spans = [(m.start(), m.end(), m.group()) for m in PHONE_RE.finditer(text)
+             if is_phone(m["number"])]
+    if "\n" in text:
+        for m in PHONE_RE.finditer(text.replace("\n", " ")):
+            if (text.count("\n", m.start(), m.end()) == 1 and is_phone(m["number"])
+                    and not any(start < m.end() and m.start() < end for start, end, _ in spans)):
+                spans.append((m.start(), m.end(), m.group()))
+    return spans
+
+
+def normal_digits(text):
+    """The text with every decimal digit as ASCII (fullwidth «８», Arabic-Indic «٨» …) and fullwidth
+    + - ( ) . @ and space made plain; its length stays, so positions in it are those of the text."""
+    if text.isascii():
+        return text
+    return re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group(), m.group())),
+                  text.translate(WIDE))
+
+
+def is_phone(number):
+    """+ and 8-15 digits (any country), a Russian 8/7 and ten more digits, or the ten digits of a
+    Russian mobile without them («999 123 45 67»)."""
+    digits = re.sub(r"\D", "", number)
+    if number.startswith("+"):
         return 8 <= len(digits) <= 15
-    return len(digits) == 11 and digits[0] in "78"
+    return len(digits) == 11 and digits[0] in "78" or len(digits) == 10 and digits[0] == "9"
 
 
-def is_refusal(text, asked_again=False):
-    """«Нет, не хочу» is a refusal, «нет-нет, сейчас напишу» is not. «Нет, лучше на почту» or «нет, не звоните» may
-    be: one is taken only when said again after the bot asked once more (a lead lost is worse than a question)."""
-    words = " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
+def plain_words(text):
+    """The text as the word lists see it: lower case, ё as е, one space apart, no punctuation."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("ё", "е")).split())
+
+
+def is_refusal(text):
+    """«Нет, не хочу», «спасибо, не надо», «отстаньте» are refusals; «нет-нет, сейчас напишу» is
+    not, nor «нет, лучше на почту» or «нет, не звоните» (asked once more: a lead lost is worse than
+    a question)."""
+    words = plain_words(text)
     return (bool(REFUSAL_RE.match(words)) and not SENDING_SOON.search(words)
-            and (asked_again or not OTHER_WAY.search(words)))
+            and not OTHER_WAY.search(words))
 
 
 def scrub(text):
-    """Removes anything that looks like a contact, for text that goes to the LLM or the notes; and <think> tags,
-    which an LLM echoing them would take for the end of its reasoning."""
-    text = EMAIL_RE.sub("[контакт]", re.sub(r"</?think", "<_think", text, flags=re.I))
-    text = PHONE_RE.sub(lambda m: "[контакт]" if is_phone(m.group()) else m.group(), text)
-    return USERNAME_RE.sub("[контакт]", text)
+    """«[контакт]» for anything that looks like a contact, in text for the LLM or the notes; and
+    <think> tags broken, which an LLM echoing them would take for the end of its reasoning."""
+    text = normal_digits(re.sub(r"</?think", "<_think", text, flags=re.I))
+    pieces, last = [], 0
+    for start, end, _ in contact_spans(text):
+        pieces += [text[last:start], "[контакт]"]
+        last = end
+    return "".join(pieces) + text[last:]
 
 
 def clean_text(text):
@@ -997,15 +1244,19 @@ def command_of(text):
 
 # One client message, reduced to what the dialog needs: `shared` is the phone of a contact shared with the button
 # (own_contact: the sender's own), `media` a photo, sticker, voice … instead of text.
-Incoming = collections.namedtuple("Incoming", "chat_id text shared own_contact media first_name update_id",
-                                  defaults=("", "", True, False, "", None))
+# `voice`: the file_id, duration and file_size of a voice message; `username`: the sender's @name.
+Incoming = collections.namedtuple(
+    "Incoming", "chat_id text shared own_contact media first_name update_id voice username",
+    defaults=("", "", True, False, "", None, None, ""))
 MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "document", "location", "venue",
                "poll", "dice", "animation", "game", "caption")
 
 
 def incoming_from(bot, update):
-    """The client message in an update, or None for updates the bot does not answer."""
-    message = update.get("message")
+    """The client message in an update, or None for updates the bot does not answer. A caption is
+    the message's text only when it holds a contact (the file itself goes nowhere); an edited
+    message is taken, as a new message, only when it holds a contact and the bot asks for one."""
+    message = update.get("message") or update.get("edited_message")
     if not isinstance(message, dict) or not isinstance(message.get("from"), dict) or message["from"].get("is_bot"):
         return None
     sender, chat, text = message["from"], message.get("chat") or {}, clean_text(message.get("text"))
@@ -1014,13 +1265,34 @@ def incoming_from(bot, update):
         bot.say(chat["id"], bot.text("private_only"))
     if chat.get("type") != "private" or type(chat.get("id")) is not int:
         return None
+    if not text and find_contacts(caption := clean_text(message.get("caption"))):
+        text = caption  # «мой номер …» under a photo: the number is what the client sends
+    if "message" not in update and not edit_taken(bot, chat["id"], text):
+        return None
     contact = message["contact"] if isinstance(message.get("contact"), dict) else None
     media = not text and not contact and next((k for k in MEDIA_KINDS if k in message), False)
     if not (text or contact or media):
         return None  # a service message (someone joined, a pin ...) is not the client talking
     return Incoming(chat["id"], text, clean_text((contact or {}).get("phone_number"))[:32],
                     not contact or contact.get("user_id") == sender.get("id"), media,
-                    clean_text(sender.get("first_name"))[:64], update["update_id"])
+                    clean_text(sender.get("first_name"))[:64], update["update_id"],
+                    voice_of(message) if media == "voice" else None,
+                    clean_text(sender.get("username"))[:32])
+
+
+def voice_of(message):
+    """What the voice job needs of a voice message: its file id, duration and size, as numbers."""
+    voice = message["voice"] if isinstance(message["voice"], dict) else {}
+    numbers = {key: voice[key] if type(voice.get(key)) is int else 0 for key in ("duration", "file_size")}
+    return {"file_id": str(voice.get("file_id") or "")[:200], **numbers}
+
+
+def edit_taken(bot, chat_id, text):
+    """An edit counts when it adds the contact the bot asks for; any other is ignored, so an answer
+    corrected later never answers a question again."""
+    dialog = bot.journal.dialogs.get(chat_id)
+    return bool(dialog and dialog["stage"] == "collecting_contact" and not expired(bot, dialog)
+                and find_contacts(text))
 
 
 # --- The Bot API -------------------------------------------------------------------------------
@@ -1722,7 +1994,7 @@ def run_telegram(cfg):
     except TelegramError:
         if bot.stopping.is_set():
             return 0
-        raise ConfigError(["Telegram rejected TELEGRAM_BOT_TOKEN"]) from None
+        raise ConfigError([f"Telegram отклонил TELEGRAM_BOT_TOKEN — {TOKEN_FIX}"]) from None
     log.info("started as @%s (email: %s, LLM: %s)", (me or {}).get("username"),
              "on" if cfg.smtp_host else "off", "on" if cfg.llm_base_url else "off")
     print("\n".join(startup_summary(cfg, bot.prompt, bot.channels)), flush=True)  # for the owner
@@ -1872,6 +2144,9 @@ def checks():
     yield store.check(cfg)
 
 
+TOKEN_FIX = "скопируйте токен ещё раз у @BotFather (/mybots → бот → API Token) в TELEGRAM_BOT_TOKEN"
+
+
 def check_telegram(cfg):
     """getMe names the bot; then whether a webhook keeps polling from getting any message."""
     tg = Telegram(cfg, threading.Event())
@@ -1879,9 +2154,7 @@ def check_telegram(cfg):
         me = tg.call("getMe")
     except TelegramError as e:
         if e.error_code in (401, 404):
-            return [(False, f"Telegram: токен отклонён (HTTP {e.error_code}) — скопируйте его ещё "
-                            "раз у @BotFather (/mybots → ваш бот → API Token) "
-                            "в TELEGRAM_BOT_TOKEN")]
+            return [(False, f"Telegram: токен отклонён (HTTP {e.error_code}) — {TOKEN_FIX}")]
         if e.error_code:
             return [(False, f"Telegram: ответил HTTP {e.error_code} — попробуйте через минуту; "
                             "если ошибка останется, проверьте TELEGRAM_API_URL")]

@@ -47,16 +47,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _usable_dir(path: Path) -> Path:
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
-        raise StoreError(f"DATA_DIR {path} is a file, not a folder — set DATA_DIR to a folder")
-    problem, probe = "cannot be created", path / f".probe-{os.getpid()}"
+        raise StoreError(f"DATA_DIR {path} — это файл, а не папка: укажите в DATA_DIR папку")
+    problem, probe = "не удаётся создать папку", path / f".probe-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        problem = "is not writable"
+        problem = "папка недоступна для записи"
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise StoreError(f"DATA_DIR {path} {problem} ({type(e).__name__}) — give this user write access "
-                         "or set DATA_DIR to another folder") from None
+        raise StoreError(f"DATA_DIR {path}: {problem} ({type(e).__name__}) — дайте этому "
+                         "пользователю право записи или укажите в DATA_DIR другую папку") from None
     return path
 
 
@@ -65,8 +65,8 @@ def _try_lock(folder: Path):
     try:
         f = open(folder / ".lock", "a+b")
     except OSError as e:
-        raise StoreError(f"cannot open {folder / '.lock'} ({type(e).__name__}) — "
-                         "give this user write access to it") from None
+        raise StoreError(f"не удаётся открыть {folder / '.lock'} ({type(e).__name__}) — "
+                         "дайте этому пользователю право записи в него") from None
     try:
         if os.name == "nt":
             import msvcrt
@@ -85,7 +85,7 @@ def open_data_dir(path: Path) -> object:
     """Create DATA_DIR and lock it; keep the returned handle for the life of the process."""
     path = _usable_dir(path)
     if (handle := _try_lock(path)) is None:
-        raise StoreError(f"another copy of leadbot is already running on DATA_DIR {path} — stop it first")
+        raise StoreError(f"на DATA_DIR {path} уже работает другая копия leadbot — сначала остановите её")
     _make_private(path)
     return handle
 
@@ -110,8 +110,8 @@ def relock(path: Path, handle) -> object:
     except StoreError:  # the folder itself is gone or renamed for now: each file's write says so; tried again
         return handle
     if new is None:
-        raise StoreError(f"another copy of leadbot started on DATA_DIR {path} after its .lock was deleted — "
-                         "stop one of them, and leave .lock in place")
+        raise StoreError(f"на DATA_DIR {path} запустилась другая копия leadbot, пока .lock был удалён — "
+                         "остановите одну из них и не удаляйте .lock")
     handle.close()
     log.warning("%s was deleted while the bot ran; it is back (leave it in place)", path / ".lock")
     return new
@@ -128,12 +128,12 @@ def check(cfg) -> tuple[bool | None, str]:
     except StoreError as e:
         return False, str(e)
     except OSError as e:
-        return False, (f"DATA_DIR: {leads.path} cannot be written ({type(e).__name__}) — close it in other programs "
-                       "or let the user the bot runs as write it")
+        return False, (f"DATA_DIR: {leads.path} не открывается на запись ({type(e).__name__}) — закройте его в "
+                       "других программах или дайте пользователю бота право записи")
     if handle:
         handle.close()  # only a momentary try: closing the file releases the lock
-    running = "no bot is running on it now" if handle else "the bot is running on this folder"
-    return True, f"DATA_DIR: {path} is writable; leads go to {leads.path}; {running}"
+    running = "бот на ней сейчас не запущен" if handle else "бот работает с этой папкой"
+    return True, f"DATA_DIR: {path} доступна для записи; заявки пишутся в {leads.path}; {running}"
 
 
 def _delimiter_of(text: str) -> str | None:
@@ -165,17 +165,17 @@ class Leads:
         try:
             text = self.path.read_bytes().decode("utf-8").removeprefix("\ufeff") if self.path.exists() else ""
         except UnicodeError:
-            raise StoreError(f"leads.csv {self.path} is not UTF-8 text (saved as ANSI or Unicode?) — in Excel save it "
-                             "as «CSV UTF-8», or move it away and start again") from None
+            raise StoreError(f"leads.csv {self.path} не в кодировке UTF-8 (сохранён как ANSI или Юникод?) — "
+                             "в Excel сохраните его как «CSV UTF-8» или уберите файл и запустите бота снова") from None
         except OSError as e:
-            raise StoreError(f"leads.csv {self.path} cannot be read ({type(e).__name__}) — "
-                             "close it in other programs or fix its permissions") from None
+            raise StoreError(f"leads.csv {self.path} не читается ({type(e).__name__}) — "
+                             "закройте его в других программах или исправьте права доступа") from None
         if not text:
             return
         found = _delimiter_of(text)
         if found is None:
-            raise StoreError(f"leads.csv {self.path} has other columns than {','.join(COLUMNS)} — "
-                             "rename or move it and start again")
+            raise StoreError(f"в leads.csv {self.path} другие столбцы, а нужны {','.join(COLUMNS)} — "
+                             "переименуйте или уберите файл и запустите бота снова")
         if found != delimiter:
             log.warning("leads.csv uses %r, CSV_DELIMITER says %r — appending with %r", found, delimiter, found)
         self.delimiter = found
@@ -186,8 +186,8 @@ class Leads:
         if row != [PROBE]:
             cell = row[-1]  # the open cell is '"' + its text with quotes doubled, up to the end
             line = text.count("\n", 0, len(text) + len(PROBE) + 1 - len(cell) - cell.count('"')) + 1
-            raise StoreError(f"leads.csv {self.path}: the quoted cell starting on line {line} is never closed "
-                             "— add the closing \" in an editor, then start again")
+            raise StoreError(f"leads.csv {self.path}: ячейка в кавычках со строки {line} не закрыта "
+                             "— допишите закрывающую \" в редакторе и запустите бота снова")
 
     def position(self) -> int:
         """Where the next row will start: the size of the file (0 if it is missing)."""
@@ -277,7 +277,7 @@ class Journal:
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
         except OSError as e:
-            raise StoreError(f"{self.path} cannot be read ({type(e).__name__}) — fix its permissions") from None
+            raise StoreError(f"{self.path} не читается ({type(e).__name__}) — исправьте права доступа") from None
         *lines, torn = text.split("\n")  # torn is "" when the file ends with a line break, else ignored
         bad = [line for line in lines if line.strip() and not self._apply(line)]
         # The bot's own torn or bad lines (a crash, a full disk) never stop a start: they are set aside, and
@@ -477,7 +477,7 @@ def stats(path: Path, now: float, open_seconds: float = 72 * 3600) -> dict:
     try:
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     except OSError as e:
-        raise StoreError(f"{path} cannot be read ({type(e).__name__}) — it must be a file this user may read") from None
+        raise StoreError(f"{path} не читается ({type(e).__name__}) — это должен быть файл, который этот пользователь может читать") from None
     for line in text.split("\n"):
         try:
             ev = json.loads(line)  # a dialog starts with its first event

@@ -146,3 +146,16 @@ def test_malformed_settings_are_each_named(check, telegram):
     problems = [text for text in lines if text.startswith("✗ Настройки")]
     for name in ("SMTP_SECURITY", "LLM_TIMEOUT", "MANAGER_EMAIL"):
         assert any(name in text for text in problems), name
+
+
+def test_speech_recognition_is_probed_when_stt_model_is_set(check, telegram, llm):
+    code, lines = check()
+    assert "STT_MODEL" in line(lines, "- STT") and llm.transcriptions == []
+    code, lines = check(STT_MODEL="whisper-1")
+    assert code == 0 and "whisper-1" in line(lines, "✓ STT")
+    [probe] = llm.transcriptions
+    assert (probe["model"], probe["filename"]) == ("whisper-1", "voice.ogg")
+    assert probe["data"].startswith(b"OggS")
+    llm.stt_models = ["another-model"]
+    code, lines = check(STT_MODEL="whisper-1")
+    assert code == 1 and "STT_MODEL" in line(lines, "✗ STT")

@@ -63,7 +63,10 @@ def test_contact_search_is_linear_on_a_huge_word():
 
 
 @pytest.mark.parametrize("text", ["нет", "Нет.", "не хочу", "Не буду!", "не надо, спасибо", "отказываюсь",
-                                  "без контактов", "Не хочу оставлять контакты", "Нет, спасибо"])
+                                  "без контактов", "Не хочу оставлять контакты", "Нет, спасибо",
+                                  "спасибо, не надо", "Пожалуй, нет", "Отстаньте", "не интересно",
+                                  "nope", "не сейчас", "Нет, сейчас не нужно", "да нет",
+                                  "Спасибо, не интересует"])
 def test_refusals_are_recognised(text):
     assert leadbot.is_refusal(text)
 
@@ -73,21 +76,35 @@ def test_refusals_are_recognised(text):
                                   "Забыл добавить\nнет логотипа, его тоже нужно сделать",  # joined while the LLM wrote
                                   "Звучит хорошо, спасибо!\nНе нужно ничего сложного", "нет-нет, сейчас напишу",
                                   "Нет, погодите", "Нет, мне напишите в телеграм", "Нет, минуту, найду номер",
-                                  "Нет, не против"])
+                                  "Нет, не против", "спасибо"])
 def test_other_text_is_not_a_refusal(text):
-    assert not leadbot.is_refusal(text) and not leadbot.is_refusal(text, asked_again=True)
+    assert not leadbot.is_refusal(text)
 
 
 @pytest.mark.parametrize("text", [
-    "Нет, номер не дам", "Нет, не звоните мне", "Нет, почту не дам", "Нет, в телеграм не пишите", "не сейчас",
-    "Нет, звонить не надо", "Нет, сейчас не нужно", "Нет, лучше не надо",  # refusals, said twice
-    "Нет, лучше пишите сюда в телеграм", "Нет, звоните на этот номер: восемь девятьсот", "Нет, давайте почту",
+    "Нет, номер не дам", "Нет, не звоните мне", "Нет, почту не дам", "Нет, в телеграм не пишите",
+    "Нет, звонить не надо", "Нет, лучше не надо",
+    "Нет, звоните на этот номер: восемь девятьсот", "Нет, давайте почту",
     "нет телефона, только почта, скажите куда писать", "Нет, лучше в WhatsApp", "Нет, мне лучше на почту",
     "Нет номера, есть почта", "Нет, наберите меня", "Нет, позвоню сам", "Нет, ничего отправлять не надо",
 ])
-def test_a_no_that_goes_on_to_another_way_or_to_wait_is_a_refusal_only_when_said_again(text):
-    # The bot cannot tell «нет, лучше на почту» from «нет, почту не дам»: it asks once more, then takes a refusal.
-    assert not leadbot.is_refusal(text) and leadbot.is_refusal(text, asked_again=True)
+def test_a_no_that_goes_on_to_another_way_is_no_refusal_the_re_ask_cap_ends_it(text):
+    # The bot cannot tell «нет, лучше на почту» from «нет, почту не дам»: it asks once more
+    # (REASK_CAP ends it).
+    assert not leadbot.is_refusal(text)
+
+
+@pytest.mark.parametrize("text", ["нет у меня почты, пишите сюда", "пишите в телеграм",
+                                  "лучше напишите сюда", "Нет, не надо мне звонить, лучше напишите",
+                                  "Нет, мне напишите в телеграм", "можно здесь", "Напиши мне"])
+def test_write_here_names_this_chat(text):
+    assert leadbot.WRITE_HERE.search(leadbot.plain_words(text))
+
+
+@pytest.mark.parametrize("text", ["Нет, в телеграм не пишите", "не пишите сюда", "только не сюда",
+                                  "нужно написать текст", "нет", "Нет, лучше в WhatsApp"])
+def test_no_write_here_without_asking_to_write_here(text):
+    assert not leadbot.WRITE_HERE.search(leadbot.plain_words(text))
 
 
 def test_scrub_removes_every_kind_of_contact():
@@ -117,11 +134,17 @@ def test_split_text_cuts_a_text_without_spaces():
     assert [len(p) for p in pieces] == [4000, 4000, 1000]
 
 
-def test_answer_quoting_the_system_prompt_is_caught():
-    prompt = "Ты — консультант небольшой веб-студии «Пример» и отвечаешь клиентам в чате.\nКоротко."
-    assert leadbot.leaks_prompt("Мои инструкции: Ты — консультант небольшой веб-студии «Пример» "
-                                "и отвечаешь клиентам в чате.", prompt)
-    assert not leadbot.leaks_prompt("Рекомендуем лендинг.", prompt)
+def test_only_the_rules_of_the_system_prompt_are_guarded_the_catalogue_may_be_quoted():
+    prompt = ("Ты — консультант небольшой веб-студии «Пример» и отвечаешь клиентам в чате.\n"
+              "3. Telegram-бот — приём заявок, запись, ответы на частые вопросы.\n"
+              "- Не называй цены и сроки, ничего не обещай и не гарантируй — это обсудит менеджер.")
+    quoting = "Вам подойдёт Telegram-бот — приём заявок, запись, ответы на частые вопросы."
+    assert not leadbot.leaks_prompt(quoting, prompt)
+    about = "Я консультант небольшой веб-студии «Пример» и отвечаю клиентам."
+    assert not leadbot.leaks_prompt(about, prompt)
+    leaked = quoting + " Мне сказано: не называй цены и сроки, ничего не обещай и не гарантируй"
+    assert leadbot.without_leak(leaked + " — это обсудит менеджер.", prompt) == quoting
+    assert leadbot.without_leak(leaked, prompt) == leaked  # not the whole rule yet: a draft may show it
 
 
 def test_a_prompt_rule_quoted_without_its_list_mark_is_caught():
@@ -177,3 +200,36 @@ def test_the_waiting_list_never_drops_a_contact_for_later_small_talk():
         waiting = leadbot.queued(waiting, {"chat_id": 1, "text": f"ещё {i}"})
     assert len(waiting) == 20
     assert waiting[0]["text"] == "+7 999 123-45-67" and waiting[-1]["text"] == "ещё 24"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("+7 495 123-45-67 доб. 123", ["+7 495 123-45-67 доб. 123"]),
+    ("8 495 123 45 67, ДОБ 45, после обеда", ["8 495 123 45 67, ДОБ 45"]),
+    ("+7 495 123-45-67 ext. 12", ["+7 495 123-45-67 ext. 12"]),
+    ("+7 495 123-45-67#123", ["+7 495 123-45-67#123"]),
+    ("Пишите: o'brien@mail.ru.", ["o'brien@mail.ru"]),
+    ("ivan@xn--e1afmkfd.xn--p1ai", ["ivan@xn--e1afmkfd.xn--p1ai"]),
+    ("ivan@mail.ruпишите", ["ivan@mail.ru"]),
+    ("８ ９１２ ３４５ ６７ ８９", ["8 912 345 67 89"]),
+    ("٨٩١٢٣٤٥٦٧٨٩", ["89123456789"]),
+    ("۸۹۱۲۳۴۵۶۷۸۹", ["89123456789"]),  # Extended Arabic-Indic (Persian)
+    ("https://telegram.me/ivan_petrov", ["@ivan_petrov"]),
+    ("999 123 45 67", ["999 123 45 67"]),
+    ("+7 912\n345-67-89", ["+7 912 345-67-89"]),
+    ("8 999 123 45 67\n8 999 765 43 21", ["8 999 123 45 67", "8 999 765 43 21"]),
+    ("79991234567@mail.ru", ["79991234567@mail.ru"]),
+])
+def test_contacts_as_people_write_them(text, expected):
+    assert leadbot.find_contacts(text) == expected
+
+
+@pytest.mark.parametrize("text", ["123 45 67", "899 123 45 67", "1999 год\n12 месяцев", "доб. 123",
+                                  "1\n2\n3\n4\n5\n6\n7\n8\n9\n0", "ivan@mail.ru1", "#123"])
+def test_numbers_that_are_no_phone(text):
+    assert leadbot.find_contacts(text) == []
+
+
+def test_scrub_takes_the_extension_and_keeps_the_text_around():
+    assert leadbot.scrub("Звоните +7 495 123-45-67 доб. 123 вечером") == "Звоните [контакт] вечером"
+    scrubbed = leadbot.scrub("почта ivan@mail.ruпишите, ８ ９１２ ３４５ ６７ ８９")
+    assert scrubbed == "почта [контакт]пишите, [контакт]"

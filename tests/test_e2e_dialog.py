@@ -35,7 +35,7 @@ def test_a_client_goes_from_start_to_a_saved_and_emailed_lead(bot, bot_env, tele
     system, user = offer_request["messages"]
     assert system["role"] == "system" and "Пример" in system["content"]
     assert user["role"] == "user" and user["content"].startswith("Контекст: ")
-    assert "\nЗапрос: " + ANSWERS[-1] in user["content"]
+    assert user["content"].endswith("\nЗапрос: " + ANSWERS[0])  # after /start: the first answer
     assert llm.requests[0]["headers"]["Authorization"] == "Bearer test-llm-key-SECRET"
     assert all("999 123-45-67" not in str(r["json"]) for r in llm.requests)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import fakes
+import leadbot
 from fakes import ANSWERS, CONTACT_REQUEST, reach_contact_step, read_rows, run_bot, saved_dialogs, say, wait_until
 from fakes import QUESTIONS, SUMMARY_PROMPT, TEXTS
 
@@ -49,7 +50,7 @@ def test_a_rejected_token_stops_start_up_with_one_line_and_exit_2(bot_env, teleg
     result = run_bot(env, cwd=tmp_path, timeout=20)
     output = result.stdout + result.stderr
     assert result.returncode == 2
-    assert output.strip().splitlines() == ["leadbot: Telegram rejected TELEGRAM_BOT_TOKEN"]
+    assert output.strip().splitlines() == ["leadbot: Telegram отклонил TELEGRAM_BOT_TOKEN — " + leadbot.TOKEN_FIX]
     assert not any(part in output for part in token_parts(env["TELEGRAM_BOT_TOKEN"]))
 
 
@@ -62,7 +63,7 @@ def test_an_html_error_page_with_401_or_404_stops_the_bot_instead_of_retrying_fo
     process = bot()
     assert process.wait() == 2
     output = process.output()
-    assert "Telegram rejected TELEGRAM_BOT_TOKEN" in output and "Traceback" not in output
+    assert "Telegram отклонил TELEGRAM_BOT_TOKEN" in output and "Traceback" not in output
     assert not any(part in output for part in token_parts(telegram.token))
 
 
@@ -72,7 +73,7 @@ def test_a_token_revoked_after_start_up_stops_the_bot_with_exit_2(bot, telegram)
     assert process.wait() == 2
     assert telegram.calls("getMe")
     output = process.output()
-    assert "Telegram rejected TELEGRAM_BOT_TOKEN" in output and "Traceback" not in output
+    assert "Telegram отклонил TELEGRAM_BOT_TOKEN" in output and "Traceback" not in output
     assert not any(part in output for part in token_parts(telegram.token))
 
 
@@ -493,4 +494,4 @@ def test_a_deleted_lock_file_never_lets_two_copies_run_on_one_data_dir(bot, bot_
     second = bot()
     wait_until(lambda: not (first.alive() and second.alive()), 10)
     (stopped,) = [process for process in (first, second) if not process.alive()]
-    assert stopped.wait(5) == 2 and "another copy of leadbot" in stopped.output()
+    assert stopped.wait(5) == 2 and "другая копия leadbot" in stopped.output()

@@ -5,7 +5,6 @@ from fakes import ANSWERS, CONTACT_REQUEST, FakeTelegram, reach_contact_step, re
 from fakes import PROMPT, QUESTIONS, TEXTS
 
 GREETING = "Здравствуйте"
-FALLBACK = TEXTS["llm_failed"]
 MEDIA = ["photo", "sticker", "voice", "video", "document", "location", "poll"]
 
 
@@ -179,10 +178,11 @@ def test_prompt_injection_cannot_change_the_stage_or_get_the_system_prompt_shown
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[2901]["stage"] == "collecting_contact", 5,
                message="the dialog saved at the contact step")
     assert read_rows(bot_env) == []
-    prompt_lines = [line for line in PROMPT.system.splitlines() if len(line) > 30]
-    shown = "\n".join(telegram.texts(2901))
-    assert FALLBACK in shown
-    assert not any(line in shown for line in prompt_lines)
+    # Issue 20: the rules («- » lines) never reach a client, drafts included; the company and its
+    # services may be quoted (what came before the first rule is the offer).
+    rules = [line[2:] for line in PROMPT.system.splitlines() if line.startswith("- ")]
+    shown = "\n".join(telegram.texts(2901) + [d["text"] for d in telegram.drafts(2901)])
+    assert rules and not any(rule in shown for rule in rules)
     for request in llm.requests:
         system, user = request["json"]["messages"]
         assert (system["role"], user["role"]) == ("system", "user")

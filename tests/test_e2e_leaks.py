@@ -147,7 +147,7 @@ def test_no_secret_or_client_data_reaches_stdout_stderr_or_the_log_file(
                      "not an OpenAI-compatible API", "cannot reach the server (ConnectionError)",
                      "refused a message (400)", "blocked the bot", "sending too fast",
                      "email for chat", "email delivered", "webhook is set", "stopped",
-                     "Telegram rejected TELEGRAM_BOT_TOKEN", "SMTP-сервер 127.0.0.1"]:
+                     "Telegram отклонил TELEGRAM_BOT_TOKEN", "SMTP-сервер 127.0.0.1"]:
         assert expected in everything, f"the scenario did not produce {expected!r}"
     for secret in SECRETS:
         at = everything.find(secret)

@@ -56,7 +56,7 @@ def test_a_quoted_cell_left_open_stops_start_up_and_names_the_line(bot_env, tmp_
     before = path.read_bytes()
     result = run_bot(bot_env, cwd=tmp_path)
     assert result.returncode == 2
-    assert "line 4" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "строки 4" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert path.read_bytes() == before
 
 
@@ -74,9 +74,9 @@ def test_a_second_copy_on_the_same_data_folder_exits_2_and_says_why(bot, bot_env
     first.wait_log("started")
     result = run_bot(bot_env, cwd=tmp_path, timeout=10)
     assert result.returncode == 2
-    assert "another copy" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "другая копия" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     check = run_bot(bot_env, "--check", cwd=tmp_path)
-    assert "running" in check.stdout
+    assert "бот работает с этой папкой" in check.stdout
     full_dialog(telegram, 903)  # the first copy is unharmed
     assert first.alive()
 
@@ -91,7 +91,7 @@ def test_a_copy_killed_with_kill_9_leaves_no_stale_lock(bot, bot_env, telegram):
     full_dialog(telegram, 904)
 
 
-@pytest.mark.parametrize("where, reason", [("data", "is a file"), ("data/inner", "cannot be created")])
+@pytest.mark.parametrize("where, reason", [("data", "это файл"), ("data/inner", "не удаётся создать")])
 def test_a_data_dir_that_cannot_hold_data_stops_start_up(bot_env, tmp_path, where, reason):
     (tmp_path / "data").write_text("not a folder")
     result = run_bot({**bot_env, "DATA_DIR": str(tmp_path / where)}, cwd=tmp_path, timeout=10)
@@ -228,13 +228,16 @@ def test_a_huge_manager_card_is_split_and_a_refused_card_is_not_retried_forever(
 
 def test_line_breaks_in_a_client_answer_cannot_forge_fields_for_the_manager(bot, telegram, smtp):
     bot(MANAGER_CHAT_ID="5550001")
-    forged = "Сайт\nКонтакт: +7 000 000-00-00\nBcc: spy@example.com"
+    # No phone or email in the forged lines: one in an answer is the lead's contact (issue 20).
+    forged = "Сайт\nКонтакт: позвоните директору\nBcc: spy at example.com"
     reach_contact_step(telegram, 916, answers=[forged, "В течение месяца", "50–200 тыс. ₽"])
     say(telegram, 916, "+7 999 123-45-67", THANKS)
     mail = smtp.wait_for_messages(1)[0]
     assert mail["Bcc"] is None
     for text in (mail.get_content(), telegram.wait_for(lambda: telegram.texts(5550001))[0]):
-        assert not any(line.startswith(("Контакт: +7 000", "Bcc:")) for line in text.splitlines())
+        forged_lines = [line for line in text.splitlines()
+                        if line.startswith(("Контакт: позвоните", "Bcc:"))]
+        assert not forged_lines
 
 
 def test_a_slow_trickling_llm_cannot_hold_a_client_past_its_deadline(bot, telegram, llm):

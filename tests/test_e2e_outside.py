@@ -58,8 +58,7 @@ def test_a_phone_pasted_with_no_break_spaces_or_dashes_is_a_contact(bot, bot_env
     say(telegram, 1504, "/start", "задача")
     say(telegram, 1504, f"Сайт для кафе, звоните {phone}", QUESTIONS[1][1])
     say(telegram, 1504, ANSWERS[1], QUESTIONS[2][1])
-    say(telegram, 1504, ANSWERS[2], CONTACT_REQUEST)
-    say(telegram, 1504, phone, THANKS)
+    say(telegram, 1504, ANSWERS[2], TEXTS["thanks_saved"][:20])  # the first answer's contact
     assert read_rows(bot_env)[0]["contact"].lstrip("'") == phone
     assert not [r for r in llm.requests if "999" in str(r["json"]["messages"])]  # never sent to the LLM
 
@@ -87,8 +86,12 @@ def test_a_flood_after_the_last_answer_ending_with_the_contact_still_gives_the_l
     for i in range(12):
         telegram.send_text(1506, f"а ещё вопрос {i}")
     telegram.send_text(1506, "+7 999 123-45-67")
-    wait_until(lambda: read_rows(bot_env), timeout=10)
-    assert read_rows(bot_env)[0]["contact"].lstrip("'") == "+7 999 123-45-67"
+    # The re-ask cap may end the dialog before the phone is read (a rejected row): the phone is
+    # the lead all the same.
+    def new_contacts():
+        return [row["contact"].lstrip("'") for row in read_rows(bot_env) if row["status"] == "new"]
+    wait_until(new_contacts, timeout=10)
+    assert new_contacts() == ["+7 999 123-45-67"]
 
 
 def test_cancel_while_the_llm_writes_is_answered_at_once_and_no_offer_follows(bot, telegram, llm):
@@ -273,10 +276,14 @@ def test_a_no_further_on_in_texts_joined_while_the_llm_writes_is_not_a_refusal(b
 def test_messages_queued_behind_a_lead_are_all_answered_after_it(bot, bot_env, telegram, llm):
     while_the_llm_writes(bot, bot_env, telegram, llm, 3803, lambda: telegram.send_contact(3803, "+79991234567"),
                          "Ещё нужен логотип", lambda: telegram.send_media(3803, "photo"), "Срок — месяц")
-    telegram.wait_for(lambda: telegram.texts(3803).count(QUESTIONS[2][1]) == 2, 10, "the last queued message answered")
-    wait_until(lambda: len(saved_dialogs(bot_env["DATA_DIR"])[3803]["answers"]) == 2, 5)
+    # After the lead, what the client wrote is kept for the manager (issue 20), not a new
+    # request's answers.
+    telegram.wait_for(lambda: telegram.texts(3803).count(TEXTS["after_lead"]) == 2, 10,
+                      "each queued text answered")
+    wait_until(lambda: len(saved_dialogs(bot_env["DATA_DIR"])[3803].get("after", [])) == 2, 5)
     dialog = saved_dialogs(bot_env["DATA_DIR"])[3803]
-    assert dialog["answers"] == ["Ещё нужен логотип", "Срок — месяц"] and "offer" not in dialog
+    assert [m["text"] for m in dialog["after"]] == ["Ещё нужен логотип", "Срок — месяц"]
+    assert dialog["stage"] == "done" and len(dialog["answers"]) == len(ANSWERS)
     assert TEXTS["text_only"] in telegram.texts(3803) and len(read_rows(bot_env)) == 1
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fakes import (ANSWERS, CONTACT_REQUEST, copy_app, full_dialog, reach_contact_step, read_rows, run_bot, say,
-                   start_bot, wait_until)
+from fakes import (ANSWERS, CONTACT_REQUEST, PROMPT, copy_app, full_dialog, reach_contact_step,
+                   read_rows, run_bot, say, start_bot, wait_until)
 
 THANKS = "Спасибо"
 
@@ -135,10 +135,13 @@ def test_a_comma_file_keeps_its_commas_when_the_setting_says_semicolon(bot, bot_
     assert "','" in process.output() or "," in process.output()
 
 
-def test_a_message_after_a_finished_dialog_starts_a_new_one_as_the_first_answer(bot, telegram):
+def test_a_message_after_a_finished_dialog_is_kept_and_the_button_starts_a_new_one(bot, telegram):
     bot()
     full_dialog(telegram, 1105)
-    reply = say(telegram, 1105, "А ещё нужен интернет-магазин", "Когда")
+    # Issue 20: kept for the manager, no junk request started.
+    say(telegram, 1105, "А ещё нужен интернет-магазин", PROMPT.texts["after_lead"][:20])
+    say(telegram, 1105, PROMPT.texts["new_request_button"], "задача")
+    reply = say(telegram, 1105, "Интернет-магазин", "Когда")
     assert "С возвращением" not in "\n".join(telegram.texts(1105))
     assert reply
 

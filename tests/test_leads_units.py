@@ -172,7 +172,7 @@ def test_a_file_ending_inside_an_open_quoted_cell_is_refused_and_untouched(path,
         Leads(path, ",")
     message = str(error.value)
     assert len(message.splitlines()) == 1
-    assert f"line {line} " in message and str(path) in message and "editor" in message
+    assert f"строки {line} " in message and str(path) in message and "редакторе" in message
     assert path.read_bytes() == before
 
 
@@ -209,7 +209,7 @@ def test_a_file_without_bom_gets_none(path):
 ])
 def test_a_file_that_is_not_utf8_is_refused_and_untouched(path, content):
     path.write_bytes(content)
-    with pytest.raises(StoreError, match="is not UTF-8 text"):
+    with pytest.raises(StoreError, match="не в кодировке UTF-8"):
         Leads(path, ";")
     assert path.read_bytes() == content
 
@@ -225,14 +225,14 @@ def test_a_file_with_other_columns_is_refused_and_untouched(path, content):
     path.write_bytes(content)
     with pytest.raises(StoreError) as error:
         Leads(path, ",")
-    assert str(error.value) == (f"leads.csv {path} has other columns than {','.join(COLUMNS)} — "
-                                "rename or move it and start again")
+    assert str(error.value) == (f"в leads.csv {path} другие столбцы, а нужны {','.join(COLUMNS)} — "
+                                "переименуйте или уберите файл и запустите бота снова")
     assert path.read_bytes() == content
 
 
 def test_a_folder_named_leads_csv_is_a_plain_error(path):
     path.mkdir()
-    with pytest.raises(StoreError, match="cannot be read"):
+    with pytest.raises(StoreError, match="не читается"):
         Leads(path, ",")
 
 
@@ -347,7 +347,7 @@ def test_forget_in_a_100000_row_file(path):
 def test_start_up_checks_a_100000_row_file_with_an_open_quote_at_the_end(path):
     body = "".join(f'2026-01-01T00:00:00+00:00,{n},Client {n},x,y,"a\nb",telegram,new\r\n' for n in range(100_000))
     path.write_bytes(BOM + header() + body.encode() + b'z,1,"open')
-    with pytest.raises(StoreError, match="line 200002 "):
+    with pytest.raises(StoreError, match="строки 200002 "):
         Leads(path, ",")
 
 

@@ -64,13 +64,13 @@ def test_a_second_copy_is_refused_until_the_first_is_killed(tmp_path):
     holder = python(HOLD, data)
     try:
         assert holder.stdout.readline() == "locked\n"
-        message = f"another copy of leadbot is already running on DATA_DIR {data} — stop it first"
+        message = f"на DATA_DIR {data} уже работает другая копия leadbot — сначала остановите её"
         with pytest.raises(StoreError) as error:
             open_data_dir(data)
         assert str(error.value) == message
         second = python(TRY, data)
         assert second.communicate(timeout=30) == (message + "\n", None) and second.returncode == 3
-        assert check(cfg(data))[1].endswith("the bot is running on this folder")
+        assert check(cfg(data))[1].endswith("бот работает с этой папкой")
     finally:
         holder.send_signal(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
         holder.wait(timeout=30)
@@ -93,7 +93,7 @@ def test_a_deleted_lock_file_is_taken_again_or_names_the_copy_that_took_it(tmp_p
     holder = python(HOLD, data)  # and a second copy starts before the next check
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(StoreError, match="after its .lock was deleted"):
+        with pytest.raises(StoreError, match="пока .lock был удалён"):
             store.relock(data, handle)
     finally:
         holder.kill()
@@ -122,7 +122,7 @@ def test_a_data_dir_that_is_a_file(tmp_path):
     data.write_text("not a folder")
     with pytest.raises(StoreError) as error:
         open_data_dir(data)
-    assert str(error.value) == f"DATA_DIR {data} is a file, not a folder — set DATA_DIR to a folder"
+    assert str(error.value) == f"DATA_DIR {data} — это файл, а не папка: укажите в DATA_DIR папку"
     assert check(cfg(data)) == (False, str(error.value))
     assert data.read_text() == "not a folder"
 
@@ -131,7 +131,7 @@ def test_a_data_dir_that_cannot_be_created(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(StoreError) as error:
         open_data_dir(tmp_path / "file" / "data")
-    assert str(error.value).startswith(f"DATA_DIR {tmp_path / 'file' / 'data'} cannot be created (")
+    assert str(error.value).startswith(f"DATA_DIR {tmp_path / 'file' / 'data'}: не удаётся создать папку (")
     assert len(str(error.value).splitlines()) == 1
 
 
@@ -142,22 +142,22 @@ def test_a_data_dir_that_is_not_writable(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "open", read_only, raising=False)
     with pytest.raises(StoreError) as error:
         open_data_dir(tmp_path / "data")
-    assert str(error.value).startswith(f"DATA_DIR {tmp_path / 'data'} is not writable (PermissionError) — ")
+    assert str(error.value).startswith(f"DATA_DIR {tmp_path / 'data'}: папка недоступна для записи (PermissionError) — ")
 
 
 @root_only
 def test_a_read_only_data_dir(tmp_path):
     data = tmp_path / "data"
     data.mkdir(mode=0o500)
-    with pytest.raises(StoreError, match="is not writable"):
+    with pytest.raises(StoreError, match="недоступна для записи"):
         open_data_dir(data)
 
 
 def test_a_relative_data_dir_is_named_by_its_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ok, text = check(cfg(Path("data")))
-    assert ok and text == (f"DATA_DIR: {tmp_path / 'data'} is writable; leads go to {tmp_path / 'data' / 'leads.csv'}; "
-                           "no bot is running on it now")
+    assert ok and text == (f"DATA_DIR: {tmp_path / 'data'} доступна для записи; заявки пишутся в {tmp_path / 'data' / 'leads.csv'}; "
+                           "бот на ней сейчас не запущен")
 
 
 def test_check_neither_keeps_the_lock_nor_touches_leads_csv(tmp_path):
@@ -171,8 +171,8 @@ def test_check_neither_keeps_the_lock_nor_touches_leads_csv(tmp_path):
 
 
 @pytest.mark.parametrize("content, words", [
-    (b"name,phone\r\n", "has other columns"),
-    (b"timestamp;chat_id;client_name;contact;intent;notes;source;status\r\nx;1;\"open", "line 2 "),
+    (b"name,phone\r\n", "другие столбцы"),
+    (b"timestamp;chat_id;client_name;contact;intent;notes;source;status\r\nx;1;\"open", "строки 2 "),
 ])
 def test_check_reports_a_leads_csv_the_bot_would_refuse(tmp_path, content, words):
     (tmp_path / "leads.csv").write_bytes(content)
@@ -190,7 +190,7 @@ def test_check_fails_for_a_leads_csv_the_bot_could_not_add_to(tmp_path, monkeypa
         return real_open(path, mode, *args, **kwargs)
     monkeypatch.setattr(store, "open", read_only, raising=False)
     ok, text = check(cfg(tmp_path))
-    assert ok is False and "cannot be written (PermissionError)" in text
+    assert ok is False and "не открывается на запись (PermissionError)" in text
     monkeypatch.undo()
     assert check(cfg(tmp_path))[0] is True  # and the lock was let go
 
@@ -317,7 +317,7 @@ def test_erase_raises_when_the_file_cannot_be_rewritten(state, monkeypatch):
 
 def test_an_unreadable_journal_is_a_plain_error(state):
     state.mkdir()
-    with pytest.raises(StoreError, match="cannot be read"):
+    with pytest.raises(StoreError, match="не читается"):
         Journal(state, always)
 
 
@@ -542,7 +542,7 @@ def test_stats_of_a_hand_edited_nan_stay_json_and_of_a_folder_give_one_line(tmp_
     assert json.loads(json.dumps(stats(path, NOW), allow_nan=False))["all"]["median_seconds_to_contact"] is None
     path.unlink()
     path.mkdir()
-    with pytest.raises(StoreError, match="cannot be read"):
+    with pytest.raises(StoreError, match="не читается"):
         stats(path, NOW)
 
 
