@@ -2169,7 +2169,23 @@ def check_telegram(cfg):
         return [token, (False, "Telegram: у бота задан вебхук, и сообщения до бота не дойдут — "
                                "впишите в .env DELETE_WEBHOOK=1, и бот удалит вебхук при запуске")]
     return [token, (True, "Telegram: задан вебхук; DELETE_WEBHOOK=1 удалит его при запуске" if hook
-                    else "Telegram: вебхука нет, бот будет получать сообщения")]
+                    else "Telegram: вебхука нет, бот будет получать сообщения"),
+            *check_manager_chat(cfg, tg)]
+
+
+def check_manager_chat(cfg, tg):
+    """Whether the bot can reach MANAGER_CHAT_ID: a card to a chat it cannot see is lost."""
+    if not cfg.manager_chat_id:
+        return []
+    try:
+        tg.call("getChat", chat_id=cfg.manager_chat_id)
+    except TelegramError as e:
+        if not e.error_code or e.error_code >= 500:
+            return [(None, f"Telegram: не удалось проверить чат менеджеров ({e.reason})")]
+        return [(False, f"Telegram: чат MANAGER_CHAT_ID недоступен боту (HTTP {e.error_code}) — "
+                        "добавьте бота в группу (в канал — администратором) или пусть менеджер "
+                        "напишет боту /start, и проверьте число в MANAGER_CHAT_ID")]
+    return [(True, "Telegram: чат менеджеров доступен, карточки заявок дойдут")]
 
 
 STAGE_NAMES = {"greeting": "после приветствия", "qualifying": "на вопросах",
