@@ -73,6 +73,16 @@ def hold_up(telegram, chat, fault):
         telegram.stall_chat(chat, "sendMessage", 30)
 
 
+def restart_and_see_the_pending_question(bot, telegram, chat):
+    """Telegram works again and the bot restarts: the question still owed goes out, once, in order."""
+    with telegram._cond:
+        telegram._faults.clear()
+    bot()
+    telegram.wait_for(lambda: QUESTIONS[1][1] in telegram.texts(chat), 10, "the pending question after the restart")
+    fakes.say(telegram, chat, ANSWERS[1], QUESTIONS[2][1])
+    assert telegram.texts(chat) == [GREETING, QUESTIONS[0][1], QUESTIONS[1][1], QUESTIONS[2][1]]
+
+
 @pytest.mark.parametrize("fault", ["502", "stalled"])
 def test_replies_pending_at_a_kill_9_go_out_after_the_restart_and_the_dialog_is_where_it_was(
         bot, bot_env, telegram, fault):
@@ -87,12 +97,7 @@ def test_replies_pending_at_a_kill_9_go_out_after_the_restart_and_the_dialog_is_
     assert [reply[0] for reply in saved["replies"]] == [QUESTIONS[1][1]]
     first.kill()
     first.wait()
-    with telegram._cond:
-        telegram._faults.clear()
-    bot()
-    telegram.wait_for(lambda: QUESTIONS[1][1] in telegram.texts(chat), 10, "the pending question after the restart")
-    fakes.say(telegram, chat, ANSWERS[1], QUESTIONS[2][1])
-    assert telegram.texts(chat) == [GREETING, QUESTIONS[0][1], QUESTIONS[1][1], QUESTIONS[2][1]]
+    restart_and_see_the_pending_question(bot, telegram, chat)
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[chat]["answers"] == ANSWERS[:2], 5,
                message="each answer kept once, in order")
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[chat]["replies"] == [], 5,
@@ -109,12 +114,7 @@ def test_a_sigterm_while_replies_wait_for_telegram_sends_them_after_the_restart(
     telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 3, 10, "the next question held up")
     first.terminate()
     assert first.wait(5) == 0  # a send hanging on its way is not waited for long
-    with telegram._cond:
-        telegram._faults.clear()
-    bot()
-    telegram.wait_for(lambda: QUESTIONS[1][1] in telegram.texts(chat), 10, "the pending question after the restart")
-    fakes.say(telegram, chat, ANSWERS[1], QUESTIONS[2][1])
-    assert telegram.texts(chat) == [GREETING, QUESTIONS[0][1], QUESTIONS[1][1], QUESTIONS[2][1]]
+    restart_and_see_the_pending_question(bot, telegram, chat)
 
 
 def test_a_client_who_blocked_the_bot_has_the_dialog_ended_and_the_others_in_the_batch_are_served(
