@@ -9,7 +9,6 @@ way to the manager, then the plumbing (the client's words, the Bot API, prompt.t
 import argparse
 import collections
 import contextlib
-import concurrent.futures
 import copy
 import difflib
 import io
@@ -231,7 +230,15 @@ def valid_dialog(dialog):
     kinds = dict(id=str, answers=list, name=str, updated_at=(int, float), seen=list, waiting=list, busy=bool)
     return (dialog.get("stage") in STAGES and all(isinstance(dialog.get(key), kind) for key, kind in kinds.items())
             and all(isinstance(msg, dict) and "chat_id" in msg and set(msg) <= set(Incoming._fields)
-                    for msg in dialog["waiting"]))
+                    for msg in dialog["waiting"]) and valid_replies(dialog.get("replies", [])))
+
+
+def valid_replies(replies):
+    """[text, markup, id] each: what the client has still to read (older dialogs have none)."""
+    markups = {"buttons", "contact_button", "remove_keyboard"}
+    return isinstance(replies, list) and all(
+        isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[2], str)
+        and isinstance(r[1], dict) and set(r[1]) <= markups for r in replies)
 
 
 # --- The dispatcher: one message through a command or the stage table, saved once -------------
@@ -244,7 +251,6 @@ def handle(bot, msg):
         return  # Telegram sent it again after a crash
     if not within_rate(bot, msg.chat_id) and not (msg.shared or find_contacts(msg.text)):
         return
-    bot.batch.setdefault(msg.chat_id, []).append(msg)  # kept to run again if its replies never go out
     if old and old["busy"] and command_of(msg.text) not in ("start", *COMMANDS):
         # the LLM is writing for this chat: its messages wait their turn, in order (commands do not wait)
         waiting = queued(old["waiting"], msg._asdict())
@@ -311,59 +317,46 @@ def seen_with(dialog, *update_ids):
 
 
 def save(bot, chat_id, dialog):
-    """Keeps the dialog as the chat's next message sees it; flush() writes it once the replies are out."""
+    """Keeps the dialog as the chat's next message sees it, with the replies this message made."""
     dialog["updated_at"] = time.time()
-    before = bot.journal.dialogs.get(chat_id)
-    bot.saves.append((chat_id, copy.deepcopy(dialog), before))
-    bot.journal.dialogs[chat_id] = dialog
+    keep(bot, chat_id, dialog)
+
+
+def keep(bot, chat_id, dialog, sent=()):
+    """Writes the dialog and every reply its client has still to read in one journal line: those
+    of earlier messages not yet sent (less the `sent` ids), then the new ones. A crash loses
+    neither the state nor the replies. Then the replies go to the chat's lane."""
+    before = (bot.journal.dialogs.get(chat_id) or {}).get("replies", [])
+    new = [[text, markup, secrets.token_hex(4)] for text, markup in bot.replies.pop(chat_id, [])]
+    dialog["replies"] = [reply for reply in before if reply[2] not in sent] + new
+    bot.journal.save(chat_id, dialog)
+    bot.lanes.push(chat_id, new)
 
 
 def flush(bot):
-    """Sends the replies of the events just handled, each chat's in order and the chats at once, then writes
-    their dialogs: the dispatcher waits for Telegram once a batch, not once a message. A chat whose replies
-    had not gone out when the bot was stopped keeps its dialog as it was, with its messages waiting in it
-    to be run again at the next start."""
-    replies, saves, batch, bot.replies, bot.saves, bot.batch = bot.replies, bot.saves, bot.batch, [], [], {}
-    chats = {}
-    for chat_id, text, markup in replies:
-        chats.setdefault(chat_id, []).append((text, markup))
-    failed = dict(zip(chats, bot.senders.map(lambda chat: send_replies(bot, chat, chats[chat]), chats)))
-    # Only a stop ends call_patiently's retries: such a chat's messages run again at the next start.
-    unsent = {chat for chat, error in failed.items() if isinstance(error, TelegramError) and bot.stopping.is_set()}
-    for chat_id in unsent:  # the first save's `before` is the dialog as it was before these events
-        before = next((before for chat, _, before in saves if chat == chat_id), bot.journal.dialogs.get(chat_id))
-        keep_to_run_again(bot, chat_id, before, batch.get(chat_id, []))
-    for chat_id, dialog, _ in saves:
-        if chat_id not in unsent:
-            bot.journal.save(chat_id, dialog, remember=False)  # memory may hold a newer one already
-    for chat_id, error in failed.items():
-        if isinstance(error, ChatGone):
-            log.info("chat %s blocked the bot; dialog ended", chat_id)
-            with contextlib.suppress(OSError):  # the state file is rewritten with the next dialog that ends
-                end_dialog(bot, chat_id, "blocked")
-        elif error:
-            log.error("replies for chat %s failed (%s)%s", chat_id, getattr(error, "reason", type(error).__name__),
-                      "; its messages run again at the next start" if chat_id in unsent else "")
+    """After the events at hand: what they said with no save after it. A chat with a dialog
+    keeps it there (/help, a photo refused in mid-dialog), so it survives a crash too."""
+    for chat_id in list(bot.replies):
+        if dialog := bot.journal.dialogs.get(chat_id):
+            keep(bot, chat_id, dict(dialog))
+        else:
+            # No dialog to keep it in (the answer to /forget or /cancel after the erase, «too
+            # fast» or «text only» to a stranger, a group's /start): straight to the lane,
+            # unsaved; a crash before it is sent loses it.
+            replies = [[text, markup, None] for text, markup in bot.replies.pop(chat_id)]
+            bot.lanes.push(chat_id, replies)
 
 
-def keep_to_run_again(bot, chat_id, dialog, msgs):
-    """Writes the dialog as it was before a batch whose replies never went out, with the batch's messages of the
-    chat (those after a /cancel or /forget only) waiting in it."""
-    if dialog or msgs:
-        dialog = dialog or new_dialog(chat_id, "", bot.source)
-        bot.journal.save(chat_id, {**dialog, "waiting": dialog["waiting"] + [msg._asdict() for msg in msgs],
-                                   "seen": seen_with(dialog, *(msg.update_id for msg in msgs))})
-    else:
-        bot.journal.save(chat_id, None)
-
-
-def send_replies(bot, chat_id, replies):
-    """A chat's replies in order; the error that stopped them, or None."""
-    try:
-        for text, markup in replies:
-            bot.out.send(chat_id, text, texts=bot.prompt.texts, **markup)
-    except Exception as e:  # noqa: BLE001 - one chat's failure must not stop the others or the loop
-        return e
+def handle_sent(bot, event):
+    """A lane sent these replies: they leave the saved dialog. A client who blocked the bot has
+    the dialog ended (the lane dropped the rest of its replies)."""
+    dialog = bot.journal.dialogs.get(event.chat_id)
+    if dialog and any(reply[2] in event.replies for reply in dialog.get("replies", [])):
+        keep(bot, event.chat_id, dict(dialog), sent=event.replies)
+    if event.gone and dialog:
+        log.info("chat %s blocked the bot; dialog ended", event.chat_id)
+        with contextlib.suppress(OSError):  # the file is rewritten with the next one that ends
+            end_dialog(bot, event.chat_id, "blocked")
 
 
 def handle_llm(bot, event):
@@ -413,8 +406,6 @@ def end_dialog(bot, chat_id, why):
     if dialog:
         bot.funnel.record(dialog["id"], why, dialog.get("source", bot.source))
         log.info("dialog finished: chat %s, %s", chat_id, why)
-    bot.saves = [save for save in bot.saves if save[0] != chat_id]  # an erased dialog is not written back
-    bot.batch.pop(chat_id, None)  # nor are the messages before the erase run again after a stop
     bot.journal.erase(chat_id)
 
 
@@ -481,7 +472,7 @@ def run(bot):
             events.append(bot.inbox.get())
         for event in events:
             handle_event(bot, event)
-        flush(bot)
+        flush(bot)  # the dispatcher never waits for Telegram: lanes send, then post a Sent event
         for event in events:
             bot.inbox.task_done()
         if time.monotonic() - last_cleanup > min(60, bot.cfg.session_ttl_hours * 3600):
@@ -491,15 +482,32 @@ def run(bot):
     if bot.offset is not None:  # tells Telegram what is handled, so that after a restart none comes twice
         with contextlib.suppress(TelegramError):
             bot.out.call("getUpdates", http_timeout=2, offset=bot.offset, timeout=0, limit=1)
+    settle_lanes(bot)
     if bot.mailing.is_set():  # an email cut off after the server took it would go twice: let it finish
         log.info("waiting up to %d s for the mail server to take an email on its way", STOP_WAIT)
         channels[list(bot.ledger.cursors).index("email")].join(STOP_WAIT)
 
 
+def settle_lanes(bot, wait=1.0):
+    """At a stop: sends on their way may finish (briefly), and what the lanes sent leaves the saved
+    dialogs, so a stop sends nothing twice; the replies still pending go out after the restart."""
+    bot.lanes.quiet(min(wait, bot.cfg.telegram_timeout))
+    while True:
+        try:
+            event = bot.inbox.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(event, Sent):  # the rest comes again: updates, LLM jobs (recover)
+            handle_event(bot, event)
+
+
 def handle_event(bot, event):
-    """An update or an LLM job's answer, start to end; an error is logged without content, never stops the bot."""
+    """An update, an LLM job's answer or a lane's report, start to end; an error is logged without
+    content, never stops the bot."""
     try:
-        if isinstance(event, Written):
+        if isinstance(event, Sent):
+            handle_sent(bot, event)
+        elif isinstance(event, Written):
             handle_llm(bot, event)
         elif isinstance(event, Forgotten):
             handle_forgotten(bot, event)
@@ -557,6 +565,133 @@ def explain_poll_error(e, failures, delay):
         log.error("Telegram refuses polling because a webhook is set for this bot: set DELETE_WEBHOOK=1 (see "
                   "README, Troubleshooting)" if "webhook" in e.description.lower() else
                   "another copy of this bot is polling Telegram with the same token: stop the other copy")
+
+
+# What a lane hands back to the dispatcher: the ids of the replies it sent (or dropped: chat gone).
+Sent = collections.namedtuple("Sent", "chat_id replies gone update_id", defaults=(False, None))
+
+
+class Lanes:
+    """Each chat's replies, sent strictly in order by at most `workers` threads, chats at once. A
+    chat waiting out a 429's retry_after or an outage's backoff is put back by a timer and holds no
+    thread, so no chat waits for another and the dispatcher waits for none."""
+
+    # 16: a burst of 20 clients with Telegram 50 ms away has most replies on their way at once
+    # (with 8, its p50 doubled in tests/benchmark.py); still half the threads of the old sender pool.
+    def __init__(self, bot, workers=16):
+        self.bot, self.lock, self.ready = bot, threading.Lock(), queue.SimpleQueue()
+        self.changed, self.sending = threading.Condition(), 0  # sending: pieces on their way
+        self.queues, self.failures = {}, {}  # chat -> deque of pieces, while it has a lane
+        for _ in range(workers):
+            threading.Thread(target=self.work, daemon=True).start()
+
+    def push(self, chat_id, replies):
+        """replies: [text, markup, id]; each is sent with its last piece (id None: no Sent)."""
+        pieces = [(piece, markup if last else {}, rid if last else None)
+                  for text, markup, rid in replies for last, piece in marked_last(split_text(text))]
+        if not pieces:
+            return
+        with self.lock:
+            if chat_id not in self.queues:  # else its lane is at work, or waits for its timer
+                self.ready.put(chat_id)
+            self.queues.setdefault(chat_id, collections.deque()).extend(pieces)
+
+    def idle(self):
+        with self.lock:
+            return not self.queues
+
+    def quiet(self, timeout):
+        """Waits until no piece is on its way to Telegram (at most timeout seconds)."""
+        with self.changed:
+            self.changed.wait_for(lambda: not self.sending, timeout)
+
+    def work(self):
+        while True:
+            chat_id = self.ready.get()
+            delay = self.drain(chat_id)
+            with self.lock:
+                if self.bot.stopping.is_set():
+                    continue  # what is left goes out after the next start
+                if delay is not None:
+                    timer = threading.Timer(delay, self.ready.put, (chat_id,))
+                    timer.daemon = True
+                    timer.start()
+                elif self.queues.get(chat_id):
+                    self.ready.put(chat_id)
+                else:
+                    self.queues.pop(chat_id, None)
+
+    def drain(self, chat_id):
+        """Sends the chat's pieces in order; returns None when none is left, or the seconds to wait
+        before trying again. The dispatcher is told what was sent."""
+        sent, delay, gone = [], None, False
+        while not self.bot.stopping.is_set() and (piece := self.head(chat_id)):
+            try:
+                self.send(chat_id, piece)
+            except ChatGone:
+                with self.lock:
+                    sent += [rid for _, _, rid in self.queues[chat_id] if rid]
+                    self.queues[chat_id].clear()
+                gone = True
+                break
+            except TelegramError as e:
+                if not e.error_code or e.error_code == 429 or e.error_code >= 500:
+                    delay = self.retry_delay(chat_id, e)
+                    break
+                log.error("a reply for chat %s failed (%s); skipped", chat_id, e.reason)  # 401 ...
+            except Exception as e:  # noqa: BLE001 - a bug in one reply must not stop the lane
+                log.error("a reply for chat %s failed (%s); skipped", chat_id, type(e).__name__)
+            self.failures.pop(chat_id, None)
+            with self.lock:
+                sent += [rid for _, _, rid in [self.queues[chat_id].popleft()] if rid]
+        if sent or gone:
+            self.bot.inbox.put(Sent(chat_id, sent, gone))
+        return delay
+
+    def head(self, chat_id):
+        with self.lock:
+            return self.queues[chat_id][0] if self.queues.get(chat_id) else None
+
+    def send(self, chat_id, piece):
+        with self.changed:
+            self.sending += 1
+        try:
+            self.bot.out.send(chat_id, piece[0], texts=self.bot.prompt.texts, **piece[1])
+        finally:
+            with self.changed:
+                self.sending -= 1
+                self.changed.notify_all()
+
+    def retry_delay(self, chat_id, error):
+        self.failures[chat_id] = failures = self.failures.get(chat_id, 0) + 1
+        delay = error.retry_after or backoff(self.bot.cfg, failures)
+        log.warning("Telegram sendMessage failed (%s) for chat %s; retrying in %.1fs",
+                    error.reason, chat_id, delay)
+        return delay
+
+
+class Direct:
+    """The console's lanes: each reply printed at once, in the dispatcher's own thread."""
+
+    def __init__(self, bot):
+        self.bot = bot
+
+    def push(self, chat_id, replies):
+        for text, markup, _ in replies:
+            self.bot.out.send(chat_id, text, texts=self.bot.prompt.texts, **markup)
+        if sent := [rid for _, _, rid in replies if rid]:
+            self.bot.inbox.put(Sent(chat_id, sent))
+
+    def idle(self):
+        return True
+
+    def quiet(self, timeout):
+        """Nothing is ever on its way."""
+
+
+def marked_last(pieces):
+    """(True for the last one, piece) for each piece."""
+    return [(i == len(pieces) - 1, piece) for i, piece in enumerate(pieces)]
 
 
 # What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
@@ -947,7 +1082,10 @@ def handle_forgotten(bot, event):
 
 
 def recover(bot):
-    """At start-up: restarts unfinished LLM jobs and runs the messages that waited for them."""
+    """At start-up: sends the replies a stop cut off, restarts unfinished LLM jobs and runs the
+    messages that waited for them."""
+    for chat_id, dialog in bot.journal.dialogs.items():  # first: they come before anything said now
+        bot.lanes.push(chat_id, dialog.get("replies", []))
     for chat_id, dialog in list(bot.journal.dialogs.items()):
         if dialog["busy"]:
             start_offer(bot, chat_id, dialog)
@@ -1200,14 +1338,15 @@ class Telegram:
                     raise
 
     def send(self, chat_id, text, buttons=(), contact_button=False, remove_keyboard=False, texts=None):
-        """Plain-text messages of at most 4,000 characters; the keyboard goes with the last one."""
+        """Plain-text messages of at most 4,000 characters, the keyboard with the last one; one try
+        each (a lane waits out 429s and outages without holding a thread)."""
         pieces = split_text(text)
         for i, piece in enumerate(pieces):
             params = {"chat_id": chat_id, "text": piece}
             if i == len(pieces) - 1 and (markup := keyboard(texts, buttons, contact_button, remove_keyboard)):
                 params["reply_markup"] = markup
             try:
-                self.call_patiently("sendMessage", **params)
+                self.call("sendMessage", **params)
             except TelegramError as e:
                 if e.error_code == 403:
                     raise ChatGone(chat_id) from None
@@ -1813,7 +1952,8 @@ class Bot:
         self.stopping = getattr(out, "stopping", threading.Event())
         self.mailing = threading.Event()  # set while an email itself goes out: a stop waits for it
         self.recent, self.invited, self.llm_sessions = {}, set(), queue.SimpleQueue()
-        self.replies, self.saves, self.batch, self.senders = [], [], {}, concurrent.futures.ThreadPoolExecutor(32)
+        self.replies = {}  # chat -> [text, markup] said since its last save
+        self.lanes = Lanes(self) if source == "telegram" else Direct(self)
         self.fatal = None
         self.channels = (["email"] if cfg.smtp_host else []) + \
             (["telegram"] if cfg.manager_chat_id and source == "telegram" else [])
@@ -1823,7 +1963,7 @@ class Bot:
         return self.prompt.texts[key]
 
     def say(self, chat_id, text, **markup):
-        self.replies.append((chat_id, text, markup))  # sent by flush()
+        self.replies.setdefault(chat_id, []).append([text, markup])  # saved, then sent by a lane
 
 
 def run_telegram(cfg):
@@ -1872,8 +2012,9 @@ def run_console(cfg):
             if text := clean_text(line):  # an empty Enter is no answer: Telegram cannot send one either
                 handle(bot, Incoming(chat_id=0, text=text))
                 flush(bot)
-            while (dialog := bot.journal.dialogs.get(0) or {}).get("busy"):  # the LLM writes its offer and notes
-                handle_llm(bot, bot.inbox.get())
+            # The LLM writes its offer and notes; the replies printed leave the dialog (Sent)
+            while (dialog := bot.journal.dialogs.get(0) or {}).get("busy") or not bot.inbox.empty():
+                handle_event(bot, bot.inbox.get())
                 flush(bot)
             if dialog.get("stage") == "done":
                 break
@@ -2020,7 +2161,23 @@ def check_telegram(cfg):
         return [token, (False, "Telegram: у бота задан вебхук, и сообщения до бота не дойдут — "
                                "впишите в .env DELETE_WEBHOOK=1, и бот удалит вебхук при запуске")]
     return [token, (True, "Telegram: задан вебхук; DELETE_WEBHOOK=1 удалит его при запуске" if hook
-                    else "Telegram: вебхука нет, бот будет получать сообщения")]
+                    else "Telegram: вебхука нет, бот будет получать сообщения"),
+            *check_manager_chat(cfg, tg)]
+
+
+def check_manager_chat(cfg, tg):
+    """Whether the bot can reach MANAGER_CHAT_ID: a card to a chat it cannot see is lost."""
+    if not cfg.manager_chat_id:
+        return []
+    try:
+        tg.call("getChat", chat_id=cfg.manager_chat_id)
+    except TelegramError as e:
+        if not e.error_code or e.error_code >= 500:
+            return [(None, f"Telegram: не удалось проверить чат менеджеров ({e.reason})")]
+        return [(False, f"Telegram: чат MANAGER_CHAT_ID недоступен боту (HTTP {e.error_code}) — "
+                        "добавьте бота в группу (в канал — администратором) или пусть менеджер "
+                        "напишет боту /start, и проверьте число в MANAGER_CHAT_ID")]
+    return [(True, "Telegram: чат менеджеров доступен, карточки заявок дойдут")]
 
 
 STAGE_NAMES = {"greeting": "после приветствия", "qualifying": "на вопросах",

@@ -760,6 +760,8 @@ class FakeTelegram(_HTTPFake):
 
     def _get_chat(self, params):
         chat_id = params.get("chat_id")
+        if isinstance(chat_id, str) and chat_id.lstrip("-").isdigit():
+            chat_id = int(chat_id)  # Telegram takes a chat id as a number or as its digits
         with self._cond:
             group = self._groups.get(str(chat_id))
             if group is None and not (isinstance(chat_id, int) and chat_id > 0):

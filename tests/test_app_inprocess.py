@@ -34,11 +34,16 @@ def make_bot(tmp_path, **settings):
 
 def say(bot, text, update_id=None):
     leadbot.handle(bot, leadbot.Incoming(chat_id=7, text=text, update_id=update_id))
-    leadbot.flush(bot)  # the replies go out, then the dialog is written, as the loop does after each batch
-    while not bot.inbox.empty():  # what an LLM job answered, as the loop would hand it on
+    leadbot.flush(bot)  # as the loop does after each batch: the dialog is saved with its replies, the lanes send
+    handed_on(bot)
+    return bot.out.sent[-1]
+
+
+def handed_on(bot):
+    """What the lanes sent and what an LLM job answered, as the loop would hand it on, until the lanes are idle."""
+    while wait_until(bot.lanes.idle, 5) and not bot.inbox.empty():
         leadbot.handle_event(bot, bot.inbox.get())
         leadbot.flush(bot)
-    return bot.out.sent[-1]
 
 
 def settle(bot):
@@ -46,6 +51,7 @@ def settle(bot):
     while not bot.inbox.empty() or bot.journal.dialogs[7]["busy"]:
         leadbot.handle_event(bot, bot.inbox.get(timeout=5))
         leadbot.flush(bot)
+    handed_on(bot)
 
 
 def test_a_returning_client_is_reminded_and_asked_the_open_question_again(tmp_path):
@@ -65,6 +71,7 @@ def test_a_redelivered_update_is_not_handled_twice(tmp_path):
     say(bot, "Сайт для кафе", update_id=2)
     sent = len(bot.out.sent)
     leadbot.handle(bot, leadbot.Incoming(chat_id=7, text="Сайт для кафе", update_id=2))
+    handed_on(bot)
     assert len(bot.out.sent) == sent and len(bot.journal.dialogs[7]["answers"]) == 1
 
 
@@ -130,8 +137,7 @@ def test_a_lead_forgotten_while_leads_csv_is_held_gets_no_row_and_the_client_hea
     assert bot.out.sent[before:] == []  # no «удалены» while the lead is still on its way to leads.csv
     leads.rmdir()
     assert leadbot.deliver_now(bot, "csv")  # reaches the forgotten lead: skipped, then the /forget
-    leadbot.handle_event(bot, bot.inbox.get(timeout=1))
-    leadbot.flush(bot)
+    handed_on(bot)
     assert bot.out.sent[-1] == TEXTS["forgotten"]
     assert not leads.exists() or b"123-45-67" not in leads.read_bytes()
     assert b"123-45-67" not in (bot.cfg.data_dir / "ledger.jsonl").read_bytes()

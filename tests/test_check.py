@@ -159,3 +159,10 @@ def test_speech_recognition_is_probed_when_stt_model_is_set(check, telegram, llm
     llm.stt_models = ["another-model"]
     code, lines = check(STT_MODEL="whisper-1")
     assert code == 1 and "STT_MODEL" in line(lines, "✗ STT")
+
+
+def test_a_manager_chat_the_bot_cannot_reach_fails_the_check(check, telegram):
+    code, lines = check(MANAGER_CHAT_ID="-1001234567890")  # a group the bot was never added to
+    assert code == 1 and "MANAGER_CHAT_ID" in line(lines, "✗ Telegram: чат MANAGER_CHAT_ID недоступен")
+    code, lines = check(MANAGER_CHAT_ID="5550001")  # a manager who wrote /start to the bot
+    assert line(lines, "✓ Telegram: чат менеджеров доступен"), lines

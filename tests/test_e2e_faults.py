@@ -375,7 +375,8 @@ def test_a_reply_telegram_never_took_before_sigterm_is_sent_after_the_restart(bo
     telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 3, 10, "the next question failing")
     process.terminate()
     assert process.wait(5) == 0
-    assert saved_dialogs(bot_env["DATA_DIR"])[3801]["answers"] == []  # as if the answer had not come yet
+    saved = saved_dialogs(bot_env["DATA_DIR"])[3801]
+    assert saved["answers"] == ANSWERS[:1] and [reply[0] for reply in saved["replies"]] == [QUESTIONS[1][1]]
     with telegram._cond:
         telegram._faults.clear()
     bot()
@@ -427,9 +428,10 @@ def test_a_contact_replayed_after_the_notes_whose_thanks_a_stop_cut_off_is_thank
     assert len(read_rows(bot_env)) == 1 and len(smtp.messages) == 1
 
 
-def test_a_stop_while_one_chat_goes_unanswered_runs_only_that_chats_messages_again(bot, bot_env, telegram):
+def test_a_stop_while_one_chat_goes_unanswered_sends_only_that_chats_pending_replies_after_it(
+        bot, bot_env, telegram):
     """Chat 3952's replies get 502 until the bot is stopped; chat 3951 in the same batch is answered and starts
-    over. After the restart 3952's answer is run again, and nothing of 3951's."""
+    over. After the restart 3952's reply, saved with its dialog, is sent, and nothing of 3951's again."""
     process = bot(RETRY_BASE_SECONDS="1")
     say(telegram, 3951, "/start", QUESTIONS[0][1])
     say(telegram, 3952, "/start", QUESTIONS[0][1])
@@ -450,7 +452,7 @@ def test_a_stop_while_one_chat_goes_unanswered_runs_only_that_chats_messages_aga
     assert process.wait(5) == 0
     telegram._methods["sendMessage"] = send
     bot()
-    telegram.wait_for(lambda: QUESTIONS[1][1] in telegram.texts(3952), 10, "3952's answer run again")
+    telegram.wait_for(lambda: QUESTIONS[1][1] in telegram.texts(3952), 10, "3952's pending reply sent")
     say(telegram, 3953, "/start", QUESTIONS[0][1])  # a later batch
     assert len(telegram.texts(3951)) == 5  # nothing of 3951's came again
     wait_until(lambda: saved_dialogs(bot_env["DATA_DIR"])[3952]["answers"] == ANSWERS[:1], 5)
@@ -458,7 +460,8 @@ def test_a_stop_while_one_chat_goes_unanswered_runs_only_that_chats_messages_aga
 
 def test_a_stop_cutting_off_the_reply_after_forget_keeps_nothing_from_before_it(bot, bot_env, telegram):
     """In one batch a client answers, sends /forget, then writes anew; the greeting for the new message gets 502
-    until the bot is stopped. State keeps nothing of the forgotten answer, and the new message is run after."""
+    until the bot is stopped. State keeps nothing of the forgotten answer, and the new dialog's greeting, saved
+    with it, is sent after the restart."""
     process = bot(RETRY_BASE_SECONDS="1")
     say(telegram, 3961, "/start", QUESTIONS[0][1])
     send = telegram._methods["sendMessage"]

@@ -156,6 +156,7 @@ def test_a_flood_from_one_chat_costs_a_few_llm_calls_and_one_note_while_others_a
     flood = [telegram.send_text(2801, f"Сообщение номер {i}") for i in range(30)]
     say(telegram, 2802, "/start", QUESTIONS[0][1], timeout=3)  # not slowed by the flood
     confirmed(telegram, flood[-1])
+    telegram.wait_for(lambda: TEXTS["too_fast"] in telegram.texts(2801), 5, "the note")  # saved, then sent
     texts = telegram.texts(2801)
     assert texts.count(TEXTS["too_fast"]) == 1
     assert llm.calls <= 4
