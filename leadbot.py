@@ -458,9 +458,9 @@ def run(bot):
     """The main loop: the poller thread and LLM jobs put what they get into bot.inbox; only this thread touches a
     dialog."""
     threading.Thread(target=poll_telegram, args=(bot,), daemon=True).start()
-    channels = [threading.Thread(target=deliver_channel, args=(bot, name), daemon=True) for name in CHANNELS
-                if name in bot.ledger.cursors]
-    for channel in channels:
+    channels = {name: threading.Thread(target=deliver_channel, args=(bot, name), daemon=True)
+                for name in bot.ledger.cursors}
+    for channel in channels.values():
         channel.start()
     last_cleanup = time.monotonic()
     while not bot.stopping.is_set():
@@ -485,7 +485,10 @@ def run(bot):
     settle_lanes(bot)
     if bot.mailing.is_set():  # an email cut off after the server took it would go twice: let it finish
         log.info("waiting up to %d s for the mail server to take an email on its way", STOP_WAIT)
-        channels[list(bot.ledger.cursors).index("email")].join(STOP_WAIT)
+        channels["email"].join(STOP_WAIT)
+    deadline = time.monotonic() + 0.5
+    for channel in channels.values():  # a record in hand is finished, cursor and all (briefly)
+        channel.join(max(0.0, deadline - time.monotonic()))
 
 
 def settle_lanes(bot, wait=1.0):
@@ -956,7 +959,7 @@ def deliver_channel(bot, name):
     """A channel's thread: every ledger record after its cursor, in order, each retried until done."""
     failures = 0
     while not bot.stopping.is_set():
-        if (record := bot.ledger.next(name, timeout=1.0)) is None:
+        if (record := bot.ledger.next(name, timeout=0.2)) is None:  # a stop is seen soon
             continue
         try:
             skipped = CHANNELS[name](bot, record)
