@@ -1790,16 +1790,18 @@ def full_dialog(telegram, chat_id, contact="+7 999 123-45-67", **sender):
     return say(telegram, chat_id, contact, "Спасибо", **sender)
 
 
-def csv_caught_up(data_dir):
-    """True once leads.csv's channel has taken every record the ledger holds (csv.cursor's seq)."""
-    data_dir = Path(data_dir)
+def owed(env):
+    """The channels whose cursor ({DATA_DIR}/{name}.cursor) is behind the ledger's last record:
+    deliveries still owed."""
+    data = Path(env["DATA_DIR"])
     try:
-        seqs = [json.loads(line)["seq"] for line in
-                (data_dir / "ledger.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-        cursor = json.loads((data_dir / "csv.cursor").read_text(encoding="utf-8"))["seq"]
+        last = max((json.loads(line)["seq"] for line in
+                    (data / "ledger.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()),
+                   default=0)
+        cursors = {p.stem: json.loads(p.read_text(encoding="utf-8"))["seq"] for p in data.glob("*.cursor")}
     except (OSError, ValueError, KeyError):
-        return not (data_dir / "ledger.jsonl").exists()
-    return cursor >= max(seqs, default=0)
+        return []
+    return sorted(name for name, seq in cursors.items() if seq < last)
 
 
 def read_rows(env, delimiter=None, wait=5):
@@ -1807,7 +1809,7 @@ def read_rows(env, delimiter=None, wait=5):
     the header unless given); none while it is missing. Waits up to `wait` seconds for the csv
     channel to take what the ledger holds (a stopped bot or a held file: read as it is)."""
     with contextlib.suppress(AssertionError):
-        wait_until(lambda: csv_caught_up(env["DATA_DIR"]), timeout=wait)
+        wait_until(lambda: "csv" not in owed(env), timeout=wait)
     try:
         with open(Path(env["DATA_DIR"]) / "leads.csv", encoding="utf-8-sig", newline="") as f:
             header = f.readline()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fakes import ANSWERS, TEXTS, full_dialog, reach_contact_step, read_rows, run_bot, say, saved_dialogs, wait_until
+from fakes import (ANSWERS, TEXTS, full_dialog, owed, reach_contact_step, read_rows, run_bot, say, saved_dialogs,
+                   wait_until)
 
 COLUMNS = "timestamp;chat_id;client_name;contact;intent;notes;source;status"
 THANKS = "Спасибо"
@@ -107,48 +108,46 @@ def test_a_log_file_in_a_missing_folder_stops_start_up_with_one_line(bot_env, tm
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_full_disk_with_email_off_never_thanks_and_keeps_the_dialog(bot, bot_env, telegram):
-    bot(SMTP_HOST="")
-    reach_contact_step(telegram, 905)
-    leads = leads_file(bot_env)
-    leads.unlink(missing_ok=True)
-    leads.mkdir()  # any write of the row fails now, like a full disk
-    reply = say(telegram, 905, "+7 999 123-45-67", "ещё раз")
-    assert THANKS not in reply
-    assert saved_dialogs(bot_env["DATA_DIR"])[905]["stage"] == "collecting_contact"
-    leads.rmdir()  # space freed: the client sends the contact again and is thanked
-    say(telegram, 905, "+7 999 123-45-67", THANKS)
-    wait_until(lambda: len(read_rows(bot_env)) == 1)
+def full_disk(env):
+    """ledger.jsonl, the one commit point, cannot be appended to (a directory in its place), as on
+    a full disk; returns what gives the room back."""
+    ledger = Path(env["DATA_DIR"]) / "ledger.jsonl"
+    ledger.touch()
+    ledger.rename(ledger.with_name("ledger-away"))
+    ledger.mkdir()
+
+    def room_again():
+        ledger.rmdir()
+        ledger.with_name("ledger-away").rename(ledger)
+    return room_again
 
 
 @pytest.mark.parametrize("smtp_host", ["", "127.0.0.1"])
-def test_a_lead_the_outbox_could_not_write_either_still_reaches_leads_csv_once_there_is_room(
+def test_a_lead_the_disk_cannot_take_is_never_thanked_and_the_resent_contact_is_one_lead(
         bot, bot_env, telegram, smtp, smtp_host):
     bot(SMTP_HOST=smtp_host)
-    reach_contact_step(telegram, 908)
-    leads, outbox = leads_file(bot_env), Path(bot_env["DATA_DIR"]) / "outbox"
-    leads.unlink(missing_ok=True)
-    leads.mkdir()  # neither the row nor the outbox file can be written: a full disk
-    outbox.mkdir(exist_ok=True)
-    outbox.rename(outbox.with_name("outbox-away"))
-    outbox.write_text("")
-    say(telegram, 908, "+7 999 123-45-67", "передан" if smtp_host else "ещё раз")
-    leads.rmdir()  # room again
-    outbox.unlink()
-    wait_until(lambda: len(read_rows(bot_env)) == 1, timeout=10)  # kept in memory and retried meanwhile
-    if not smtp_host:  # the client who was asked to send it again hears it arrived after all
-        telegram.wait_for(lambda: "всё-таки дошёл" in telegram.texts(908)[-1], 10, "the late thank-you")
+    reach_contact_step(telegram, 905)
+    room_again = full_disk(bot_env)
+    reply = say(telegram, 905, "+7 999 123-45-67", "ещё раз")
+    assert reply == TEXTS["not_taken"]  # the truth: nothing was committed, nothing is on its way
+    assert saved_dialogs(bot_env["DATA_DIR"])[905]["stage"] == "collecting_contact"
+    assert read_rows(bot_env) == [] and smtp.messages == []
+    room_again()  # space freed: the client sends the contact again and is thanked
+    say(telegram, 905, "+7 999 123-45-67", THANKS)
+    wait_until(lambda: len(read_rows(bot_env)) == 1)
+    if smtp_host:
+        assert len(smtp.wait_for_messages(1)) == 1
 
 
-def test_a_full_disk_with_email_on_tells_the_truth_and_writes_the_row_later(bot, bot_env, telegram, smtp):
+def test_leads_csv_unwritable_the_lead_is_committed_emailed_and_written_later(bot, bot_env, telegram, smtp):
     bot()
     reach_contact_step(telegram, 906)
     leads = leads_file(bot_env)
     leads.unlink(missing_ok=True)
-    leads.mkdir()
+    leads.mkdir()  # only the owner's spreadsheet cannot be written (Excel holds it)
     reply = say(telegram, 906, "+7 999 123-45-67", THANKS)
-    assert "передана менеджеру" in reply and "сохранена" not in reply
-    smtp.wait_for_messages(1)
+    assert reply == TEXTS["thanks_saved"]  # true: ledger.jsonl has it
+    smtp.wait_for_messages(1)  # the email does not wait for the spreadsheet
     leads.rmdir()
     wait_until(lambda: len(read_rows(bot_env)) == 1, timeout=15)
 
@@ -173,11 +172,11 @@ def test_a_state_file_with_a_broken_entry_is_set_aside_and_the_bot_starts(bot, b
     lines = [{"chat": 908, "dialog": good}, {"chat": 909, "dialog": "qualifying"},
              {"chat": 910, "dialog": {**good, "updated_at": "yesterday"}}, ["not", "an", "entry"]]
     (data / "state.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    (data / "outbox").mkdir()
-    (data / "outbox" / "broken.json").write_text('{"id": "x", "lead": {}}', encoding="utf-8")
+    (data / "ledger.jsonl").write_text('{"seq": 1, "id": "5-1", "lead": {"chat_id"', encoding="utf-8")  # torn
     process = bot()
     process.wait_log("started")
     assert any(p.name.startswith("state.jsonl.bad") for p in data.iterdir())
+    assert (data / "ledger.jsonl.bad").exists()  # the bot's own torn write never stops a start
     say(telegram, 908, "В течение месяца", "бюджет")  # the good dialog goes on where it was
 
 
@@ -223,7 +222,7 @@ def test_a_huge_manager_card_is_split_and_a_refused_card_is_not_retried_forever(
     telegram.fail("sendMessage", 400, "Bad Request: chat not found", times=1)
     reach_contact_step(telegram, 915)
     say(telegram, 915, "+7 999 123-45-68", THANKS)
-    wait_until(lambda: not list((Path(bot_env["DATA_DIR"]) / "outbox").glob("*.json")), timeout=10)
+    wait_until(lambda: owed(bot_env) == [], timeout=10)  # the refused card is not retried forever
 
 
 def test_line_breaks_in_a_client_answer_cannot_forge_fields_for_the_manager(bot, telegram, smtp):
