@@ -251,11 +251,18 @@ def handle(bot, msg):
         return  # Telegram sent it again after a crash
     if not within_rate(bot, msg.chat_id) and not (msg.shared or find_contacts(msg.text)):
         return
-    if old and old["busy"] and command_of(msg.text) not in ("start", *COMMANDS):
-        # the LLM is writing for this chat: its messages wait their turn, in order (commands do not wait)
+    if held(bot, msg.chat_id, old) and command_of(msg.text) not in ("start", *COMMANDS):
+        # its messages wait their turn, in order (commands do not wait)
+        old = old or new_dialog(msg.chat_id, msg.first_name, bot.source)
         waiting = queued(old["waiting"], msg._asdict())
         return save(bot, msg.chat_id, {**old, "waiting": waiting, "seen": seen_with(old, msg.update_id)})
     dispatch(bot, msg, old)
+
+
+def held(bot, chat_id, dialog):
+    """Whether the chat's messages wait: the LLM is writing for it, or its /forget is not answered
+    yet (a message after «удалены» starts anew, so it must not be answered before it)."""
+    return bool(dialog and dialog["busy"]) or str(chat_id) in bot.ledger.forgetting()
 
 
 def queued(waiting, msg, limit=20):
@@ -290,7 +297,7 @@ def dispatch(bot, msg, old):
 def replay(bot, chat_id):
     """Runs the messages that waited for the LLM, oldest first, texts in a row as one message: details a client
     added while the LLM wrote get one answer, not one each. Each leaves the queue with its answer's save."""
-    while (old := bot.journal.dialogs.get(chat_id)) and not old["busy"] and old["waiting"]:
+    while (old := bot.journal.dialogs.get(chat_id)) and not held(bot, chat_id, old) and old["waiting"]:
         msgs = [Incoming(**msg) for msg in old["waiting"]]
         texts = next((i for i, msg in enumerate(msgs) if not msg.text or command_of(msg.text)), len(msgs)) or 1
         joined = msgs[texts - 1]._replace(text="\n".join(msg.text for msg in msgs[:texts]))
@@ -1082,6 +1089,7 @@ def handle_forgotten(bot, event):
         return bot.say(event.chat_id, bot.text("forget_failed"), remove_keyboard=True)
     log.info("forgot chat %s%s", event.chat_id, "; the manager was asked to delete the rest" if told else "")
     bot.say(event.chat_id, bot.text("forgotten_manager" if told else "forgotten"), remove_keyboard=True)
+    replay(bot, event.chat_id)  # what the client wrote after the /forget, a new dialog
 
 
 def recover(bot):
@@ -1094,6 +1102,8 @@ def recover(bot):
             start_offer(bot, chat_id, dialog)
         elif dialog["waiting"]:
             replay(bot, chat_id)
+    for chat_id in bot.ledger.forgetting():  # a stop may have come between the last channel and the answer
+        bot.inbox.put(Forgotten(int(chat_id)))
     flush(bot)
 
 

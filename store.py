@@ -414,6 +414,11 @@ class Ledger:
         """The chat's /forget records and the "ask" records the csv channel added for them."""
         return [r for r in self.records if "lead" not in r and str(r.get("forget", r.get("ask"))) == str(chat)]
 
+    def forgetting(self) -> set[str]:
+        """The chats whose /forget the client has not been answered yet (their marks leave with it)."""
+        with self._cond:
+            return {str(r.get("forget", r.get("ask"))) for r in self.records if "lead" not in r}
+
     def settled(self, chat) -> bool:
         """True once every channel is past the chat's /forget (and what it asked of the others)."""
         with self._cond:

@@ -477,6 +477,8 @@ def test_a_stop_cutting_off_the_reply_after_forget_keeps_nothing_from_before_it(
         telegram.send_text(3961, "Другой вопрос: нужен логотип")
     telegram.wait_for(lambda: TEXTS["forgotten"] in telegram.texts(3961), 10, "«удалены»")
     telegram.wait_for(lambda: len(telegram.calls("sendMessage")) >= 6, 10, "the greeting refused")
+    # The message after /forget waited for «удалены»: it starts the new dialog after it.
+    assert telegram.texts(3961)[-1] == TEXTS["forgotten"]
     process.terminate()
     assert process.wait(5) == 0
     assert "555-44-33" not in (Path(bot_env["DATA_DIR"]) / "state.jsonl").read_text(encoding="utf-8")
