@@ -31,6 +31,7 @@ from pathlib import Path
 
 import requests
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 import llm
 import mailer
@@ -1720,6 +1721,15 @@ url_value = pattern_value(r"https?://[^/\s]+(/\S*)?", "адрес должен �
 email_value = pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "это не адрес почты")
 
 
+def emails_value(raw):
+    """MANAGER_EMAIL: one address or several split by commas (or ;); each gets every lead."""
+    try:
+        return ", ".join(filter(None, map(email_value, re.split(r"[,;]", raw))))
+    except ValueError:
+        raise ValueError("это не адрес почты; несколько адресов пишите через запятую: "
+                         "anna@clinic.ru, oleg@clinic.ru") from None
+
+
 def path_value(raw):
     """Relative paths start at this folder, wherever the bot is started from (a service)."""
     return HERE / raw.strip() if raw.strip() else None
@@ -1727,7 +1737,7 @@ def path_value(raw):
 
 DAYS = {day: number % 7 for number, day in enumerate("mon tue wed thu fri sat sun "
                                                      "пн вт ср чт пт сб вс".split())}
-HOURS_RE = re.compile(r"(?:(\w+)(?:\s*[-–]\s*(\w+))?\s+)?(\d\d?):(\d\d)\s*[-–]\s*(\d\d?):(\d\d)")
+HOURS_RE = re.compile(r"(?:(\w+)(?:\s*[-–]\s*(\w+))?:?\s+)?(\d\d?):(\d\d)\s*[-–]\s*(\d\d?):(\d\d)")
 
 
 def hours_value(raw):
@@ -1742,8 +1752,10 @@ def hours_range(part):
     start, end = int(clock[0]) * 60 + int(clock[1]), int(clock[2]) * 60 + int(clock[3])
     if not (first in DAYS and last in DAYS and int(clock[1]) < 60 and int(clock[3]) < 60
             and start < end <= 1440):
-        raise ValueError("нужен вид «Mon-Fri 09:00-18:00» (или «Пн-Пт 09:00-18:00»); несколько — "
-                         "через запятую: «Mon-Fri 09:00-18:00, Sat 10:00-14:00»")
+        raise ValueError("нужны начало и конец через дефис, часы:минуты, перед ними дни: "
+                         "«Пн-Пт 9:00-18:00» (или «Mon-Fri 09:00-18:00»); без дней — каждый "
+                         "день: «9:00-18:00»; несколько — через запятую: «Пн-Пт 9:00-18:00, "
+                         "Сб 10:00-14:00»")
     span = (DAYS[last] - DAYS[first]) % 7 + 1
     return frozenset((DAYS[first] + day) % 7 for day in range(span)), start, end
 
@@ -1785,7 +1797,7 @@ SETTINGS = {  # name: (default, parser); cfg has each as an attribute, lower-cas
     "SMTP_PASSWORD": ("", str),
     "SMTP_SECURITY": ("starttls", choice_value("ssl", "starttls", "none")),
     "MAIL_FROM": ("", email_value),
-    "MANAGER_EMAIL": ("", email_value),
+    "MANAGER_EMAIL": ("", emails_value),
     "WORKING_HOURS": ("", hours_value),
     "TIMEZONE": ("", zone_value),
     "PICKUP_ALERT_MINUTES": ("", optional(number_value(0, above=True))),
@@ -1824,10 +1836,11 @@ def read_config(env, telegram=True):
             problems.append(f"{name}: {e}")
             setattr(cfg, name.lower(), parse(default))
     cfg.smtp_port = cfg.smtp_port or {"ssl": 465, "starttls": 587, "none": 25}[cfg.smtp_security]
-    cfg.mail_from = cfg.mail_from or (cfg.smtp_user if "@" in cfg.smtp_user else cfg.manager_email)
+    cfg.mail_from = cfg.mail_from or (cfg.smtp_user if "@" in cfg.smtp_user
+                                      else cfg.manager_email.split(",")[0])
     cfg.stt_base_url = cfg.stt_base_url or cfg.llm_base_url
     cfg.stt_api_key = cfg.stt_api_key or cfg.llm_api_key
-    problems = missing_settings(env, cfg, telegram) + problems
+    problems = missing_settings(env, cfg, telegram) + problems + pasted_tokens(env)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -1846,12 +1859,46 @@ def missing_settings(env, cfg, telegram):
     return [f"{name} не задан — {why}" for need, name, why in needs if need and name not in given]
 
 
+LOOKALIKES = str.maketrans("АВЕКМНОРСТХУаеорсху", "ABEKMHOPCTXYaeopcxy")  # Cyrillic as Latin
+TOKEN_RE = re.compile(r"\d{5,}:[\w-]{30,}")  # a token as @BotFather gives it
+FREE_TEXT = (str, str.strip, path_value)  # parsers that take any text, a pasted token too
+
+
 def typos(keys):
     """Keys of .env that are not settings but close to one: a typo the owner would never notice."""
-    return [f"{key}: такой настройки нет — может быть, {close}?" for key in keys
-            if key not in SETTINGS
-            for close in ([OLD_NAMES[key.upper()]] if key.upper() in OLD_NAMES
-                          else difflib.get_close_matches(key.upper(), SETTINGS, 1, 0.8))]
+    return [f"{key}: такой настройки нет — {hint}" for key in keys if key not in SETTINGS
+            for hint in name_hints(key)]
+
+
+def name_hints(key):
+    """The setting a wrong name means. Cyrillic letters in it look Latin: say which they are."""
+    latin = key.translate(LOOKALIKES).upper()
+    close = [OLD_NAMES[latin]] if latin in OLD_NAMES else difflib.get_close_matches(
+        latin, SETTINGS, 1, 0.8)
+    cyrillic = ", ".join(sorted({letter for letter in key if "\u0400" <= letter <= "\u04ff"}))
+    if not cyrillic:
+        return [f"может быть, {name}?" for name in close]
+    return [f"в имени русские буквы ({cyrillic}) вместо латинских: " +
+            (f"наберите {close[0]} латиницей" if close else "имена настроек пишутся латиницей, "
+             "как в .env.example")]
+
+
+def pasted_tokens(env):
+    """The bot's token in a line that takes any text: an error, not a warning, since the bot
+    would send it to the LLM or SMTP server, or print it as the model's or the folder's name."""
+    token = (env.get("TELEGRAM_BOT_TOKEN") or "").strip()
+    return [f"{name}: похоже, это токен Telegram-бота — его место в TELEGRAM_BOT_TOKEN; сюда "
+            "впишите своё значение (README, «Settings»)" for name, (_, parse) in SETTINGS.items()
+            if parse in FREE_TEXT and (value := (env.get(name) or "").strip())
+            and (value == token or TOKEN_RE.fullmatch(value))]
+
+
+def doubts(env, keys):
+    """Settings that work, but surely not as meant: ✗ in --check, a warning at start-up."""
+    given = {name for name in ("SMTP_HOST", "MANAGER_EMAIL") if (env.get(name) or "").strip()}
+    mail = ["MANAGER_EMAIL задан, а SMTP_HOST пуст — письма не уходят: впишите SMTP_HOST и другие "
+            "SMTP_… или очистите MANAGER_EMAIL"] if given == {"MANAGER_EMAIL"} else []
+    return typos(keys) + mail
 
 
 def read_env():
@@ -1869,16 +1916,17 @@ def read_env():
         raise ConfigError([f"{path} не читается ({type(e).__name__}) — дайте пользователю, от "
                            "имени которого работает бот, право его читать (chown или chmod)"]
                           ) from None
-    keys = env_keys(text.splitlines())
+    keys = env_keys(text)
     values = dotenv_values(stream=io.StringIO(text))
     from_file = {key.lstrip("\ufeff"): value or "" for key, value in values.items()}
     return {**from_file, **os.environ}, keys
 
 
-def env_keys(lines):
-    """.env's keys; ConfigError for conflict marks and for a key set twice: with README's block
-    pasted at the top, the template's empty lines below would undo it silently."""
-    where = collections.defaultdict(list)
+def env_keys(text):
+    """.env's keys; ConfigError for conflict marks, for a line that sets nothing (python-dotenv
+    skips it with an English warning) and for a key set twice: with README's block pasted at the
+    top, the template's empty lines below would undo it silently."""
+    lines, where = text.splitlines(), collections.defaultdict(list)
     for number, line in enumerate(lines, 1):
         if found := re.match(r"\s*(?:export\s+)?([^\s=#]+)\s*=", line):
             where[found.group(1).lstrip("\ufeff")].append(number)
@@ -1886,9 +1934,20 @@ def env_keys(lines):
              f"{', '.join(map(str, numbers))}) — оставьте одну строку: действует только последняя"
              for key, numbers in where.items() if len(numbers) > 1]
     conflict = conflict_problem(".env", lines)
-    if conflict or twice:
-        raise ConfigError([conflict] if conflict else twice)
+    if problems := [conflict] if conflict else unparsed(text) + twice:
+        raise ConfigError(problems)
     return list(where)
+
+
+def unparsed(text):
+    """A line of .env without "=", named by its number and setting, never by its value."""
+    found = [(binding.original.line, binding.original.string.split()[0].split("=")[0])
+             for binding in parse_stream(io.StringIO(text))
+             if binding.error or (binding.key and binding.value is None)]
+    return [f".env, строка {number}: " + (f"{word} без знака «=»" if word in SETTINGS
+                                          else "нет знака «=»") +
+            " — строка не действует; пишите ИМЯ=значение, например SMTP_HOST=smtp.mail.ru "
+            "(или # в начале строки, если это пояснение)" for number, word in found]
 
 
 def shortest(path):
@@ -2123,7 +2182,7 @@ def checks():
     except ConfigError as e:
         yield from ((False, problem) for problem in e.problems)
         raise
-    problems = typos(keys)
+    problems = doubts(env, keys)
     try:
         cfg = read_config(env)
     except ConfigError as e:
@@ -2238,12 +2297,12 @@ def main(argv=None):
         try:
             cfg = read_config(env, telegram=not (args.console or args.stats))
         except ConfigError as e:  # a misspelt name is often why a setting seems missing
-            raise ConfigError(e.problems + typos(keys)) from None
+            raise ConfigError(e.problems + doubts(env, keys)) from None
         if args.stats:
             return run_stats(cfg, args.json)
         setup_logging(cfg, console_level="WARNING" if args.console else None)
-        for typo in typos(keys):
-            log.warning("%s", typo)
+        for doubt in doubts(env, keys):
+            log.warning("%s", doubt)
         return run_console(cfg) if args.console else run_telegram(cfg)
     except (ConfigError, PromptError, store.StoreError) as e:
         sys.stderr.reconfigure(encoding="utf-8", errors="replace")  # Russian on any Windows console

@@ -54,7 +54,7 @@ def test_everything_configured_and_working_passes(check, telegram, llm, smtp_log
 
 
 def test_parts_left_unconfigured_are_mentioned_and_do_not_fail(check, telegram):
-    code, lines = check(LLM_BASE_URL=None, SMTP_HOST=None)
+    code, lines = check(LLM_BASE_URL=None, SMTP_HOST=None, MANAGER_EMAIL=None)
     assert code == 0
     assert "LLM_BASE_URL" in line(lines, "- LLM")
     assert "SMTP_HOST" in line(lines, "- Email")

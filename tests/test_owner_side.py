@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import copy_app, run_bot
+from fakes import copy_app, full_dialog, run_bot, start_bot
 
 CONFLICT = "<<<<<<< Updated upstream\n{old}\n=======\n{new}\n>>>>>>> Stashed changes\n"
 
@@ -257,3 +257,75 @@ def test_stats_do_not_count_a_forgotten_lead_as_a_lead(tmp_path):
     figures = json.loads(run_bot(env, "--stats", "--json", cwd=tmp_path).stdout)["7d"]
     assert (figures["contacts"], figures["forgotten"]) == (1, 1)
     assert "удалили данные (/forget): 1" in run_bot(env, "--stats", cwd=tmp_path).stdout
+
+
+def write_env(app, text):
+    (app.parent / ".env").write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("text, number, words", [
+    ("LOG_LEVEL=INFO\nSMTP_HOST smtp.mail.ru\n", 2, "SMTP_HOST без знака «=»"),
+    ("SMTP_HOST\n", 1, "SMTP_HOST без знака «=»"),
+    ("# почта\nпочта менеджера anna@clinic.ru\n", 2, "нет знака «=»"),
+])
+def test_a_env_line_without_equals_is_named_with_its_number_not_silently_dropped(
+        app, bot_env, tmp_path, text, number, words):
+    write_env(app, text)
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert f".env, строка {number}: {words}" in problem and "anna@" not in problem
+    code, lines = check(app, bot_env, tmp_path)
+    assert code == 1 and f"✗ .env, строка {number}: {words}" in lines[0]
+
+
+def test_manager_email_without_smtp_host_is_flagged(app, bot_env, tmp_path, telegram):
+    code, lines = check(app, {**bot_env, "SMTP_HOST": ""}, tmp_path)
+    assert code == 1 and any(line.startswith("✗ Настройки: MANAGER_EMAIL задан, а SMTP_HOST пуст")
+                             for line in lines), lines
+
+
+def test_a_setting_name_typed_with_cyrillic_letters_is_named_with_the_letters(app, bot_env, tmp_path, telegram):
+    write_env(app, "\u0421MTP_HOST=smtp.mail.ru\n")  # a Cyrillic С
+    hint = ("\u0421MTP_HOST: такой настройки нет — в имени русские буквы (С) вместо латинских: "
+            "наберите SMTP_HOST латиницей")
+    code, lines = check(app, {**bot_env, "SMTP_HOST": None, "MANAGER_EMAIL": None}, tmp_path)
+    assert code == 1 and f"✗ Настройки: {hint}" in lines, lines
+    start_bot({**bot_env, "SMTP_HOST": None}, cwd=tmp_path, script=app).wait_log(hint)
+
+
+REAL_LOOKING = "8123456789:AAHsecretSECRETsecretSECRETsecret12"  # as @BotFather gives it
+
+
+@pytest.mark.parametrize("name, token", [("LLM_API_KEY", None), ("LLM_MODEL", None), ("SMTP_USER", None),
+                                         ("DATA_DIR", REAL_LOOKING), ("LLM_API_KEY", REAL_LOOKING)])
+def test_the_bot_token_pasted_into_another_setting_is_flagged_never_echoed(
+        app, bot_env, tmp_path, telegram, name, token):
+    token = token or bot_env["TELEGRAM_BOT_TOKEN"]  # None: the very token of TELEGRAM_BOT_TOKEN
+    code, lines = check(app, {**bot_env, name: token}, tmp_path)
+    output = "\n".join(lines)
+    assert code == 1 and f"✗ Настройки: {name}: похоже, это токен Telegram-бота" in output, lines
+    assert token not in output and token.partition(":")[2] not in output
+
+
+def test_two_manager_emails_both_get_the_lead(app, bot_env, telegram, smtp, tmp_path):
+    env = {**bot_env, "MANAGER_EMAIL": "anna@example.com, oleg@example.com", "MAIL_FROM": ""}
+    code, lines = check(app, env, tmp_path)
+    assert not [line for line in lines if "MANAGER_EMAIL" in line]
+    process = start_bot(env, cwd=tmp_path, script=app)
+    full_dialog(telegram, 2201)
+    [mail] = smtp.wait_for_messages(1)
+    assert sorted(mail.rcpt_tos) == ["anna@example.com", "oleg@example.com"]
+    assert mail.mail_from == "anna@example.com"
+    process.terminate()
+    [problem] = start_up(app, {**env, "MANAGER_EMAIL": "anna@example.com oleg@example.com"}, tmp_path)
+    assert "несколько адресов пишите через запятую" in problem
+
+
+@pytest.mark.parametrize("value", ["9:00-18:00", "Пн-Пт 9:00-18:00", "Пн-Пт: 9:00 - 18:00"])
+def test_working_hours_with_one_digit_hours_are_taken(app, bot_env, tmp_path, telegram, value):
+    code, lines = check(app, {**bot_env, "WORKING_HOURS": value}, tmp_path)
+    assert not [line for line in lines if "WORKING_HOURS" in line]
+
+
+def test_working_hours_without_an_end_say_what_is_missing(app, bot_env, tmp_path):
+    [problem] = start_up(app, {**bot_env, "WORKING_HOURS": "9:00"}, tmp_path)
+    assert "начало и конец через дефис" in problem and "9:00-18:00" in problem
