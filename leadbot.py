@@ -1476,6 +1476,7 @@ PLACEHOLDERS = {"greeting": "name", "privacy": "url", "thanks_after_hours": "whe
                 "pickup_alert": "minutes"}  # the one {…} each of these sections has replaced
 MANY_PARAGRAPHS = ("system", "notes", "help")  # in others a second paragraph: a lost header's text
 SAMPLE = "образец — в prompt.txt новой версии: git show HEAD:prompt.txt"
+RESTORE = "git checkout -- prompt.txt (без git — возьмите его из архива программы)"
 CONFLICT_RE = re.compile(r"(<{7}|={7}|>{7}|\|{7})(?!\S)")  # what git leaves of a failed merge
 HEADER_RE = re.compile(r"\s*\[\s*([^\[\]]*?)\s*\]\s*")
 BUTTON_RE = re.compile(r"\*\s*\S")  # "* Да", also "*\tДа" and "*Да"
@@ -1507,11 +1508,16 @@ def read_prompt(path, cfg=None):
     [privacy] only when cfg has a PRIVACY_URL. Every mistake is named with its line."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise PromptError(f"prompt.txt не найден в {path.parent} — верните его: {RESTORE}") from None
     except (OSError, UnicodeError) as e:
         raise PromptError(f"{path} не читается ({type(e).__name__}) — сохраните его как текст "
                           "в кодировке UTF-8") from None
     if conflict := conflict_problem("prompt.txt", lines):
         raise PromptError(conflict)
+    if not [line for line in lines if line.strip() and not line.lstrip().startswith("#")]:
+        raise PromptError(f"prompt.txt пуст — в нём нет ни одного раздела; верните его: {RESTORE}, "
+                          "и впишите свою компанию")  # not one line for each missing section
     sections, problems = split_sections(lines)
     prompt, more = build_prompt(sections, bool(cfg and cfg.privacy_url))
     if problems + more:
@@ -1568,6 +1574,18 @@ def file_problems(named, questions, need_privacy):
     elif len(questions) < 2:
         problems.append(f"prompt.txt: вопросов {len(questions)}, а нужно от 2 до 4 разделов "
                         "[question Метка]")
+    return problems + label_problems(questions)
+
+
+def label_problems(questions):
+    """A label twice: the manager could not tell the two answers apart."""
+    first, problems = {}, []
+    for number, question in questions:
+        before = first.setdefault(question.label.casefold(), number)
+        if before != number and question.label:
+            problems.append(f"prompt.txt, строка {number}: [question {question.label}] — метка "
+                            f"«{question.label}» уже есть у вопроса в строке {before}: в заявке "
+                            "ответы не различить, назовите вопросы по-разному")
     return problems
 
 
@@ -1618,14 +1636,16 @@ def missing_problem(key, named):
 
 
 def placeholder_problems(name, body):
-    """Each {…} that would reach the client as it is: unknown, or not replaced in this section."""
+    """Each {…} that would reach the client (or the LLM, in [system] and [notes]) as it is:
+    unknown, or not replaced in this section."""
     allowed = PLACEHOLDERS.get(name)
     where = {value: key for key, value in PLACEHOLDERS.items()}
+    reader = "нейросеть получит" if name in ("system", "notes") else "клиент прочтёт"
     return [f"prompt.txt, строка {number}: {{{found}}} " +
             (f"заменяется только в [{where[found]}]" if found in where
              else "— такой подстановки нет") +
-            (f"; здесь можно только {{{allowed}}}" if allowed else "; здесь подстановок нет") +
-            " — иначе клиент прочтёт её как есть"
+            (f"; здесь можно только {{{allowed}}}" if allowed else f"; в [{name}] подстановок нет")
+            + f" — сейчас {reader} «{{{found}}}» как есть: исправьте или уберите скобки"
             for number, line in body for found in PLACEHOLDER_RE.findall(line) if found != allowed]
 
 

@@ -329,3 +329,35 @@ def test_working_hours_with_one_digit_hours_are_taken(app, bot_env, tmp_path, te
 def test_working_hours_without_an_end_say_what_is_missing(app, bot_env, tmp_path):
     [problem] = start_up(app, {**bot_env, "WORKING_HOURS": "9:00"}, tmp_path)
     assert "начало и конец через дефис" in problem and "9:00-18:00" in problem
+
+
+def test_a_missing_prompt_txt_is_one_russian_line_with_the_fix(app, bot_env, tmp_path, telegram):
+    prompt_of(app).unlink()
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert "prompt.txt не найден" in problem and "git checkout -- prompt.txt" in problem
+    assert "Error" not in problem
+    code, lines = check(app, bot_env, tmp_path)
+    assert code == 1 and any(line.startswith("✗ prompt.txt не найден") for line in lines)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# только комментарий\n"])
+def test_an_empty_prompt_txt_is_one_line_not_one_per_section(app, bot_env, tmp_path, text):
+    prompt_of(app).write_text(text, encoding="utf-8")
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert problem.startswith("leadbot: prompt.txt пуст") and "git checkout -- prompt.txt" in problem
+
+
+def test_a_placeholder_in_system_says_the_llm_reads_it_not_the_client(app, bot_env, tmp_path):
+    edit_prompt(app, "отвечаешь клиентам в чате Telegram.", "отвечаешь клиентам {x} в чате Telegram.")
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert f"строка {line_of(app, 'Ты — консультант')}: {{x}}" in problem
+    assert "нейросеть получит «{x}» как есть" in problem and "клиент" not in problem, problem
+
+
+def test_two_questions_with_one_label_are_named_with_both_lines(app, bot_env, tmp_path):
+    edit_prompt(app, "[question Бюджет]", "[question Сроки]")
+    first, second = (number for number, line in enumerate(
+        prompt_of(app).read_text(encoding="utf-8").splitlines(), 1) if line == "[question Сроки]")
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert f"строка {second}: [question Сроки] — метка «Сроки» уже есть у вопроса в строке {first}" \
+        in problem, problem
