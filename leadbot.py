@@ -2185,7 +2185,7 @@ def run_check():
     failed, command = False, bot_command()
     try:
         for ok, text in checks():  # each line as soon as its part is checked
-            print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text)
+            print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text, flush=True)
             failed |= ok is False
     except ConfigError:  # the settings cannot be used at all: the other parts cannot be checked
         print(f"Исправьте .env, как сказано выше, и запустите проверку снова: {command} --check")
@@ -2292,12 +2292,23 @@ def run_stats(cfg, as_json):
         print(f"  отказались: {p['refused']}, прервали (/cancel): {p['cancelled']}, ещё идут: "
               f"{p.get('open', 0)}, удалили данные (/forget): {p.get('forgotten', 0)}")
         print(f"  бросили: {dropped}")
-        median = f"{median / 60:.1f} мин" if median is not None else "-"
+        median = f"{median / 60:.1f} мин".replace(".", ",") if median is not None else "-"
         print(f"  медиана времени до контакта: {median}")
     console = figures["console"]
     print(f"Проверочные диалоги в консоли (выше не считаются): {console['started']}, "
           f"из них с контактом: {console['contacts']}")
     return 0
+
+
+def quietly(write):
+    """write() to stdout; a reader gone early (`--check | head -1`) ends it without a traceback."""
+    try:
+        code = write()
+        sys.stdout.flush()  # here, not at exit, where a broken pipe could only be reported
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        return 1
 
 
 def main(argv=None):
@@ -2311,7 +2322,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.umask(0o077)  # every file the bot makes (leads, dialogs, logs) is readable by this user alone
     if args.check:
-        return run_check()
+        return quietly(run_check)
     try:
         env, keys = read_env()
         try:
@@ -2319,7 +2330,7 @@ def main(argv=None):
         except ConfigError as e:  # a misspelt name is often why a setting seems missing
             raise ConfigError(e.problems + doubts(env, keys)) from None
         if args.stats:
-            return run_stats(cfg, args.json)
+            return quietly(lambda: run_stats(cfg, args.json))
         setup_logging(cfg, console_level="WARNING" if args.console else None)
         for doubt in doubts(env, keys):
             log.warning("%s", doubt)

@@ -2,13 +2,14 @@
 the program with its own prompt.txt and .env; every mistake named with its line, in Russian."""
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from fakes import copy_app, full_dialog, run_bot, start_bot
+from fakes import _bot_environment, copy_app, full_dialog, run_bot, start_bot
 
 CONFLICT = "<<<<<<< Updated upstream\n{old}\n=======\n{new}\n>>>>>>> Stashed changes\n"
 
@@ -361,3 +362,17 @@ def test_two_questions_with_one_label_are_named_with_both_lines(app, bot_env, tm
     [problem] = start_up(app, bot_env, tmp_path)
     assert f"строка {second}: [question Сроки] — метка «Сроки» уже есть у вопроса в строке {first}" \
         in problem, problem
+
+
+def test_stats_write_minutes_with_a_decimal_comma(tmp_path):
+    env = funnel(tmp_path, [("d1", ["contact"])])  # 60 seconds to the contact
+    assert "медиана времени до контакта: 1,0 мин" in run_bot(env, "--stats", cwd=tmp_path).stdout
+
+
+@pytest.mark.parametrize("args", ["--check", "--stats"])
+def test_output_cut_short_by_head_ends_quietly(app, bot_env, tmp_path, args):
+    environment = {**_bot_environment(bot_env), "PYTHONUNBUFFERED": ""}  # buffered, as the owner has it
+    for reader in ("head -1", "true"):  # true: gone before the first line
+        result = subprocess.run(f'"{sys.executable}" "{app}" {args} | {reader}', shell=True, cwd=tmp_path,
+                                env=environment, capture_output=True, text=True, timeout=30)
+        assert result.stderr == "" and len(result.stdout.splitlines()) <= 1, result.stderr
