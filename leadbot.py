@@ -2077,6 +2077,10 @@ def run_telegram(cfg):
     log.info("started as @%s (email: %s, LLM: %s)", (me or {}).get("username"),
              "on" if cfg.smtp_host else "off", "on" if cfg.llm_base_url else "off")
     print("\n".join(startup_summary(cfg, bot.prompt, bot.channels)), flush=True)  # for the owner
+    # One getChat, only with MANAGER_CHAT_ID set: a card to a chat the bot cannot see is lost.
+    for _, problem in [line for line in check_manager_chat(cfg, bot.out) if line[0] is False]:
+        print("Внимание: " + problem.removeprefix("Telegram: "), flush=True)
+        log.warning("the bot cannot reach MANAGER_CHAT_ID (see --check)")
     if cfg.delete_webhook:
         try:
             bot.out.call_patiently("deleteWebhook")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import _bot_environment, copy_app, full_dialog, run_bot, start_bot
+from fakes import _bot_environment, copy_app, full_dialog, run_bot, say, start_bot
 
 CONFLICT = "<<<<<<< Updated upstream\n{old}\n=======\n{new}\n>>>>>>> Stashed changes\n"
 
@@ -376,3 +376,13 @@ def test_output_cut_short_by_head_ends_quietly(app, bot_env, tmp_path, args):
         result = subprocess.run(f'"{sys.executable}" "{app}" {args} | {reader}', shell=True, cwd=tmp_path,
                                 env=environment, capture_output=True, text=True, timeout=30)
         assert result.stderr == "" and len(result.stdout.splitlines()) <= 1, result.stderr
+
+
+def test_start_up_names_a_manager_chat_the_bot_cannot_reach_and_keeps_working(bot_env, telegram, tmp_path):
+    process = start_bot({**bot_env, "MANAGER_CHAT_ID": "-1001234567890"}, cwd=tmp_path)
+    output = process.wait_log("MANAGER_CHAT_ID недоступен боту")
+    assert "Внимание: чат MANAGER_CHAT_ID недоступен боту (HTTP 400) — добавьте бота" in output
+    assert say(telegram, 2301, "/start", "Здравствуйте")  # the clients are still answered
+    process.terminate()
+    process = start_bot({**bot_env, "MANAGER_CHAT_ID": "5550001"}, cwd=tmp_path)
+    assert "недоступен" not in process.wait_log("Остановить бота")
