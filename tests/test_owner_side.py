@@ -2,6 +2,7 @@
 the program with its own prompt.txt and .env; every mistake named with its line, in Russian."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -386,3 +387,28 @@ def test_start_up_names_a_manager_chat_the_bot_cannot_reach_and_keeps_working(bo
     process.terminate()
     process = start_bot({**bot_env, "MANAGER_CHAT_ID": "5550001"}, cwd=tmp_path)
     assert "недоступен" not in process.wait_log("Остановить бота")
+
+
+def test_the_russian_guide_explains_every_column_of_the_real_leads_csv(tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    answers = "\n".join(["Болит зуб", "На этой неделе", "до 10 тыс. ₽", "+7 999 123-45-67", ""])
+    assert run_bot(env, "--console", cwd=tmp_path, input=answers, timeout=20).returncode == 0
+    header, row = (tmp_path / "data" / "leads.csv").read_text(encoding="utf-8-sig").splitlines()[:2]
+    assert row.split(";")[header.split(";").index("contact")].startswith("'+7")  # Excel's formula guard
+    guide = (Path(__file__).resolve().parent.parent / "doc" / "README.ru.md").read_text(encoding="utf-8")
+    table = guide[guide.index("### Таблица заявок"):]
+    for column in header.split(";"):
+        assert f"| `{column}` |" in table, column
+    for words in ("апостроф", "`new`", "`rejected`", "`telegram`", "`console`"):
+        assert words in table, words
+
+
+def test_env_example_has_every_setting_explained_in_russian():
+    import leadbot
+    lines = (Path(__file__).parent.parent / ".env.example").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.partition("=")[0] for line in lines if line and not line.startswith("#")) == sorted(
+        leadbot.SETTINGS)
+    english = [line for line in lines if line.startswith("# ") and not line.startswith("# ---")
+               and re.search("[A-Za-z]{4}", line)
+               and not re.search("[а-яё]", line, re.IGNORECASE)]
+    assert english == []
