@@ -1509,7 +1509,7 @@ def read_prompt(path, cfg=None):
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
-        raise PromptError(f"prompt.txt не найден в {path.parent} — верните его: {RESTORE}") from None
+        raise PromptError(f"prompt.txt не найден в {path.parent} — верните: {RESTORE}") from None
     except (OSError, UnicodeError) as e:
         raise PromptError(f"{path} не читается ({type(e).__name__}) — сохраните его как текст "
                           "в кодировке UTF-8") from None

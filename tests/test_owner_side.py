@@ -318,6 +318,7 @@ def test_two_manager_emails_both_get_the_lead(app, bot_env, telegram, smtp, tmp_
     assert sorted(mail.rcpt_tos) == ["anna@example.com", "oleg@example.com"]
     assert mail.mail_from == "anna@example.com"
     process.terminate()
+    process.wait()
     [problem] = start_up(app, {**env, "MANAGER_EMAIL": "anna@example.com oleg@example.com"}, tmp_path)
     assert "несколько адресов пишите через запятую" in problem
 
@@ -385,6 +386,7 @@ def test_start_up_names_a_manager_chat_the_bot_cannot_reach_and_keeps_working(bo
     assert "Внимание: чат MANAGER_CHAT_ID недоступен боту (HTTP 400) — добавьте бота" in output
     assert say(telegram, 2301, "/start", "Здравствуйте")  # the clients are still answered
     process.terminate()
+    process.wait()  # its lock on DATA_DIR goes with it
     process = start_bot({**bot_env, "MANAGER_CHAT_ID": "5550001"}, cwd=tmp_path)
     assert "недоступен" not in process.wait_log("Остановить бота")
 
