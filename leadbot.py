@@ -88,7 +88,7 @@ def take_contact(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("foreign_contact"), contact_button=True)
         return "collecting_contact"
     # A contact given earlier stands whatever comes now (after a lead no channel took, say).
-    contact = contact_in(bot, msg) or dialog.get("contact", "")
+    contact = contact_in(bot, msg) or joined_phone(dialog, msg.text) or dialog.get("contact", "")
     if contact:
         return lead_with_contact(bot, dialog, msg, contact)
     dialog["unanswered"] = dialog.get("unanswered", 0) + 1
@@ -1131,6 +1131,9 @@ EMAIL_RE = re.compile(r"[\w%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}
                       r"|[а-яёА-ЯЁ]{2,24}(?![\w-]))")
 USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?(?:www\.)?(?:t|telegram)\.me/)"
                          r"([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# A phone cut over two messages (joined_phone): the digits that end one, those that begin the next.
+PHONE_HEAD = re.compile(r"(?<![\d+])\+?\d(?:[\d \t().\-]{0,20}\d)?$")
+PHONE_TAIL = re.compile(r"\d(?:[\d \t().\-]{0,20}\d)?(?!\d)")
 # Fullwidth + - ( ) . @ and space, as a Chinese or Japanese keyboard types them, made plain.
 WIDE = str.maketrans("\uff0b\uff0d\uff08\uff09\uff0e\uff20\u3000", "+-().@ ")
 # The word lists, all here, read on plain_words() (lower case, ё as е, no punctuation).
@@ -1186,6 +1189,19 @@ def phone_spans(text):
                     and not any(start < m.end() and m.start() < end for start, end, _ in spans)):
                 spans.append((m.start(), m.end(), m.group()))
     return spans
+
+
+def joined_phone(dialog, text):
+    """«8 917 123», then «45 67»: at the contact step the digits that end the last message without
+    a contact and those that begin this one are a phone when together they make a whole one. Two
+    messages in a row only, the digits as typed: a number is never made up."""
+    text = normal_digits(text).strip()
+    head, tail = dialog.pop("digits", ""), PHONE_TAIL.match(text)
+    if head and tail and PHONE_RE.fullmatch(phone := f"{head} {tail.group()}") and is_phone(phone):
+        return phone
+    if found := PHONE_HEAD.search(text):
+        dialog["digits"] = found.group()  # for the next message only
+    return ""
 
 
 def normal_digits(text):

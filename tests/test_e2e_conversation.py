@@ -224,3 +224,22 @@ def test_an_answer_cut_at_max_tokens_ends_at_its_last_whole_sentence(bot, telegr
     bot(LLM_STREAM=stream)
     reach_contact_step(telegram, 4053)
     assert offer_of(telegram, 4053) == "Рекомендуем лендинг."
+
+
+# --- Gaps closed after the first round (issue 20) ------------------------------------------------
+
+def test_a_phone_split_over_two_messages_at_the_contact_step_is_one_phone(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 4060)
+    say(telegram, 4060, "8 917 123", TEXTS["contact_format"][:20])  # Enter pressed mid-number
+    say(telegram, 4060, "45 67", SAVED)
+    reach_contact_step(telegram, 4061)
+    say(telegram, 4061, "мой номер +7 917", TEXTS["contact_format"][:20])
+    say(telegram, 4061, "123-45-67, звоните вечером", SAVED)
+    reach_contact_step(telegram, 4062)  # together still no phone: none is made up
+    say(telegram, 4062, "8 917 123", TEXTS["contact_format"][:20])
+    say(telegram, 4062, "45", TEXTS["refused"][:20])
+    wait_until(lambda: len(read_rows(bot_env)) == 3)
+    assert [(row["contact"].lstrip("'"), row["status"]) for row in read_rows(bot_env)] == [
+        ("8 917 123 45 67", "new"), ("+7 917 123-45-67", "new"), ("", "rejected")]
+
