@@ -56,13 +56,17 @@ def greet(bot, dialog, msg):
 
 def take_answer(bot, dialog, msg):
     """Stores the answer, asks the next question; after the last one starts writing the offer.
-    A button number that is no button («7» of 3) is asked again, not stored."""
+    A button number that is no button («7» of 3) and a shared contact are asked again, not
+    stored."""
     question = question_at(bot, len(dialog["answers"]))
-    if question.buttons and msg.text.strip().isdigit() and button_text(question, msg.text) == msg.text:
-        bot.say(msg.chat_id, bot.text("pick_button"))
+    note_contact(bot, dialog, msg)
+    answer = msg.text.strip()
+    no_button = question.buttons and answer.isdigit() and button_text(question, answer) == answer
+    if msg.shared or no_button:  # a contact shared with the button answers no question either
+        if no_button:
+            bot.say(msg.chat_id, bot.text("pick_button"))
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
         return "qualifying"
-    note_contact(bot, dialog, msg)
     dialog["answers"].append(button_text(question, msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
@@ -119,9 +123,10 @@ def contact_given(bot, dialog, msg):
 
 
 def note_contact(bot, dialog, msg):
-    """A contact in any answer is the lead's: kept in the dialog, said once, not asked for again."""
+    """A contact in any answer (a phone, «пишите сюда», the share button) is the lead's: kept in
+    the dialog, said once, not asked for again."""
     known = dialog.get("contact", "")
-    found = [contact for contact in find_contacts(msg.text) if contact not in known.split(", ")]
+    found = [contact for contact in contacts_in(bot, msg) if contact not in known.split(", ")]
     if found and not known:
         bot.say(msg.chat_id, bot.text("contact_noted"))
     if found:
@@ -129,8 +134,13 @@ def note_contact(bot, dialog, msg):
 
 
 def contact_in(bot, msg):
-    """The contact a message gives: a shared one, its phones, emails, @usernames, or this chat."""
-    return msg.shared or ", ".join(find_contacts(msg.text)) or chat_contact(bot, msg)
+    return ", ".join(contacts_in(bot, msg))
+
+
+def contacts_in(bot, msg):
+    """The contacts a message gives: a shared one, its phones, emails, @usernames, or this chat."""
+    found = [msg.shared] if msg.shared else find_contacts(msg.text)
+    return found or [chat for chat in [chat_contact(bot, msg)] if chat]
 
 
 def chat_contact(bot, msg):
@@ -161,7 +171,7 @@ def after_end(bot, dialog, msg):
         if contact:
             return lead_with_contact(bot, dialog, msg, contact)
         return start_over(bot, dialog, msg)
-    kept = dialog.get("after", []) + [{"text": msg.text, "at": round(time.time())}]
+    kept = dialog.get("after", []) + [{"text": msg.text or msg.shared, "at": round(time.time())}]
     dialog["after"] = kept[-AFTER_KEPT:]
     bot.say(msg.chat_id, bot.text("after_lead"), buttons=[bot.text("new_request_button")])
     return "done"
@@ -284,7 +294,8 @@ def dispatch(bot, msg, old):
         return COMMANDS[command](bot, msg, old)
     if msg.media == "voice":
         return listen(bot, msg)
-    if msg.media or (msg.shared and (not old or old["stage"] != "collecting_contact")):
+    foreign = msg.shared and not msg.own_contact  # at the contact step: said so (take_contact)
+    if msg.media or (foreign and (not old or old["stage"] != "collecting_contact")):
         return bot.say(msg.chat_id, bot.text("text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)

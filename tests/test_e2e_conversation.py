@@ -243,3 +243,26 @@ def test_a_phone_split_over_two_messages_at_the_contact_step_is_one_phone(bot, b
     assert [(row["contact"].lstrip("'"), row["status"]) for row in read_rows(bot_env)] == [
         ("8 917 123 45 67", "new"), ("+7 917 123-45-67", "new"), ("", "rejected")]
 
+
+def test_write_here_or_a_shared_contact_before_the_contact_step_is_the_leads_contact(
+        bot, bot_env, telegram):
+    bot()
+    say(telegram, 4070, "/start", "задача", username="anna_k")
+    say(telegram, 4070, "Сайт для пекарни, пишите сюда", "Когда", username="anna_k")
+    answer_all(telegram, 4070, ANSWERS[1:-1])
+    say(telegram, 4070, ANSWERS[-1], SAVED)
+    say(telegram, 4071, "/start", "задача")
+    say(telegram, 4071, {"phone": "+79991234567"}, "задача")  # noted, the question asked again
+    answer_all(telegram, 4071, ANSWERS[:-1])
+    say(telegram, 4071, ANSWERS[-1], SAVED)
+    say(telegram, 4072, {"phone": "+79997654321"}, "задача")  # the very first message
+    answer_all(telegram, 4072, ANSWERS[:-1])
+    say(telegram, 4072, ANSWERS[-1], SAVED)
+    for chat_id in (4070, 4071, 4072):
+        assert telegram.texts(chat_id).count(TEXTS["contact_noted"]) == 1, chat_id
+        assert not contact_requests(telegram, chat_id), chat_id
+        assert "" not in dialog_of(bot_env, chat_id)["answers"]  # a shared contact answers nothing
+    wait_until(lambda: len(read_rows(bot_env)) == 3)
+    assert [(row["contact"].lstrip("'"), row["status"]) for row in read_rows(bot_env)] == [
+        ("Telegram chat 4070 @anna_k", "new"), ("+79991234567", "new"), ("+79997654321", "new")]
+
