@@ -1122,8 +1122,9 @@ def finish_lead(bot, item):
         bot.unconfirmed.append({**item, "untaken": untaken})
         ids = [msg["update_id"] for msg in dialog["waiting"]]  # the lead's message and those joined to it are done
         waiting = dialog["waiting"][ids.index(item["update_id"]) + 1 if item["update_id"] in ids else 0:]
-        return save(bot, item["chat_id"], {**dialog, "stage": dialog["stage"] if untaken else "done",
-                                           "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
+        return save(bot, item["chat_id"], {  # saved: as lead_with_contact marks it
+            **dialog, "stage": dialog["stage"] if untaken else "done", "saved": bool(new and taken),
+            "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
     confirm(bot, {**item, "untaken": untaken})
 
 

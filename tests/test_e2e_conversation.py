@@ -1,5 +1,7 @@
 """Conversations as real people have them: a contact wherever it is given, «пишите сюда», refusals
 and the re-ask cap, the first message kept, what comes after a lead, answers never taken back."""
+from pathlib import Path
+
 import pytest
 
 from fakes import (ANSWERS, CONTACT_REQUEST, PROMPT, TEXTS, reach_contact_step, read_rows,
@@ -266,3 +268,23 @@ def test_write_here_or_a_shared_contact_before_the_contact_step_is_the_leads_con
     assert [(row["contact"].lstrip("'"), row["status"]) for row in read_rows(bot_env)] == [
         ("Telegram chat 4070 @anna_k", "new"), ("+79991234567", "new"), ("+79997654321", "new")]
 
+
+def test_a_lead_finished_after_a_kill_9_is_saved_and_a_thank_you_then_starts_nothing(
+        bot, bot_env, telegram, smtp):
+    first = bot()
+    reach_contact_step(telegram, 4080)
+    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
+    leads.unlink(missing_ok=True)
+    leads.mkdir()  # the row cannot be written: the email goes at once, on the dispatcher
+    smtp.quit_delay = 60  # the server took the email and hangs at QUIT: the lead is half done
+    telegram.send_text(4080, "+7 999 123-45-67")
+    wait_until(lambda: smtp.quits, message="the email taken, QUIT hanging")
+    first.kill()
+    first.wait()
+    leads.rmdir()
+    smtp.quit_delay = 0
+    bot()  # recovery finishes the lead
+    telegram.wait_for(lambda: any(SAVED in t for t in telegram.texts(4080)), 10, "the thanks")
+    wait_until(lambda: dialog_of(bot_env, 4080)["stage"] == "done")
+    say(telegram, 4080, "Спасибо!", TEXTS["after_lead"][:20])
+    assert len(read_rows(bot_env)) == 1 and dialog_of(bot_env, 4080)["answers"] == ANSWERS
