@@ -56,13 +56,14 @@ def greet(bot, dialog, msg):
 
 def take_answer(bot, dialog, msg):
     """Stores the answer, asks the next question; after the last one starts writing the offer.
-    A button number that is no button («7» of 3) and a shared contact are asked again, not
-    stored."""
+    A button number that is no button («7» of 3), a shared contact and an old button are asked
+    again, not stored."""
     question = question_at(bot, len(dialog["answers"]))
     note_contact(bot, dialog, msg)
     answer = msg.text.strip()
     no_button = question.buttons and answer.isdigit() and button_text(question, answer) == answer
-    if msg.shared or no_button:  # a contact shared with the button answers no question either
+    # A contact shared with the button answers no question, nor «Новая заявка» tapped twice.
+    if msg.shared or no_button or msg.text == bot.text("new_request_button"):
         if no_button:
             bot.say(msg.chat_id, bot.text("pick_button"))
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
@@ -113,7 +114,7 @@ def lead_with_contact(bot, dialog, msg, contact):
         bot.say(msg.chat_id, bot.text("not_taken"))
         return "collecting_contact"
     bot.say(msg.chat_id, bot.text("thanks_saved" if "csv" in taken else "thanks_sent"), remove_keyboard=True)
-    dialog["saved"] = True
+    dialog["saved"], dialog["contact"] = True, contact  # the contact: to know a new one after it
     return "done"
 
 
@@ -125,12 +126,23 @@ def contact_given(bot, dialog, msg):
 def note_contact(bot, dialog, msg):
     """A contact in any answer (a phone, «пишите сюда», the share button) is the lead's: kept in
     the dialog, said once, not asked for again."""
-    known = dialog.get("contact", "")
-    found = [contact for contact in contacts_in(bot, msg) if contact not in known.split(", ")]
-    if found and not known:
+    found = new_contacts(dialog, contacts_in(bot, msg))
+    if found and not dialog.get("contact"):
         bot.say(msg.chat_id, bot.text("contact_noted"))
     if found:
-        dialog["contact"] = ", ".join(([known] if known else []) + found)
+        dialog["contact"] = with_contacts(dialog, found)
+
+
+def new_contacts(dialog, found):
+    """The contacts found that the dialog has not yet; a phone spaced otherwise is the same."""
+    def key(contact):
+        return re.sub(r"[^\w@]", "", contact.lower())
+    known = {key(contact) for contact in dialog.get("contact", "").split(", ")}
+    return [contact for contact in found if key(contact) not in known]
+
+
+def with_contacts(dialog, found):
+    return ", ".join([known for known in [dialog.get("contact")] if known] + found)
 
 
 def contact_in(bot, msg):
@@ -161,20 +173,32 @@ def thank_later(bot, dialog, msg):
 
 def after_end(bot, dialog, msg):
     """After a saved lead, what the client writes is kept (the manager's to read) and one tap on
-    the button starts a new request. After a refusal, a contact is the lead after all; anything
-    else begins anew."""
+    the button starts a new request; a contact the lead has not («и ещё почта …») sends the lead
+    again with it."""
     if msg.text in (bot.text("new_request_button"), "1"):  # «1»: its number, as in the console
         renew(bot, dialog, msg)
         return greet(bot, dialog, msg._replace(text=""))
     if not dialog.get("saved"):
-        contact = contact_in(bot, msg)
-        if contact:
-            return lead_with_contact(bot, dialog, msg, contact)
-        return start_over(bot, dialog, msg)
+        return after_refusal(bot, dialog, msg)
+    added = new_contacts(dialog, [msg.shared] if msg.shared else find_contacts(msg.text))
+    if added:  # the manager must see it: a row with every contact (one more email, no lead lost)
+        return lead_with_contact(bot, dialog, msg, with_contacts(dialog, added))
     kept = dialog.get("after", []) + [{"text": msg.text or msg.shared, "at": round(time.time())}]
     dialog["after"] = kept[-AFTER_KEPT:]
     bot.say(msg.chat_id, bot.text("after_lead"), buttons=[bot.text("new_request_button")])
     return "done"
+
+
+def after_refusal(bot, dialog, msg):
+    """After a refusal a contact is the lead after all; a refusal again, «ок» or «спасибо» hear the
+    goodbye again (no request is made of them); anything else begins anew."""
+    contact = contact_in(bot, msg)
+    if contact:
+        return lead_with_contact(bot, dialog, msg, contact)
+    if is_refusal(msg.text) or NOTHING_SAID.fullmatch(plain_words(msg.text)):
+        bot.say(msg.chat_id, bot.text("refused"), remove_keyboard=True)
+        return "done"
+    return start_over(bot, dialog, msg)
 
 
 def start_over(bot, dialog, msg):
@@ -294,17 +318,26 @@ def dispatch(bot, msg, old):
         return COMMANDS[command](bot, msg, old)
     if msg.media == "voice":
         return listen(bot, msg)
-    foreign = msg.shared and not msg.own_contact  # at the contact step: said so (take_contact)
-    if msg.media or (foreign and (not old or old["stage"] != "collecting_contact")):
+    # Someone else's contact: said so at the contact step (take_contact), a photo's fate elsewhere.
+    if msg.media or (not msg.own_contact and (not old or old["stage"] != "collecting_contact")):
         return bot.say(msg.chat_id, bot.text("text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)
     else:
-        dialog = new_dialog(msg.chat_id, msg.first_name, bot.source)
+        dialog = begun_anew(bot, msg, old)
     step = STAGES[dialog["stage"]]
     if dialog["stage"] in ("qualifying", "collecting_contact") and idle(dialog) > RETURN_AFTER:
         step = remind
     advance(bot, msg, dialog, step)
+
+
+def begun_anew(bot, msg, old):
+    """A new dialog; /start in mid-dialog keeps the contact given in it, which the bot said it
+    would not ask for again."""
+    dialog = new_dialog(msg.chat_id, msg.first_name, bot.source)
+    if old and old["stage"] != "done" and old.get("contact") and not expired(bot, old):
+        dialog["contact"] = old["contact"]
+    return dialog
 
 
 def replay(bot, chat_id):
@@ -1161,11 +1194,16 @@ REFUSAL_RE = re.compile(r"(?:(?:спасибо|благодарю|пожалуй
 SENDING_SOON = re.compile(r"(?<!\bне )(минут|секунд|погод|подожд|момент|напиш|скин|пришл|найд)")
 OTHER_WAY = re.compile(r"пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап"
                        r"|вотсап|viber|вайбер|номер|лучше|давайте")
-# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь»: this chat is the
-# contact (at the contact step). Broad on purpose: a chat taken for a contact costs the manager a
+# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь», and «мой номер в
+# профиле», «звоните на этот номер» (the bot cannot see it; the manager can write here): this chat
+# is the contact, in any answer. Broad on purpose: a chat taken for a contact costs the manager a
 # question in it; a missed one loses the lead.
 WRITE_HERE = re.compile(r"^(?!.*\bне (?:на)?пиш).*?(?:\b(?:на)?пиши(?:те)?\b"
+                        r"|\bв (?:моем )?профил|\b(?:этот|этому|этом) (?:же )?номер"
                         r"|(?<!\bне )\b(?:сюда|здесь|тут|в (?:этот|этом) чат\w*)$)")
+# After a refusal, a message that says nothing new («ок», «спасибо», «👍», «?») starts no request.
+NOTHING_SAID = re.compile(r"(?:(?:ок|окей|ok|хорошо|ладно|понятно|ясно|спасибо|большое|благодарю"
+                          r"|угу|ага|да|пока|до свидания)(?: |$)){0,3}")
 # A first message that only says hello is no request.
 GREETING_ONLY = re.compile(r"(?:(?:здравствуй\w*|привет\w*|добр\w* (?:день|утро|вечер)|hi|hello"
                            r"|доброго времени суток|хай|start|старт|начать)(?: \w+)?)?")  # +1 word
