@@ -57,13 +57,18 @@ def greet(bot, dialog, msg):
 
 def take_answer(bot, dialog, msg):
     """Stores the answer, asks the next question; after the last one starts writing the offer.
-    A button number that is no button («7» of 3) is asked again, not stored."""
+    A button number that is no button («7» of 3), a shared contact and an old button are asked
+    again, not stored."""
     question = question_at(bot, len(dialog["answers"]))
-    if question.buttons and msg.text.strip().isdigit() and button_text(question, msg.text) == msg.text:
-        bot.say(msg.chat_id, bot.text("pick_button"))
+    note_contact(bot, dialog, msg)
+    answer = msg.text.strip()
+    no_button = question.buttons and answer.isdigit() and button_text(question, answer) == answer
+    # A contact shared with the button answers no question, nor «Новая заявка» tapped twice.
+    if msg.shared or no_button or msg.text == bot.text("new_request_button"):
+        if no_button:
+            bot.say(msg.chat_id, bot.text("pick_button"))
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
         return "qualifying"
-    note_contact(bot, dialog, msg)
     dialog["answers"].append(button_text(question, msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
@@ -89,7 +94,7 @@ def take_contact(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("foreign_contact"), contact_button=True)
         return "collecting_contact"
     # A contact given earlier stands whatever comes now (after a lead no channel took, say).
-    contact = contact_in(bot, msg) or dialog.get("contact", "")
+    contact = contact_in(bot, msg) or joined_phone(dialog, msg.text) or dialog.get("contact", "")
     if contact:
         return lead_with_contact(bot, dialog, msg, contact)
     dialog["unanswered"] = dialog.get("unanswered", 0) + 1
@@ -110,7 +115,7 @@ def lead_with_contact(bot, dialog, msg, contact):
         bot.say(msg.chat_id, bot.text("not_taken"))
         return "collecting_contact"
     bot.say(msg.chat_id, bot.text("thanks_saved" if "csv" in taken else "thanks_sent"), remove_keyboard=True)
-    dialog["saved"] = True
+    dialog["saved"], dialog["contact"] = True, contact  # the contact: to know a new one after it
     return "done"
 
 
@@ -120,18 +125,35 @@ def contact_given(bot, dialog, msg):
 
 
 def note_contact(bot, dialog, msg):
-    """A contact in any answer is the lead's: kept in the dialog, said once, not asked for again."""
-    known = dialog.get("contact", "")
-    found = [contact for contact in find_contacts(msg.text) if contact not in known.split(", ")]
-    if found and not known:
+    """A contact in any answer (a phone, «пишите сюда», the share button) is the lead's: kept in
+    the dialog, said once, not asked for again."""
+    found = new_contacts(dialog, contacts_in(bot, msg))
+    if found and not dialog.get("contact"):
         bot.say(msg.chat_id, bot.text("contact_noted"))
     if found:
-        dialog["contact"] = ", ".join(([known] if known else []) + found)
+        dialog["contact"] = with_contacts(dialog, found)
+
+
+def new_contacts(dialog, found):
+    """The contacts found that the dialog has not yet; a phone spaced otherwise is the same."""
+    def key(contact):
+        return re.sub(r"[^\w@]", "", contact.lower())
+    known = {key(contact) for contact in dialog.get("contact", "").split(", ")}
+    return [contact for contact in found if key(contact) not in known]
+
+
+def with_contacts(dialog, found):
+    return ", ".join([known for known in [dialog.get("contact")] if known] + found)
 
 
 def contact_in(bot, msg):
-    """The contact a message gives: a shared one, its phones, emails, @usernames, or this chat."""
-    return msg.shared or ", ".join(find_contacts(msg.text)) or chat_contact(bot, msg)
+    return ", ".join(contacts_in(bot, msg))
+
+
+def contacts_in(bot, msg):
+    """The contacts a message gives: a shared one, its phones, emails, @usernames, or this chat."""
+    found = [msg.shared] if msg.shared else find_contacts(msg.text)
+    return found or [chat for chat in [chat_contact(bot, msg)] if chat]
 
 
 def chat_contact(bot, msg):
@@ -152,20 +174,32 @@ def thank_later(bot, dialog, msg):
 
 def after_end(bot, dialog, msg):
     """After a saved lead, what the client writes is kept (the manager's to read) and one tap on
-    the button starts a new request. After a refusal, a contact is the lead after all; anything
-    else begins anew."""
+    the button starts a new request; a contact the lead has not («и ещё почта …») sends the lead
+    again with it."""
     if msg.text in (bot.text("new_request_button"), "1"):  # «1»: its number, as in the console
         renew(bot, dialog, msg)
         return greet(bot, dialog, msg._replace(text=""))
     if not dialog.get("saved"):
-        contact = contact_in(bot, msg)
-        if contact:
-            return lead_with_contact(bot, dialog, msg, contact)
-        return start_over(bot, dialog, msg)
-    kept = dialog.get("after", []) + [{"text": msg.text, "at": round(time.time())}]
+        return after_refusal(bot, dialog, msg)
+    added = new_contacts(dialog, [msg.shared] if msg.shared else find_contacts(msg.text))
+    if added:  # the manager must see it: a row with every contact (one more email, no lead lost)
+        return lead_with_contact(bot, dialog, msg, with_contacts(dialog, added))
+    kept = dialog.get("after", []) + [{"text": msg.text or msg.shared, "at": round(time.time())}]
     dialog["after"] = kept[-AFTER_KEPT:]
     bot.say(msg.chat_id, bot.text("after_lead"), buttons=[bot.text("new_request_button")])
     return "done"
+
+
+def after_refusal(bot, dialog, msg):
+    """After a refusal a contact is the lead after all; a refusal again, «ок» or «спасибо» hear the
+    goodbye again (no request is made of them); anything else begins anew."""
+    contact = contact_in(bot, msg)
+    if contact:
+        return lead_with_contact(bot, dialog, msg, contact)
+    if is_refusal(msg.text) or NOTHING_SAID.fullmatch(plain_words(msg.text)):
+        bot.say(msg.chat_id, bot.text("refused"), remove_keyboard=True)
+        return "done"
+    return start_over(bot, dialog, msg)
 
 
 def start_over(bot, dialog, msg):
@@ -285,16 +319,26 @@ def dispatch(bot, msg, old):
         return COMMANDS[command](bot, msg, old)
     if msg.media == "voice":
         return listen(bot, msg)
-    if msg.media or (msg.shared and (not old or old["stage"] != "collecting_contact")):
+    # Someone else's contact: said so at the contact step (take_contact), a photo's fate elsewhere.
+    if msg.media or (not msg.own_contact and (not old or old["stage"] != "collecting_contact")):
         return bot.say(msg.chat_id, bot.text("text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)
     else:
-        dialog = new_dialog(msg.chat_id, msg.first_name, bot.source)
+        dialog = begun_anew(bot, msg, old)
     step = STAGES[dialog["stage"]]
     if dialog["stage"] in ("qualifying", "collecting_contact") and idle(dialog) > RETURN_AFTER:
         step = remind
     advance(bot, msg, dialog, step)
+
+
+def begun_anew(bot, msg, old):
+    """A new dialog; /start in mid-dialog keeps the contact given in it, which the bot said it
+    would not ask for again."""
+    dialog = new_dialog(msg.chat_id, msg.first_name, bot.source)
+    if old and old["stage"] != "done" and old.get("contact") and not expired(bot, old):
+        dialog["contact"] = old["contact"]
+    return dialog
 
 
 def replay(bot, chat_id):
@@ -1112,8 +1156,9 @@ def finish_lead(bot, item):
         bot.unconfirmed.append({**item, "untaken": untaken})
         ids = [msg["update_id"] for msg in dialog["waiting"]]  # the lead's message and those joined to it are done
         waiting = dialog["waiting"][ids.index(item["update_id"]) + 1 if item["update_id"] in ids else 0:]
-        return save(bot, item["chat_id"], {**dialog, "stage": dialog["stage"] if untaken else "done",
-                                           "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
+        return save(bot, item["chat_id"], {  # saved: as lead_with_contact marks it
+            **dialog, "stage": dialog["stage"] if untaken else "done", "saved": bool(new and taken),
+            "seen": seen_with(dialog, item["update_id"]), "waiting": waiting})
     confirm(bot, {**item, "untaken": untaken})
 
 
@@ -1132,6 +1177,9 @@ EMAIL_RE = re.compile(r"[\w%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}
                       r"|[а-яёА-ЯЁ]{2,24}(?![\w-]))")
 USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?(?:www\.)?(?:t|telegram)\.me/)"
                          r"([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# A phone cut over two messages (joined_phone): the digits that end one, those that begin the next.
+PHONE_HEAD = re.compile(r"(?<![\d+])\+?\d(?:[\d \t().\-]{0,20}\d)?$")
+PHONE_TAIL = re.compile(r"\d(?:[\d \t().\-]{0,20}\d)?(?!\d)")
 # Fullwidth + - ( ) . @ and space, as a Chinese or Japanese keyboard types them, made plain.
 WIDE = str.maketrans("\uff0b\uff0d\uff08\uff09\uff0e\uff20\u3000", "+-().@ ")
 # The word lists, all here, read on plain_words() (lower case, ё as е, no punctuation).
@@ -1147,11 +1195,16 @@ REFUSAL_RE = re.compile(r"(?:(?:спасибо|благодарю|пожалуй
 SENDING_SOON = re.compile(r"(?<!\bне )(минут|секунд|погод|подожд|момент|напиш|скин|пришл|найд)")
 OTHER_WAY = re.compile(r"пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап"
                        r"|вотсап|viber|вайбер|номер|лучше|давайте")
-# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь»: this chat is the
-# contact (at the contact step). Broad on purpose: a chat taken for a contact costs the manager a
+# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь», and «мой номер в
+# профиле», «звоните на этот номер» (the bot cannot see it; the manager can write here): this chat
+# is the contact, in any answer. Broad on purpose: a chat taken for a contact costs the manager a
 # question in it; a missed one loses the lead.
 WRITE_HERE = re.compile(r"^(?!.*\bне (?:на)?пиш).*?(?:\b(?:на)?пиши(?:те)?\b"
+                        r"|\bв (?:моем )?профил|\b(?:этот|этому|этом) (?:же )?номер"
                         r"|(?<!\bне )\b(?:сюда|здесь|тут|в (?:этот|этом) чат\w*)$)")
+# After a refusal, a message that says nothing new («ок», «спасибо», «👍», «?») starts no request.
+NOTHING_SAID = re.compile(r"(?:(?:ок|окей|ok|хорошо|ладно|понятно|ясно|спасибо|большое|благодарю"
+                          r"|угу|ага|да|пока|до свидания)(?: |$)){0,3}")
 # A first message that only says hello is no request.
 GREETING_ONLY = re.compile(r"(?:(?:здравствуй\w*|привет\w*|добр\w* (?:день|утро|вечер)|hi|hello"
                            r"|доброго времени суток|хай|start|старт|начать)(?: \w+)?)?")  # +1 word
@@ -1187,6 +1240,19 @@ def phone_spans(text):
                     and not any(start < m.end() and m.start() < end for start, end, _ in spans)):
                 spans.append((m.start(), m.end(), m.group()))
     return spans
+
+
+def joined_phone(dialog, text):
+    """«8 917 123», then «45 67»: at the contact step the digits that end the last message without
+    a contact and those that begin this one are a phone when together they make a whole one. Two
+    messages in a row only, the digits as typed: a number is never made up."""
+    text = normal_digits(text).strip()
+    head, tail = dialog.pop("digits", ""), PHONE_TAIL.match(text)
+    if head and tail and PHONE_RE.fullmatch(phone := f"{head} {tail.group()}") and is_phone(phone):
+        return phone
+    if found := PHONE_HEAD.search(text):
+        dialog["digits"] = found.group()  # for the next message only
+    return ""
 
 
 def normal_digits(text):
