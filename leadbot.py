@@ -31,6 +31,7 @@ from pathlib import Path
 
 import requests
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 import llm
 import mailer
@@ -56,13 +57,18 @@ def greet(bot, dialog, msg):
 
 def take_answer(bot, dialog, msg):
     """Stores the answer, asks the next question; after the last one starts writing the offer.
-    A button number that is no button («7» of 3) is asked again, not stored."""
+    A button number that is no button («7» of 3), a shared contact and an old button are asked
+    again, not stored."""
     question = question_at(bot, len(dialog["answers"]))
-    if question.buttons and msg.text.strip().isdigit() and button_text(question, msg.text) == msg.text:
-        bot.say(msg.chat_id, bot.text("pick_button"))
+    note_contact(bot, dialog, msg)
+    answer = msg.text.strip()
+    no_button = question.buttons and answer.isdigit() and button_text(question, answer) == answer
+    # A contact shared with the button answers no question, nor «Новая заявка» tapped twice.
+    if msg.shared or no_button or msg.text == bot.text("new_request_button"):
+        if no_button:
+            bot.say(msg.chat_id, bot.text("pick_button"))
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
         return "qualifying"
-    note_contact(bot, dialog, msg)
     dialog["answers"].append(button_text(question, msg.text))
     if len(dialog["answers"]) < len(bot.prompt.questions):
         ask_question(bot, msg.chat_id, len(dialog["answers"]))
@@ -88,7 +94,7 @@ def take_contact(bot, dialog, msg):
         bot.say(msg.chat_id, bot.text("foreign_contact"), contact_button=True)
         return "collecting_contact"
     # A contact given earlier stands whatever comes now (after a lead no channel took, say).
-    contact = contact_in(bot, msg) or dialog.get("contact", "")
+    contact = contact_in(bot, msg) or joined_phone(dialog, msg.text) or dialog.get("contact", "")
     if contact:
         return lead_with_contact(bot, dialog, msg, contact)
     dialog["unanswered"] = dialog.get("unanswered", 0) + 1
@@ -108,7 +114,7 @@ def lead_with_contact(bot, dialog, msg, contact):
         bot.say(msg.chat_id, bot.text("not_taken"))
         return "collecting_contact"
     bot.say(msg.chat_id, bot.text("thanks_saved"), remove_keyboard=True)
-    dialog["saved"] = True
+    dialog["saved"], dialog["contact"] = True, contact  # the contact: to know a new one after it
     return "done"
 
 
@@ -118,18 +124,35 @@ def contact_given(bot, dialog, msg):
 
 
 def note_contact(bot, dialog, msg):
-    """A contact in any answer is the lead's: kept in the dialog, said once, not asked for again."""
-    known = dialog.get("contact", "")
-    found = [contact for contact in find_contacts(msg.text) if contact not in known.split(", ")]
-    if found and not known:
+    """A contact in any answer (a phone, «пишите сюда», the share button) is the lead's: kept in
+    the dialog, said once, not asked for again."""
+    found = new_contacts(dialog, contacts_in(bot, msg))
+    if found and not dialog.get("contact"):
         bot.say(msg.chat_id, bot.text("contact_noted"))
     if found:
-        dialog["contact"] = ", ".join(([known] if known else []) + found)
+        dialog["contact"] = with_contacts(dialog, found)
+
+
+def new_contacts(dialog, found):
+    """The contacts found that the dialog has not yet; a phone spaced otherwise is the same."""
+    def key(contact):
+        return re.sub(r"[^\w@]", "", contact.lower())
+    known = {key(contact) for contact in dialog.get("contact", "").split(", ")}
+    return [contact for contact in found if key(contact) not in known]
+
+
+def with_contacts(dialog, found):
+    return ", ".join([known for known in [dialog.get("contact")] if known] + found)
 
 
 def contact_in(bot, msg):
-    """The contact a message gives: a shared one, its phones, emails, @usernames, or this chat."""
-    return msg.shared or ", ".join(find_contacts(msg.text)) or chat_contact(bot, msg)
+    return ", ".join(contacts_in(bot, msg))
+
+
+def contacts_in(bot, msg):
+    """The contacts a message gives: a shared one, its phones, emails, @usernames, or this chat."""
+    found = [msg.shared] if msg.shared else find_contacts(msg.text)
+    return found or [chat for chat in [chat_contact(bot, msg)] if chat]
 
 
 def chat_contact(bot, msg):
@@ -142,20 +165,32 @@ def chat_contact(bot, msg):
 
 def after_end(bot, dialog, msg):
     """After a saved lead, what the client writes is kept (the manager's to read) and one tap on
-    the button starts a new request. After a refusal, a contact is the lead after all; anything
-    else begins anew."""
+    the button starts a new request; a contact the lead has not («и ещё почта …») sends the lead
+    again with it."""
     if msg.text in (bot.text("new_request_button"), "1"):  # «1»: its number, as in the console
         renew(bot, dialog, msg)
         return greet(bot, dialog, msg._replace(text=""))
     if not dialog.get("saved"):
-        contact = contact_in(bot, msg)
-        if contact:
-            return lead_with_contact(bot, dialog, msg, contact)
-        return start_over(bot, dialog, msg)
-    kept = dialog.get("after", []) + [{"text": msg.text, "at": round(time.time())}]
+        return after_refusal(bot, dialog, msg)
+    added = new_contacts(dialog, [msg.shared] if msg.shared else find_contacts(msg.text))
+    if added:  # the manager must see it: a row with every contact (one more email, no lead lost)
+        return lead_with_contact(bot, dialog, msg, with_contacts(dialog, added))
+    kept = dialog.get("after", []) + [{"text": msg.text or msg.shared, "at": round(time.time())}]
     dialog["after"] = kept[-AFTER_KEPT:]
     bot.say(msg.chat_id, bot.text("after_lead"), buttons=[bot.text("new_request_button")])
     return "done"
+
+
+def after_refusal(bot, dialog, msg):
+    """After a refusal a contact is the lead after all; a refusal again, «ок» or «спасибо» hear the
+    goodbye again (no request is made of them); anything else begins anew."""
+    contact = contact_in(bot, msg)
+    if contact:
+        return lead_with_contact(bot, dialog, msg, contact)
+    if is_refusal(msg.text) or NOTHING_SAID.fullmatch(plain_words(msg.text)):
+        bot.say(msg.chat_id, bot.text("refused"), remove_keyboard=True)
+        return "done"
+    return start_over(bot, dialog, msg)
 
 
 def start_over(bot, dialog, msg):
@@ -282,16 +317,26 @@ def dispatch(bot, msg, old):
         return COMMANDS[command](bot, msg, old)
     if msg.media == "voice":
         return listen(bot, msg)
-    if msg.media or (msg.shared and (not old or old["stage"] != "collecting_contact")):
+    # Someone else's contact: said so at the contact step (take_contact), a photo's fate elsewhere.
+    if msg.media or (not msg.own_contact and (not old or old["stage"] != "collecting_contact")):
         return bot.say(msg.chat_id, bot.text("text_only"))
     if old and not expired(bot, old) and command != "start":
         dialog = copy.deepcopy(old)
     else:
-        dialog = new_dialog(msg.chat_id, msg.first_name, bot.source)
+        dialog = begun_anew(bot, msg, old)
     step = STAGES[dialog["stage"]]
     if dialog["stage"] in ("qualifying", "collecting_contact") and idle(dialog) > RETURN_AFTER:
         step = remind
     advance(bot, msg, dialog, step)
+
+
+def begun_anew(bot, msg, old):
+    """A new dialog; /start in mid-dialog keeps the contact given in it, which the bot said it
+    would not ask for again."""
+    dialog = new_dialog(msg.chat_id, msg.first_name, bot.source)
+    if old and old["stage"] != "done" and old.get("contact") and not expired(bot, old):
+        dialog["contact"] = old["contact"]
+    return dialog
 
 
 def replay(bot, chat_id):
@@ -1122,6 +1167,9 @@ EMAIL_RE = re.compile(r"[\w%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}
                       r"|[а-яёА-ЯЁ]{2,24}(?![\w-]))")
 USERNAME_RE = re.compile(r"(?<![\w@/.])(?:@|(?:https?://)?(?:www\.)?(?:t|telegram)\.me/)"
                          r"([A-Za-z][A-Za-z0-9_]{4,31})(?!\w)")
+# A phone cut over two messages (joined_phone): the digits that end one, those that begin the next.
+PHONE_HEAD = re.compile(r"(?<![\d+])\+?\d(?:[\d \t().\-]{0,20}\d)?$")
+PHONE_TAIL = re.compile(r"\d(?:[\d \t().\-]{0,20}\d)?(?!\d)")
 # Fullwidth + - ( ) . @ and space, as a Chinese or Japanese keyboard types them, made plain.
 WIDE = str.maketrans("\uff0b\uff0d\uff08\uff09\uff0e\uff20\u3000", "+-().@ ")
 # The word lists, all here, read on plain_words() (lower case, ё as е, no punctuation).
@@ -1137,11 +1185,16 @@ REFUSAL_RE = re.compile(r"(?:(?:спасибо|благодарю|пожалуй
 SENDING_SOON = re.compile(r"(?<!\bне )(минут|секунд|погод|подожд|момент|напиш|скин|пришл|найд)")
 OTHER_WAY = re.compile(r"пиш|пис|отправ|звон|набер|почт|мейл|mail|телеграм|\bтг\b|whatsapp|ватсап"
                        r"|вотсап|viber|вайбер|номер|лучше|давайте")
-# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь»: this chat is the
-# contact (at the contact step). Broad on purpose: a chat taken for a contact costs the manager a
+# «Пишите сюда», «лучше напишите», «нет почты, пишите в телеграм», «можно здесь», and «мой номер в
+# профиле», «звоните на этот номер» (the bot cannot see it; the manager can write here): this chat
+# is the contact, in any answer. Broad on purpose: a chat taken for a contact costs the manager a
 # question in it; a missed one loses the lead.
 WRITE_HERE = re.compile(r"^(?!.*\bне (?:на)?пиш).*?(?:\b(?:на)?пиши(?:те)?\b"
+                        r"|\bв (?:моем )?профил|\b(?:этот|этому|этом) (?:же )?номер"
                         r"|(?<!\bне )\b(?:сюда|здесь|тут|в (?:этот|этом) чат\w*)$)")
+# After a refusal, a message that says nothing new («ок», «спасибо», «👍», «?») starts no request.
+NOTHING_SAID = re.compile(r"(?:(?:ок|окей|ok|хорошо|ладно|понятно|ясно|спасибо|большое|благодарю"
+                          r"|угу|ага|да|пока|до свидания)(?: |$)){0,3}")
 # A first message that only says hello is no request.
 GREETING_ONLY = re.compile(r"(?:(?:здравствуй\w*|привет\w*|добр\w* (?:день|утро|вечер)|hi|hello"
                            r"|доброго времени суток|хай|start|старт|начать)(?: \w+)?)?")  # +1 word
@@ -1177,6 +1230,19 @@ def phone_spans(text):
                     and not any(start < m.end() and m.start() < end for start, end, _ in spans)):
                 spans.append((m.start(), m.end(), m.group()))
     return spans
+
+
+def joined_phone(dialog, text):
+    """«8 917 123», then «45 67»: at the contact step the digits that end the last message without
+    a contact and those that begin this one are a phone when together they make a whole one. Two
+    messages in a row only, the digits as typed: a number is never made up."""
+    text = normal_digits(text).strip()
+    head, tail = dialog.pop("digits", ""), PHONE_TAIL.match(text)
+    if head and tail and PHONE_RE.fullmatch(phone := f"{head} {tail.group()}") and is_phone(phone):
+        return phone
+    if found := PHONE_HEAD.search(text):
+        dialog["digits"] = found.group()  # for the next message only
+    return ""
 
 
 def normal_digits(text):
@@ -1468,6 +1534,7 @@ PLACEHOLDERS = {"greeting": "name", "privacy": "url", "thanks_after_hours": "whe
                 "pickup_alert": "minutes"}  # the one {…} each of these sections has replaced
 MANY_PARAGRAPHS = ("system", "notes", "help")  # in others a second paragraph: a lost header's text
 SAMPLE = "образец — в prompt.txt новой версии: git show HEAD:prompt.txt"
+RESTORE = "git checkout -- prompt.txt (без git — возьмите его из архива программы)"
 CONFLICT_RE = re.compile(r"(<{7}|={7}|>{7}|\|{7})(?!\S)")  # what git leaves of a failed merge
 HEADER_RE = re.compile(r"\s*\[\s*([^\[\]]*?)\s*\]\s*")
 BUTTON_RE = re.compile(r"\*\s*\S")  # "* Да", also "*\tДа" and "*Да"
@@ -1499,11 +1566,16 @@ def read_prompt(path, cfg=None):
     [privacy] only when cfg has a PRIVACY_URL. Every mistake is named with its line."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise PromptError(f"prompt.txt не найден в {path.parent} — верните: {RESTORE}") from None
     except (OSError, UnicodeError) as e:
         raise PromptError(f"{path} не читается ({type(e).__name__}) — сохраните его как текст "
                           "в кодировке UTF-8") from None
     if conflict := conflict_problem("prompt.txt", lines):
         raise PromptError(conflict)
+    if not [line for line in lines if line.strip() and not line.lstrip().startswith("#")]:
+        raise PromptError(f"prompt.txt пуст — в нём нет ни одного раздела; верните его: {RESTORE}, "
+                          "и впишите свою компанию")  # not one line for each missing section
     sections, problems = split_sections(lines)
     prompt, more = build_prompt(sections, bool(cfg and cfg.privacy_url))
     if problems + more:
@@ -1560,6 +1632,18 @@ def file_problems(named, questions, need_privacy):
     elif len(questions) < 2:
         problems.append(f"prompt.txt: вопросов {len(questions)}, а нужно от 2 до 4 разделов "
                         "[question Метка]")
+    return problems + label_problems(questions)
+
+
+def label_problems(questions):
+    """A label twice: the manager could not tell the two answers apart."""
+    first, problems = {}, []
+    for number, question in questions:
+        before = first.setdefault(question.label.casefold(), number)
+        if before != number and question.label:
+            problems.append(f"prompt.txt, строка {number}: [question {question.label}] — метка "
+                            f"«{question.label}» уже есть у вопроса в строке {before}: в заявке "
+                            "ответы не различить, назовите вопросы по-разному")
     return problems
 
 
@@ -1612,14 +1696,16 @@ def missing_problem(key, named):
 
 
 def placeholder_problems(name, body):
-    """Each {…} that would reach the client as it is: unknown, or not replaced in this section."""
+    """Each {…} that would reach the client (or the LLM, in [system] and [notes]) as it is:
+    unknown, or not replaced in this section."""
     allowed = PLACEHOLDERS.get(name)
     where = {value: key for key, value in PLACEHOLDERS.items()}
+    reader = "нейросеть получит" if name in ("system", "notes") else "клиент прочтёт"
     return [f"prompt.txt, строка {number}: {{{found}}} " +
             (f"заменяется только в [{where[found]}]" if found in where
              else "— такой подстановки нет") +
-            (f"; здесь можно только {{{allowed}}}" if allowed else "; здесь подстановок нет") +
-            " — иначе клиент прочтёт её как есть"
+            (f"; здесь можно только {{{allowed}}}" if allowed else f"; в [{name}] подстановок нет")
+            + f" — сейчас {reader} «{{{found}}}» как есть: исправьте или уберите скобки"
             for number, line in body for found in PLACEHOLDER_RE.findall(line) if found != allowed]
 
 
@@ -1715,6 +1801,15 @@ url_value = pattern_value(r"https?://[^/\s]+(/\S*)?", "адрес должен �
 email_value = pattern_value(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", "это не адрес почты")
 
 
+def emails_value(raw):
+    """MANAGER_EMAIL: one address or several split by commas (or ;); each gets every lead."""
+    try:
+        return ", ".join(filter(None, map(email_value, re.split(r"[,;]", raw))))
+    except ValueError:
+        raise ValueError("это не адрес почты; несколько адресов пишите через запятую: "
+                         "anna@clinic.ru, oleg@clinic.ru") from None
+
+
 def path_value(raw):
     """Relative paths start at this folder, wherever the bot is started from (a service)."""
     return HERE / raw.strip() if raw.strip() else None
@@ -1722,7 +1817,7 @@ def path_value(raw):
 
 DAYS = {day: number % 7 for number, day in enumerate("mon tue wed thu fri sat sun "
                                                      "пн вт ср чт пт сб вс".split())}
-HOURS_RE = re.compile(r"(?:(\w+)(?:\s*[-–]\s*(\w+))?\s+)?(\d\d?):(\d\d)\s*[-–]\s*(\d\d?):(\d\d)")
+HOURS_RE = re.compile(r"(?:(\w+)(?:\s*[-–]\s*(\w+))?:?\s+)?(\d\d?):(\d\d)\s*[-–]\s*(\d\d?):(\d\d)")
 
 
 def hours_value(raw):
@@ -1737,8 +1832,10 @@ def hours_range(part):
     start, end = int(clock[0]) * 60 + int(clock[1]), int(clock[2]) * 60 + int(clock[3])
     if not (first in DAYS and last in DAYS and int(clock[1]) < 60 and int(clock[3]) < 60
             and start < end <= 1440):
-        raise ValueError("нужен вид «Mon-Fri 09:00-18:00» (или «Пн-Пт 09:00-18:00»); несколько — "
-                         "через запятую: «Mon-Fri 09:00-18:00, Sat 10:00-14:00»")
+        raise ValueError("нужны начало и конец через дефис, часы:минуты, перед ними дни: "
+                         "«Пн-Пт 9:00-18:00» (или «Mon-Fri 09:00-18:00»); без дней — каждый "
+                         "день: «9:00-18:00»; несколько — через запятую: «Пн-Пт 9:00-18:00, "
+                         "Сб 10:00-14:00»")
     span = (DAYS[last] - DAYS[first]) % 7 + 1
     return frozenset((DAYS[first] + day) % 7 for day in range(span)), start, end
 
@@ -1780,7 +1877,7 @@ SETTINGS = {  # name: (default, parser); cfg has each as an attribute, lower-cas
     "SMTP_PASSWORD": ("", str),
     "SMTP_SECURITY": ("starttls", choice_value("ssl", "starttls", "none")),
     "MAIL_FROM": ("", email_value),
-    "MANAGER_EMAIL": ("", email_value),
+    "MANAGER_EMAIL": ("", emails_value),
     "WORKING_HOURS": ("", hours_value),
     "TIMEZONE": ("", zone_value),
     "PICKUP_ALERT_MINUTES": ("", optional(number_value(0, above=True))),
@@ -1819,10 +1916,11 @@ def read_config(env, telegram=True):
             problems.append(f"{name}: {e}")
             setattr(cfg, name.lower(), parse(default))
     cfg.smtp_port = cfg.smtp_port or {"ssl": 465, "starttls": 587, "none": 25}[cfg.smtp_security]
-    cfg.mail_from = cfg.mail_from or (cfg.smtp_user if "@" in cfg.smtp_user else cfg.manager_email)
+    cfg.mail_from = cfg.mail_from or (cfg.smtp_user if "@" in cfg.smtp_user
+                                      else cfg.manager_email.split(",")[0])
     cfg.stt_base_url = cfg.stt_base_url or cfg.llm_base_url
     cfg.stt_api_key = cfg.stt_api_key or cfg.llm_api_key
-    problems = missing_settings(env, cfg, telegram) + problems
+    problems = missing_settings(env, cfg, telegram) + problems + pasted_tokens(env)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -1841,12 +1939,46 @@ def missing_settings(env, cfg, telegram):
     return [f"{name} не задан — {why}" for need, name, why in needs if need and name not in given]
 
 
+LOOKALIKES = str.maketrans("АВЕКМНОРСТХУаеорсху", "ABEKMHOPCTXYaeopcxy")  # Cyrillic as Latin
+TOKEN_RE = re.compile(r"\d{5,}:[\w-]{30,}")  # a token as @BotFather gives it
+FREE_TEXT = (str, str.strip, path_value)  # parsers that take any text, a pasted token too
+
+
 def typos(keys):
     """Keys of .env that are not settings but close to one: a typo the owner would never notice."""
-    return [f"{key}: такой настройки нет — может быть, {close}?" for key in keys
-            if key not in SETTINGS
-            for close in ([OLD_NAMES[key.upper()]] if key.upper() in OLD_NAMES
-                          else difflib.get_close_matches(key.upper(), SETTINGS, 1, 0.8))]
+    return [f"{key}: такой настройки нет — {hint}" for key in keys if key not in SETTINGS
+            for hint in name_hints(key)]
+
+
+def name_hints(key):
+    """The setting a wrong name means. Cyrillic letters in it look Latin: say which they are."""
+    latin = key.translate(LOOKALIKES).upper()
+    close = [OLD_NAMES[latin]] if latin in OLD_NAMES else difflib.get_close_matches(
+        latin, SETTINGS, 1, 0.8)
+    cyrillic = ", ".join(sorted({letter for letter in key if "\u0400" <= letter <= "\u04ff"}))
+    if not cyrillic:
+        return [f"может быть, {name}?" for name in close]
+    return [f"в имени русские буквы ({cyrillic}) вместо латинских: " +
+            (f"наберите {close[0]} латиницей" if close else "имена настроек пишутся латиницей, "
+             "как в .env.example")]
+
+
+def pasted_tokens(env):
+    """The bot's token in a line that takes any text: an error, not a warning, since the bot
+    would send it to the LLM or SMTP server, or print it as the model's or the folder's name."""
+    token = (env.get("TELEGRAM_BOT_TOKEN") or "").strip()
+    return [f"{name}: похоже, это токен Telegram-бота — его место в TELEGRAM_BOT_TOKEN; сюда "
+            "впишите своё значение (README, «Settings»)" for name, (_, parse) in SETTINGS.items()
+            if parse in FREE_TEXT and (value := (env.get(name) or "").strip())
+            and (value == token or TOKEN_RE.fullmatch(value))]
+
+
+def doubts(env, keys):
+    """Settings that work, but surely not as meant: ✗ in --check, a warning at start-up."""
+    given = {name for name in ("SMTP_HOST", "MANAGER_EMAIL") if (env.get(name) or "").strip()}
+    mail = ["MANAGER_EMAIL задан, а SMTP_HOST пуст — письма не уходят: впишите SMTP_HOST и другие "
+            "SMTP_… или очистите MANAGER_EMAIL"] if given == {"MANAGER_EMAIL"} else []
+    return typos(keys) + mail
 
 
 def read_env():
@@ -1864,16 +1996,17 @@ def read_env():
         raise ConfigError([f"{path} не читается ({type(e).__name__}) — дайте пользователю, от "
                            "имени которого работает бот, право его читать (chown или chmod)"]
                           ) from None
-    keys = env_keys(text.splitlines())
+    keys = env_keys(text)
     values = dotenv_values(stream=io.StringIO(text))
     from_file = {key.lstrip("\ufeff"): value or "" for key, value in values.items()}
     return {**from_file, **os.environ}, keys
 
 
-def env_keys(lines):
-    """.env's keys; ConfigError for conflict marks and for a key set twice: with README's block
-    pasted at the top, the template's empty lines below would undo it silently."""
-    where = collections.defaultdict(list)
+def env_keys(text):
+    """.env's keys; ConfigError for conflict marks, for a line that sets nothing (python-dotenv
+    skips it with an English warning) and for a key set twice: with README's block pasted at the
+    top, the template's empty lines below would undo it silently."""
+    lines, where = text.splitlines(), collections.defaultdict(list)
     for number, line in enumerate(lines, 1):
         if found := re.match(r"\s*(?:export\s+)?([^\s=#]+)\s*=", line):
             where[found.group(1).lstrip("\ufeff")].append(number)
@@ -1881,9 +2014,20 @@ def env_keys(lines):
              f"{', '.join(map(str, numbers))}) — оставьте одну строку: действует только последняя"
              for key, numbers in where.items() if len(numbers) > 1]
     conflict = conflict_problem(".env", lines)
-    if conflict or twice:
-        raise ConfigError([conflict] if conflict else twice)
+    if problems := [conflict] if conflict else unparsed(text) + twice:
+        raise ConfigError(problems)
     return list(where)
+
+
+def unparsed(text):
+    """A line of .env without "=", named by its number and setting, never by its value."""
+    found = [(binding.original.line, binding.original.string.split()[0].split("=")[0])
+             for binding in parse_stream(io.StringIO(text))
+             if binding.error or (binding.key and binding.value is None)]
+    return [f".env, строка {number}: " + (f"{word} без знака «=»" if word in SETTINGS
+                                          else "нет знака «=»") +
+            " — строка не действует; пишите ИМЯ=значение, например SMTP_HOST=smtp.mail.ru "
+            "(или # в начале строки, если это пояснение)" for number, word in found]
 
 
 def shortest(path):
@@ -1994,6 +2138,10 @@ def run_telegram(cfg):
     log.info("started as @%s (email: %s, LLM: %s)", (me or {}).get("username"),
              "on" if cfg.smtp_host else "off", "on" if cfg.llm_base_url else "off")
     print("\n".join(startup_summary(cfg, bot.prompt, bot.channels)), flush=True)  # for the owner
+    # One getChat, only with MANAGER_CHAT_ID set: a card to a chat the bot cannot see is lost.
+    for _, problem in [line for line in check_manager_chat(cfg, bot.out) if line[0] is False]:
+        print("Внимание: " + problem.removeprefix("Telegram: "), flush=True)
+        log.warning("the bot cannot reach MANAGER_CHAT_ID (see --check)")
     if cfg.delete_webhook:
         try:
             bot.out.call_patiently("deleteWebhook")
@@ -2111,7 +2259,7 @@ def run_check():
     failed, command = False, bot_command()
     try:
         for ok, text in checks():  # each line as soon as its part is checked
-            print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text)
+            print({True: "✓ ", False: "✗ ", None: "- "}[ok] + text, flush=True)
             failed |= ok is False
     except ConfigError:  # the settings cannot be used at all: the other parts cannot be checked
         print(f"Исправьте .env, как сказано выше, и запустите проверку снова: {command} --check")
@@ -2128,7 +2276,7 @@ def checks():
     except ConfigError as e:
         yield from ((False, problem) for problem in e.problems)
         raise
-    problems = typos(keys)
+    problems = doubts(env, keys)
     try:
         cfg = read_config(env)
     except ConfigError as e:
@@ -2218,12 +2366,23 @@ def run_stats(cfg, as_json):
         print(f"  отказались: {p['refused']}, прервали (/cancel): {p['cancelled']}, ещё идут: "
               f"{p.get('open', 0)}, удалили данные (/forget): {p.get('forgotten', 0)}")
         print(f"  бросили: {dropped}")
-        median = f"{median / 60:.1f} мин" if median is not None else "-"
+        median = f"{median / 60:.1f} мин".replace(".", ",") if median is not None else "-"
         print(f"  медиана времени до контакта: {median}")
     console = figures["console"]
     print(f"Проверочные диалоги в консоли (выше не считаются): {console['started']}, "
           f"из них с контактом: {console['contacts']}")
     return 0
+
+
+def quietly(write):
+    """write() to stdout; a reader gone early (`--check | head -1`) ends it without a traceback."""
+    try:
+        code = write()
+        sys.stdout.flush()  # here, not at exit, where a broken pipe could only be reported
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        return 1
 
 
 def main(argv=None):
@@ -2237,18 +2396,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.umask(0o077)  # every file the bot makes (leads, dialogs, logs) is readable by this user alone
     if args.check:
-        return run_check()
+        return quietly(run_check)
     try:
         env, keys = read_env()
         try:
             cfg = read_config(env, telegram=not (args.console or args.stats))
         except ConfigError as e:  # a misspelt name is often why a setting seems missing
-            raise ConfigError(e.problems + typos(keys)) from None
+            raise ConfigError(e.problems + doubts(env, keys)) from None
         if args.stats:
-            return run_stats(cfg, args.json)
+            return quietly(lambda: run_stats(cfg, args.json))
         setup_logging(cfg, console_level="WARNING" if args.console else None)
-        for typo in typos(keys):
-            log.warning("%s", typo)
+        for doubt in doubts(env, keys):
+            log.warning("%s", doubt)
         return run_console(cfg) if args.console else run_telegram(cfg)
     except (ConfigError, PromptError, store.StoreError) as e:
         sys.stderr.reconfigure(encoding="utf-8", errors="replace")  # Russian on any Windows console

@@ -1,4 +1,6 @@
 """python leadbot.py --check against fake servers: one ✓/✗ line per check, a fix for every ✗, no secrets."""
+from pathlib import Path
+
 import pytest
 
 from fakes import FakeSMTP, run_bot, running
@@ -54,7 +56,7 @@ def test_everything_configured_and_working_passes(check, telegram, llm, smtp_log
 
 
 def test_parts_left_unconfigured_are_mentioned_and_do_not_fail(check, telegram):
-    code, lines = check(LLM_BASE_URL=None, SMTP_HOST=None)
+    code, lines = check(LLM_BASE_URL=None, SMTP_HOST=None, MANAGER_EMAIL=None)
     assert code == 0
     assert "LLM_BASE_URL" in line(lines, "- LLM")
     assert "SMTP_HOST" in line(lines, "- Email")
@@ -166,3 +168,22 @@ def test_a_manager_chat_the_bot_cannot_reach_fails_the_check(check, telegram):
     assert code == 1 and "MANAGER_CHAT_ID" in line(lines, "✗ Telegram: чат MANAGER_CHAT_ID недоступен")
     code, lines = check(MANAGER_CHAT_ID="5550001")  # a manager who wrote /start to the bot
     assert line(lines, "✓ Telegram: чат менеджеров доступен"), lines
+
+
+def readme_block(after):
+    """The lines of the first ``` block of README.md after the text `after`."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    return text[text.index(after):].split("```\n", 2)[1].splitlines()
+
+
+def test_readmes_sample_output_is_the_real_output(check, telegram, llm, smtp_login, bot_env):
+    """README's run 'with Ollama and email' is this run, with the fakes' names put back."""
+    code, lines = check()
+    names = {"@test_lead_bot": "@acme_sales_bot", "test-model": "qwen2.5:7b",
+             f"127.0.0.1:{smtp_login.port}": "smtp.example.ru:465", bot_env["DATA_DIR"]: "/home/olga/leadbot/data"}
+    for fake, sample in names.items():
+        lines = [text.replace(fake, sample) for text in lines]
+    lines[-1] = lines[-1].partition("Запуск бота: ")[0] + "Запуск бота: .venv/bin/python leadbot.py"
+    assert readme_block("Here is a real run") == lines
+    code, lines = check(LLM_BASE_URL=None)
+    assert line(lines, "- LLM") in readme_block("Lines you may also see")

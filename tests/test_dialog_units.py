@@ -96,7 +96,8 @@ def test_a_no_that_goes_on_to_another_way_is_no_refusal_the_re_ask_cap_ends_it(t
 
 @pytest.mark.parametrize("text", ["нет у меня почты, пишите сюда", "пишите в телеграм",
                                   "лучше напишите сюда", "Нет, не надо мне звонить, лучше напишите",
-                                  "Нет, мне напишите в телеграм", "можно здесь", "Напиши мне"])
+                                  "Нет, мне напишите в телеграм", "можно здесь", "Напиши мне",
+                                  "мой номер в профиле", "звоните на этот номер"])
 def test_write_here_names_this_chat(text):
     assert leadbot.WRITE_HERE.search(leadbot.plain_words(text))
 

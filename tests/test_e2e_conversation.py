@@ -1,5 +1,7 @@
 """Conversations as real people have them: a contact wherever it is given, «пишите сюда», refusals
 and the re-ask cap, the first message kept, what comes after a lead, answers never taken back."""
+from pathlib import Path
+
 import pytest
 
 from fakes import (ANSWERS, CONTACT_REQUEST, PROMPT, TEXTS, reach_contact_step, read_rows,
@@ -224,3 +226,129 @@ def test_an_answer_cut_at_max_tokens_ends_at_its_last_whole_sentence(bot, telegr
     bot(LLM_STREAM=stream)
     reach_contact_step(telegram, 4053)
     assert offer_of(telegram, 4053) == "Рекомендуем лендинг."
+
+
+# --- Gaps closed after the first round (issue 20) ------------------------------------------------
+
+def test_a_phone_split_over_two_messages_at_the_contact_step_is_one_phone(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 4060)
+    say(telegram, 4060, "8 917 123", TEXTS["contact_format"][:20])  # Enter pressed mid-number
+    say(telegram, 4060, "45 67", SAVED)
+    reach_contact_step(telegram, 4061)
+    say(telegram, 4061, "мой номер +7 917", TEXTS["contact_format"][:20])
+    say(telegram, 4061, "123-45-67, звоните вечером", SAVED)
+    reach_contact_step(telegram, 4062)  # together still no phone: none is made up
+    say(telegram, 4062, "8 917 123", TEXTS["contact_format"][:20])
+    say(telegram, 4062, "45", TEXTS["refused"][:20])
+    wait_until(lambda: len(read_rows(bot_env)) == 3)
+    assert [(row["contact"].lstrip("'"), row["status"]) for row in read_rows(bot_env)] == [
+        ("8 917 123 45 67", "new"), ("+7 917 123-45-67", "new"), ("", "rejected")]
+
+
+def test_write_here_or_a_shared_contact_before_the_contact_step_is_the_leads_contact(
+        bot, bot_env, telegram):
+    bot()
+    say(telegram, 4070, "/start", "задача", username="anna_k")
+    say(telegram, 4070, "Сайт для пекарни, пишите сюда", "Когда", username="anna_k")
+    answer_all(telegram, 4070, ANSWERS[1:-1])
+    say(telegram, 4070, ANSWERS[-1], SAVED)
+    say(telegram, 4071, "/start", "задача")
+    say(telegram, 4071, {"phone": "+79991234567"}, "задача")  # noted, the question asked again
+    answer_all(telegram, 4071, ANSWERS[:-1])
+    say(telegram, 4071, ANSWERS[-1], SAVED)
+    say(telegram, 4072, {"phone": "+79997654321"}, "задача")  # the very first message
+    answer_all(telegram, 4072, ANSWERS[:-1])
+    say(telegram, 4072, ANSWERS[-1], SAVED)
+    for chat_id in (4070, 4071, 4072):
+        assert telegram.texts(chat_id).count(TEXTS["contact_noted"]) == 1, chat_id
+        assert not contact_requests(telegram, chat_id), chat_id
+        assert "" not in dialog_of(bot_env, chat_id)["answers"]  # a shared contact answers nothing
+    wait_until(lambda: len(read_rows(bot_env)) == 3)
+    assert [(row["contact"].lstrip("'"), row["status"]) for row in read_rows(bot_env)] == [
+        ("Telegram chat 4070 @anna_k", "new"), ("+79991234567", "new"), ("+79997654321", "new")]
+
+
+def test_a_lead_finished_after_a_kill_9_is_saved_and_a_thank_you_then_starts_nothing(
+        bot, bot_env, telegram, smtp):
+    first = bot()
+    reach_contact_step(telegram, 4080)
+    leads = Path(bot_env["DATA_DIR"]) / "leads.csv"
+    leads.unlink(missing_ok=True)
+    leads.mkdir()  # the row cannot be written: the email goes at once, on the dispatcher
+    smtp.quit_delay = 60  # the server took the email and hangs at QUIT: the lead is half done
+    telegram.send_text(4080, "+7 999 123-45-67")
+    wait_until(lambda: smtp.quits, message="the email taken, QUIT hanging")
+    first.kill()
+    first.wait()
+    leads.rmdir()
+    smtp.quit_delay = 0
+    bot()  # recovery finishes the lead
+    telegram.wait_for(lambda: any(SAVED in t for t in telegram.texts(4080)), 10, "the thanks")
+    wait_until(lambda: dialog_of(bot_env, 4080)["stage"] == "done")
+    say(telegram, 4080, "Спасибо!", TEXTS["after_lead"][:20])
+    assert len(read_rows(bot_env)) == 1 and dialog_of(bot_env, 4080)["answers"] == ANSWERS
+
+
+# --- As harsh clients write (issue 20, the outside tester's round) -------------------------------
+
+# (what the client writes at the contact step, the lead's contact; {chat} is this chat)
+HARSH = [
+    ("нет проблем, звоните 8 912 345 67 89 после 18", "8 912 345 67 89"),
+    ("звоните жене +7 912 345-67-89, или мне 8 903 111 22 33", "+7 912 345-67-89, 8 903 111 22 33"),
+    ("📞 +7 999 123 45 67 😊", "+7 999 123 45 67"),
+    ("Нет, не надо мне звонить, лучше напишите", "Telegram chat {chat}"),
+    ("мой номер в профиле", "Telegram chat {chat}"),  # the bot cannot see it; the manager can write
+    ("звоните на этот номер", "Telegram chat {chat}"),
+]
+
+
+def test_contacts_as_harsh_clients_give_them_make_the_lead(bot, bot_env, telegram):
+    bot()
+    for chat_id, (written, _) in enumerate(HARSH, 4090):
+        reach_contact_step(telegram, chat_id)
+        say(telegram, chat_id, written, SAVED)
+    wait_until(lambda: len(read_rows(bot_env)) == len(HARSH))
+    assert [row["contact"].lstrip("'") for row in read_rows(bot_env)] == [
+        contact.format(chat=chat_id) for chat_id, (_, contact) in enumerate(HARSH, 4090)]
+
+
+def test_after_a_refusal_ok_thanks_or_the_old_button_start_no_request(bot, bot_env, telegram):
+    bot()
+    reach_contact_step(telegram, 4100)
+    words = "восемь девятьсот двенадцать триста сорок пять"  # not read: asked again, honestly
+    say(telegram, 4100, words, TEXTS["contact_format"][:20])
+    say(telegram, 4100, TEXTS["decline_button"], TEXTS["refused"][:20])
+    for text in (TEXTS["decline_button"], "ок", "Спасибо!", "👍", "?"):
+        say(telegram, 4100, text, TEXTS["refused"][:20])
+    assert dialog_of(bot_env, 4100)["answers"] == ANSWERS  # no request begun of them
+    say(telegram, 4100, "А сколько стоит лендинг?", "Когда")  # a real question begins anew
+    assert [row["status"] for row in read_rows(bot_env)] == ["rejected"]
+
+
+def test_a_contact_added_after_the_lead_reaches_the_manager_and_the_same_one_again_does_not(
+        bot, bot_env, telegram, smtp):
+    bot()
+    reach_contact_step(telegram, 4110)
+    say(telegram, 4110, "+7 999 123-45-67", SAVED)
+    say(telegram, 4110, {"phone": "+79991234567"}, TEXTS["after_lead"][:20])  # the same, shared
+    say(telegram, 4110, "и ещё почта anna@example.ru", SAVED)
+    say(telegram, 4110, "anna@example.ru", TEXTS["after_lead"][:20])
+    assert [(row["contact"].lstrip("'"), row["status"]) for row in read_rows(bot_env)] == [
+        ("+7 999 123-45-67", "new"), ("+7 999 123-45-67, anna@example.ru", "new")]
+    smtp.wait_for_messages(2)
+
+
+def test_start_in_mid_dialog_keeps_the_contact_and_new_request_tapped_twice_answers_nothing(
+        bot, bot_env, telegram):
+    bot()
+    say(telegram, 4120, "/start", "задача")
+    say(telegram, 4120, "Сайт, звоните 8 912 345 67 89", "Когда")
+    say(telegram, 4120, "/start", "задача")  # «ещё раз спрашивать не буду» still holds
+    answer_all(telegram, 4120, ANSWERS[:-1])
+    say(telegram, 4120, ANSWERS[-1], SAVED)
+    assert not contact_requests(telegram, 4120)
+    assert [row["contact"] for row in read_rows(bot_env)] == ["8 912 345 67 89"]
+    say(telegram, 4120, TEXTS["new_request_button"], "задача")
+    say(telegram, 4120, TEXTS["new_request_button"], "задача")  # tapped twice: asked again
+    wait_until(lambda: dialog_of(bot_env, 4120)["answers"] == [])

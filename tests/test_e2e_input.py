@@ -20,7 +20,7 @@ def assert_clean_log(process):
 
 # --- Not text ------------------------------------------------------------------------------------
 
-def test_media_gets_a_polite_request_for_text_and_a_shared_contact_is_taken_at_the_contact_step(
+def test_media_gets_a_polite_request_for_text_and_a_shared_contact_is_taken(
         bot, bot_env, telegram):
     process = bot()
     for kind in MEDIA:
@@ -30,7 +30,8 @@ def test_media_gets_a_polite_request_for_text_and_a_shared_contact_is_taken_at_t
         assert telegram.wait_reply(2101, before) == expected, kind
     telegram.send_media(2101, "photo", caption="вот макет")
     assert telegram.wait_reply(2101, len(MEDIA)) == TEXTS["text_only"]
-    say(telegram, 2102, {"phone": "+79991234567"}, TEXTS["text_only"])  # no contact asked for yet
+    say(telegram, 2103, {"phone": "+79991234567"}, TEXTS["contact_noted"])  # kept, not asked for
+    say(telegram, 2103, {"phone": "+79991234567", "user_id": 42}, TEXTS["text_only"])  # not theirs
     reach_contact_step(telegram, 2102)
     say(telegram, 2102, {"phone": "+79991234567", "user_id": 42}, TEXTS["foreign_contact"])
     say(telegram, 2102, {"phone": "+79991234567"}, "Спасибо")

@@ -2,13 +2,15 @@
 the program with its own prompt.txt and .env; every mistake named with its line, in Russian."""
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from fakes import copy_app, run_bot
+from fakes import _bot_environment, copy_app, full_dialog, run_bot, say, start_bot
 
 CONFLICT = "<<<<<<< Updated upstream\n{old}\n=======\n{new}\n>>>>>>> Stashed changes\n"
 
@@ -257,3 +259,158 @@ def test_stats_do_not_count_a_forgotten_lead_as_a_lead(tmp_path):
     figures = json.loads(run_bot(env, "--stats", "--json", cwd=tmp_path).stdout)["7d"]
     assert (figures["contacts"], figures["forgotten"]) == (1, 1)
     assert "удалили данные (/forget): 1" in run_bot(env, "--stats", cwd=tmp_path).stdout
+
+
+def write_env(app, text):
+    (app.parent / ".env").write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("text, number, words", [
+    ("LOG_LEVEL=INFO\nSMTP_HOST smtp.mail.ru\n", 2, "SMTP_HOST без знака «=»"),
+    ("SMTP_HOST\n", 1, "SMTP_HOST без знака «=»"),
+    ("# почта\nпочта менеджера anna@clinic.ru\n", 2, "нет знака «=»"),
+])
+def test_a_env_line_without_equals_is_named_with_its_number_not_silently_dropped(
+        app, bot_env, tmp_path, text, number, words):
+    write_env(app, text)
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert f".env, строка {number}: {words}" in problem and "anna@" not in problem
+    code, lines = check(app, bot_env, tmp_path)
+    assert code == 1 and f"✗ .env, строка {number}: {words}" in lines[0]
+
+
+def test_manager_email_without_smtp_host_is_flagged(app, bot_env, tmp_path, telegram):
+    code, lines = check(app, {**bot_env, "SMTP_HOST": ""}, tmp_path)
+    assert code == 1 and any(line.startswith("✗ Настройки: MANAGER_EMAIL задан, а SMTP_HOST пуст")
+                             for line in lines), lines
+
+
+def test_a_setting_name_typed_with_cyrillic_letters_is_named_with_the_letters(app, bot_env, tmp_path, telegram):
+    write_env(app, "\u0421MTP_HOST=smtp.mail.ru\n")  # a Cyrillic С
+    hint = ("\u0421MTP_HOST: такой настройки нет — в имени русские буквы (С) вместо латинских: "
+            "наберите SMTP_HOST латиницей")
+    code, lines = check(app, {**bot_env, "SMTP_HOST": None, "MANAGER_EMAIL": None}, tmp_path)
+    assert code == 1 and f"✗ Настройки: {hint}" in lines, lines
+    start_bot({**bot_env, "SMTP_HOST": None}, cwd=tmp_path, script=app).wait_log(hint)
+
+
+REAL_LOOKING = "8123456789:AAHsecretSECRETsecretSECRETsecret12"  # as @BotFather gives it
+
+
+@pytest.mark.parametrize("name, token", [("LLM_API_KEY", None), ("LLM_MODEL", None), ("SMTP_USER", None),
+                                         ("DATA_DIR", REAL_LOOKING), ("LLM_API_KEY", REAL_LOOKING)])
+def test_the_bot_token_pasted_into_another_setting_is_flagged_never_echoed(
+        app, bot_env, tmp_path, telegram, name, token):
+    token = token or bot_env["TELEGRAM_BOT_TOKEN"]  # None: the very token of TELEGRAM_BOT_TOKEN
+    code, lines = check(app, {**bot_env, name: token}, tmp_path)
+    output = "\n".join(lines)
+    assert code == 1 and f"✗ Настройки: {name}: похоже, это токен Telegram-бота" in output, lines
+    assert token not in output and token.partition(":")[2] not in output
+
+
+def test_two_manager_emails_both_get_the_lead(app, bot_env, telegram, smtp, tmp_path):
+    env = {**bot_env, "MANAGER_EMAIL": "anna@example.com, oleg@example.com", "MAIL_FROM": ""}
+    code, lines = check(app, env, tmp_path)
+    assert not [line for line in lines if "MANAGER_EMAIL" in line]
+    process = start_bot(env, cwd=tmp_path, script=app)
+    full_dialog(telegram, 2201)
+    [mail] = smtp.wait_for_messages(1)
+    assert sorted(mail.rcpt_tos) == ["anna@example.com", "oleg@example.com"]
+    assert mail.mail_from == "anna@example.com"
+    process.terminate()
+    process.wait()
+    [problem] = start_up(app, {**env, "MANAGER_EMAIL": "anna@example.com oleg@example.com"}, tmp_path)
+    assert "несколько адресов пишите через запятую" in problem
+
+
+@pytest.mark.parametrize("value", ["9:00-18:00", "Пн-Пт 9:00-18:00", "Пн-Пт: 9:00 - 18:00"])
+def test_working_hours_with_one_digit_hours_are_taken(app, bot_env, tmp_path, telegram, value):
+    code, lines = check(app, {**bot_env, "WORKING_HOURS": value}, tmp_path)
+    assert not [line for line in lines if "WORKING_HOURS" in line]
+
+
+def test_working_hours_without_an_end_say_what_is_missing(app, bot_env, tmp_path):
+    [problem] = start_up(app, {**bot_env, "WORKING_HOURS": "9:00"}, tmp_path)
+    assert "начало и конец через дефис" in problem and "9:00-18:00" in problem
+
+
+def test_a_missing_prompt_txt_is_one_russian_line_with_the_fix(app, bot_env, tmp_path, telegram):
+    prompt_of(app).unlink()
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert "prompt.txt не найден" in problem and "git checkout -- prompt.txt" in problem
+    assert "Error" not in problem
+    code, lines = check(app, bot_env, tmp_path)
+    assert code == 1 and any(line.startswith("✗ prompt.txt не найден") for line in lines)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# только комментарий\n"])
+def test_an_empty_prompt_txt_is_one_line_not_one_per_section(app, bot_env, tmp_path, text):
+    prompt_of(app).write_text(text, encoding="utf-8")
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert problem.startswith("leadbot: prompt.txt пуст") and "git checkout -- prompt.txt" in problem
+
+
+def test_a_placeholder_in_system_says_the_llm_reads_it_not_the_client(app, bot_env, tmp_path):
+    edit_prompt(app, "отвечаешь клиентам в чате Telegram.", "отвечаешь клиентам {x} в чате Telegram.")
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert f"строка {line_of(app, 'Ты — консультант')}: {{x}}" in problem
+    assert "нейросеть получит «{x}» как есть" in problem and "клиент" not in problem, problem
+
+
+def test_two_questions_with_one_label_are_named_with_both_lines(app, bot_env, tmp_path):
+    edit_prompt(app, "[question Бюджет]", "[question Сроки]")
+    first, second = (number for number, line in enumerate(
+        prompt_of(app).read_text(encoding="utf-8").splitlines(), 1) if line == "[question Сроки]")
+    [problem] = start_up(app, bot_env, tmp_path)
+    assert f"строка {second}: [question Сроки] — метка «Сроки» уже есть у вопроса в строке {first}" \
+        in problem, problem
+
+
+def test_stats_write_minutes_with_a_decimal_comma(tmp_path):
+    env = funnel(tmp_path, [("d1", ["contact"])])  # 60 seconds to the contact
+    assert "медиана времени до контакта: 1,0 мин" in run_bot(env, "--stats", cwd=tmp_path).stdout
+
+
+@pytest.mark.parametrize("args", ["--check", "--stats"])
+def test_output_cut_short_by_head_ends_quietly(app, bot_env, tmp_path, args):
+    environment = {**_bot_environment(bot_env), "PYTHONUNBUFFERED": ""}  # buffered, as the owner has it
+    for reader in ("head -1", "true"):  # true: gone before the first line
+        result = subprocess.run(f'"{sys.executable}" "{app}" {args} | {reader}', shell=True, cwd=tmp_path,
+                                env=environment, capture_output=True, text=True, timeout=30)
+        assert result.stderr == "" and len(result.stdout.splitlines()) <= 1, result.stderr
+
+
+def test_start_up_names_a_manager_chat_the_bot_cannot_reach_and_keeps_working(bot_env, telegram, tmp_path):
+    process = start_bot({**bot_env, "MANAGER_CHAT_ID": "-1001234567890"}, cwd=tmp_path)
+    output = process.wait_log("MANAGER_CHAT_ID недоступен боту")
+    assert "Внимание: чат MANAGER_CHAT_ID недоступен боту (HTTP 400) — добавьте бота" in output
+    assert say(telegram, 2301, "/start", "Здравствуйте")  # the clients are still answered
+    process.terminate()
+    process.wait()  # its lock on DATA_DIR goes with it
+    process = start_bot({**bot_env, "MANAGER_CHAT_ID": "5550001"}, cwd=tmp_path)
+    assert "недоступен" not in process.wait_log("Остановить бота")
+
+
+def test_the_russian_guide_explains_every_column_of_the_real_leads_csv(tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    answers = "\n".join(["Болит зуб", "На этой неделе", "до 10 тыс. ₽", "+7 999 123-45-67", ""])
+    assert run_bot(env, "--console", cwd=tmp_path, input=answers, timeout=20).returncode == 0
+    header, row = (tmp_path / "data" / "leads.csv").read_text(encoding="utf-8-sig").splitlines()[:2]
+    assert row.split(";")[header.split(";").index("contact")].startswith("'+7")  # Excel's formula guard
+    guide = (Path(__file__).resolve().parent.parent / "doc" / "README.ru.md").read_text(encoding="utf-8")
+    table = guide[guide.index("### Таблица заявок"):]
+    for column in header.split(";"):
+        assert f"| `{column}` |" in table, column
+    for words in ("апостроф", "`new`", "`rejected`", "`telegram`", "`console`"):
+        assert words in table, words
+
+
+def test_env_example_has_every_setting_explained_in_russian():
+    import leadbot
+    lines = (Path(__file__).parent.parent / ".env.example").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.partition("=")[0] for line in lines if line and not line.startswith("#")) == sorted(
+        leadbot.SETTINGS)
+    english = [line for line in lines if line.startswith("# ") and not line.startswith("# ---")
+               and re.search("[A-Za-z]{4}", line)
+               and not re.search("[а-яё]", line, re.IGNORECASE)]
+    assert english == []
