@@ -24,7 +24,8 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 BOM = "\ufeff".encode()
 STAGES = ["greeting", "qualifying", "offering", "collecting_contact"]
 PROBE = "leadbot-end-of-file-probe"
-csv.field_size_limit(2**31 - 1)  # a never-closed quote makes the rest of leads.csv one cell: parse, do not fail
+# a never-closed quote makes the rest of leads.csv one cell: parse, do not fail
+csv.field_size_limit(2**31 - 1)
 
 
 class StoreError(Exception):
@@ -61,7 +62,8 @@ def _usable_dir(path: Path) -> Path:
 
 
 def _try_lock(folder: Path):
-    """The open .lock if this process now holds its OS lock (which ends with the process, kill -9 too), else None."""
+    """The open .lock if this process now holds its OS lock (which ends with the process, kill -9
+    too), else None."""
     try:
         f = open(folder / ".lock", "a+b")
     except OSError as e:
@@ -85,32 +87,36 @@ def open_data_dir(path: Path) -> object:
     """Create DATA_DIR and lock it; keep the returned handle for the life of the process."""
     path = _usable_dir(path)
     if (handle := _try_lock(path)) is None:
-        raise StoreError(f"на DATA_DIR {path} уже работает другая копия leadbot — сначала остановите её")
+        raise StoreError(f"на DATA_DIR {path} уже работает другая копия leadbot — "
+                         "сначала остановите её")
     _make_private(path)
     return handle
 
 
 def _make_private(folder: Path) -> None:
-    """Client data is for this user alone: the folder 0700, its files 0600, whatever the umask made them
-    (new files get the same from leadbot's umask 077). Windows keeps its own access lists."""
+    """Client data is for this user alone: the folder 0700, its files 0600, whatever the umask made
+    them (new files get the same from leadbot's umask 077). Windows keeps its own access lists."""
     for path in [folder, *folder.glob("*")]:
         with contextlib.suppress(OSError):
             os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
 
 def relock(path: Path, handle) -> object:
-    """The lock handle to keep: `handle` while its file is still DATA_DIR's .lock; if the owner deleted the file (a
-    second copy could then start), a new one taken now; raises StoreError when another copy took it first."""
+    """The lock handle to keep: `handle` while its file is still DATA_DIR's .lock; if the owner
+    deleted the file (a second copy could then start), a new one taken now; raises StoreError when
+    another copy took it first."""
     path = Path(path).absolute()
     with contextlib.suppress(OSError):  # deleted: FileNotFoundError
         if os.name == "nt" or os.path.samestat(os.fstat(handle.fileno()), os.stat(path / ".lock")):
             return handle  # Windows does not let a file another process has open be deleted
     try:
         new = _try_lock(path)
-    except StoreError:  # the folder itself is gone or renamed for now: each file's write says so; tried again
+    # the folder itself is gone or renamed for now: each file's write says so; tried again
+    except StoreError:
         return handle
     if new is None:
-        raise StoreError(f"на DATA_DIR {path} запустилась другая копия leadbot, пока .lock был удалён — "
+        raise StoreError(f"на DATA_DIR {path} запустилась другая копия leadbot, "
+                         "пока .lock был удалён — "
                          "остановите одну из них и не удаляйте .lock")
     handle.close()
     log.warning("%s was deleted while the bot ran; it is back (leave it in place)", path / ".lock")
@@ -118,7 +124,8 @@ def relock(path: Path, handle) -> object:
 
 
 def check(cfg) -> tuple[bool | None, str]:
-    """For --check: the folder is usable, leads.csv is readable, and whether a bot holds the lock."""
+    """For --check: the folder is usable, leads.csv is readable, and whether a bot holds the
+    lock."""
     try:
         path = _usable_dir(cfg.data_dir)
         leads = Leads(path / "leads.csv", cfg.csv_delimiter)
@@ -128,7 +135,8 @@ def check(cfg) -> tuple[bool | None, str]:
     except StoreError as e:
         return False, str(e)
     except OSError as e:
-        return False, (f"DATA_DIR: {leads.path} не открывается на запись ({type(e).__name__}) — закройте его в "
+        return False, (f"DATA_DIR: {leads.path} не открывается на запись "
+                       f"({type(e).__name__}) — закройте его в "
                        "других программах или дайте пользователю бота право записи")
     if handle:
         handle.close()  # only a momentary try: closing the file releases the lock
@@ -138,72 +146,87 @@ def check(cfg) -> tuple[bool | None, str]:
 
 def _delimiter_of(text: str) -> str | None:
     """";" or "," as leads.csv's header line shows it; None for another header."""
-    header = re.match(r"[^\r\n]*", text.removeprefix("\ufeff")).group()  # a line ends at \r\n, \n or \r (old Macs)
+    # a line ends at \r\n, \n or \r (old Macs)
+    header = re.match(r"[^\r\n]*", text.removeprefix("\ufeff")).group()
     return next((d for d in ";," if header == d.join(COLUMNS)), None)
 
 
 class Leads:
-    """{data_dir}/leads.csv, the owner's file: the bot only appends rows, and /forget removes exactly
-    the rows the bot wrote; it is never repaired."""
+    """{data_dir}/leads.csv, the owner's file: the bot only appends rows, and /forget removes
+    exactly the rows the bot wrote; it is never repaired."""
 
     def __init__(self, path: Path, delimiter: str):
         self.path, self.delimiter, self._lock = Path(path).absolute(), delimiter, threading.Lock()
         try:
-            text = self.path.read_bytes().decode("utf-8").removeprefix("\ufeff") if self.path.exists() else ""
+            text = (self.path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+                    if self.path.exists() else "")
         except UnicodeError:
-            raise StoreError(f"leads.csv {self.path} не в кодировке UTF-8 (сохранён как ANSI или Юникод?) — "
-                             "в Excel сохраните его как «CSV UTF-8» или уберите файл и запустите бота снова") from None
+            raise StoreError(f"leads.csv {self.path} не в кодировке UTF-8 "
+                             "(сохранён как ANSI или Юникод?) — "
+                             "в Excel сохраните его как «CSV UTF-8» "
+                             "или уберите файл и запустите бота снова") from None
         except OSError as e:
             raise StoreError(f"leads.csv {self.path} не читается ({type(e).__name__}) — "
-                             "закройте его в других программах или исправьте права доступа") from None
+                             "закройте его в других программах "
+                             "или исправьте права доступа") from None
         if not text:
             return
         found = _delimiter_of(text)
         if found is None:
-            raise StoreError(f"в leads.csv {self.path} другие столбцы, а нужны {','.join(COLUMNS)} — "
+            raise StoreError(f"в leads.csv {self.path} другие столбцы, "
+                             f"а нужны {','.join(COLUMNS)} — "
                              "переименуйте или уберите файл и запустите бота снова")
         if found != delimiter:
-            log.warning("leads.csv uses %r, CSV_DELIMITER says %r — appending with %r", found, delimiter, found)
+            log.warning("leads.csv uses %r, CSV_DELIMITER says %r — appending with %r",
+                        found, delimiter, found)
         self.delimiter = found
         # Refuse a file that ends inside a quoted cell: it would swallow every row appended.
         text += "" if text.endswith(("\n", "\r")) else "\r\n"
-        for row in csv.reader(io.StringIO(text + PROBE + "\r\n", newline=""), delimiter=self.delimiter):
+        for row in csv.reader(io.StringIO(text + PROBE + "\r\n", newline=""),
+                              delimiter=self.delimiter):
             pass
         if row != [PROBE]:
             cell = row[-1]  # the open cell is '"' + its text with quotes doubled, up to the end
             line = text.count("\n", 0, len(text) + len(PROBE) + 1 - len(cell) - cell.count('"')) + 1
-            raise StoreError(f"leads.csv {self.path}: ячейка в кавычках со строки {line} не закрыта "
+            raise StoreError(f"leads.csv {self.path}: "
+                             f"ячейка в кавычках со строки {line} не закрыта "
                              "— допишите закрывающую \" в редакторе и запустите бота снова")
 
     def append(self, lead: dict, maybe_written=False) -> None:
         """Append the lead's row; raises OSError, and writes nothing, when the file is not in the
-        shape the bot writes. maybe_written: the lead the csv channel was at when the bot stopped (its
-        cursor moves only after the row): not written again when it is the file's last row."""
+        shape the bot writes. maybe_written: the lead the csv channel was at when the bot stopped
+        (its cursor moves only after the row): not written again when it is the file's last row."""
         with self._lock, open(self.path, "a+b", buffering=0) as f:
-            f.seek(0)  # the owner may have re-saved it while the bot ran: with the other delimiter is fine
+            # the owner may have re-saved it while the bot ran: with the other delimiter is fine
+            f.seek(0)
             head = f.read(200).decode("utf-8", "replace")
             found = _delimiter_of(head)
-            if head.lstrip("\ufeff") and not found:  # a row under the wrong columns would be silent harm
+            # a row under the wrong columns would be silent harm
+            if head.lstrip("\ufeff") and not found:
                 raise OSError(f"в leads.csv теперь другие столбцы, а нужны {','.join(COLUMNS)} — "
                               "верните эту строку заголовка")
             self.delimiter = found or self.delimiter
             buffer = io.StringIO()
-            csv.writer(buffer, delimiter=self.delimiter, lineterminator="\r\n").writerow(row_cells(lead))
+            csv.writer(buffer, delimiter=self.delimiter,
+                       lineterminator="\r\n").writerow(row_cells(lead))
             row = buffer.getvalue().encode("utf-8")
             size = f.seek(0, os.SEEK_END)
             f.seek(max(size - max(4096, len(row) + 3), 0))
             tail = f.read()
-            if maybe_written and tail.endswith(row) and (len(tail) == len(row) or tail[:-len(row)].endswith(b"\n")):
+            if maybe_written and tail.endswith(row) and (len(tail) == len(row)
+                                                         or tail[:-len(row)].endswith(b"\n")):
                 return  # written before a crash: exactly once
             try:  # re-saved as ANSI, the owner's Excel would show a UTF-8 row as «Р‘РѕСЂРёСЃ»
-                codecs.getincrementaldecoder("utf-8")().decode(tail.lstrip(bytes(range(0x80, 0xC0))))
+                codecs.getincrementaldecoder("utf-8")().decode(
+                    tail.lstrip(bytes(range(0x80, 0xC0))))
             except UnicodeDecodeError:
                 raise OSError("leads.csv теперь не в UTF-8 (сохранён как ANSI?) — сохраните его "
                               "как «CSV UTF-8»") from None
             end = tail[-3:]
             if size <= len(BOM) and end in (b"", BOM):  # new, or emptied down to its BOM
                 row = (b"" if end else BOM) + (self.delimiter.join(COLUMNS) + "\r\n").encode() + row
-            elif not end.endswith(b"\n"):  # complete the last line (saved by Notepad, or an earlier cut)
+            # complete the last line (saved by Notepad, or an earlier cut)
+            elif not end.endswith(b"\n"):
                 row = (b"\n" if end.endswith(b"\r") else b"\r\n") + row
             try:
                 view = memoryview(row)
@@ -211,20 +234,23 @@ class Leads:
                     view = view[f.write(view):]
                 os.fsync(f.fileno())
             except OSError:
-                f.truncate(size)  # only the bytes this call wrote: never half a row for the next one
+                # only the bytes this call wrote: never half a row for the next one
+                f.truncate(size)
                 raise
 
     def remove(self, leads: list[dict]) -> int:
-        """/forget: removes each row whose cells are exactly what the bot wrote for one of these leads,
-        every other byte identical; returns how many of the leads have no such row left to remove
-        (the owner changed or moved it). Raises OSError."""
+        """/forget: removes each row whose cells are exactly what the bot wrote for one of these
+        leads, every other byte identical; returns how many of the leads have no such row left to
+        remove (the owner changed or moved it). Raises OSError."""
         with self._lock:
             if not leads or not self.path.exists():
                 return len(leads)
-            text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")  # every byte comes back
+            # every byte comes back
+            text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")
             self.delimiter = _delimiter_of(text) or self.delimiter
             wanted = [row_cells(lead) for lead in leads]
-            lines = io.StringIO(text, newline="").readlines()  # split where csv splits: at \r\n, \n and \r
+            # split where csv splits: at \r\n, \n and \r
+            lines = io.StringIO(text, newline="").readlines()
             reader, kept, start = csv.reader(lines, delimiter=self.delimiter), [], 0
             for row in reader:  # reader.line_num tells which lines a record took
                 if row in wanted:
@@ -233,7 +259,8 @@ class Leads:
                     kept += lines[start:reader.line_num]
                 start = reader.line_num
             if len(wanted) < len(leads):
-                _write_atomically(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))
+                _write_atomically(self.path,
+                                  "".join(kept).encode("utf-8", errors="surrogateescape"))
             return len(wanted)
 
 
@@ -246,31 +273,38 @@ def row_cells(lead: dict) -> list[str]:
 
 
 class Journal:
-    """{data_dir}/state.jsonl: dialog states, appended without fsync, a chat's last line wins; None: in memory only."""
+    """{data_dir}/state.jsonl: dialog states, appended without fsync, a chat's last line wins; None:
+    in memory only."""
 
     def __init__(self, path: Path | None, valid):
-        self.path, self._valid, self.dialogs, self._lock = path and Path(path).absolute(), valid, {}, threading.Lock()
+        self.path, self._valid, self.dialogs, self._lock = (path and Path(path).absolute(), valid,
+                                                            {}, threading.Lock())
         if path is None:
             return
         try:
-            text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+            text = (self.path.read_text(encoding="utf-8", errors="replace")
+                    if self.path.exists() else "")
         except OSError as e:
-            raise StoreError(f"{self.path} не читается ({type(e).__name__}) — исправьте права доступа") from None
-        *lines, torn = text.split("\n")  # torn is "" when the file ends with a line break, else ignored
+            raise StoreError(f"{self.path} не читается ({type(e).__name__}) — "
+                             "исправьте права доступа") from None
+        # torn is "" when the file ends with a line break, else ignored
+        *lines, torn = text.split("\n")
         bad = [line for line in lines if line.strip() and not self._apply(line)]
-        # The bot's own torn or bad lines (a crash, a full disk) never stop a start: they are set aside, and
-        # while the file cannot be rewritten (the disk still full) the dialogs live in memory, each save
-        # trying the rewrite again; no line is appended to a torn one meanwhile.
+        # The bot's own torn or bad lines (a crash, a full disk) never stop a start: they are set
+        # aside, and while the file cannot be rewritten (the disk still full) the dialogs live in
+        # memory, each save trying the rewrite again; no line is appended to a torn one meanwhile.
         self._lines, self._rewrite = len(lines), bool(bad or torn)
         try:
             if bad:
                 with open(f"{self.path}.bad", "a", encoding="utf-8") as f:
                     f.write("".join(line + "\n" for line in bad))
-                log.warning("%d malformed entries of %s were set aside in %s.bad", len(bad), self.path.name, self.path)
+                log.warning("%d malformed entries of %s were set aside in %s.bad",
+                            len(bad), self.path.name, self.path)
             if self._rewrite:
                 self._compact()
         except OSError as e:
-            log.warning("cannot clean up %s (%s); dialogs are kept in memory until it can be rewritten",
+            log.warning("cannot clean up %s (%s); "
+                        "dialogs are kept in memory until it can be rewritten",
                         self.path, type(e).__name__)
 
     def _apply(self, line: str) -> bool:
@@ -278,8 +312,10 @@ class Journal:
         try:
             entry = json.loads(line)
             chat, dialog = entry["chat"], entry["dialog"]
-            ok = isinstance(chat, (int, str)) and (dialog is None or isinstance(dialog, dict) and self._valid(dialog))
-        except Exception:  # whatever is wrong with one entry (the validator's errors too) sets only it aside
+            ok = (isinstance(chat, (int, str))
+                  and (dialog is None or isinstance(dialog, dict) and self._valid(dialog)))
+        # whatever is wrong with one entry (the validator's errors too) sets only it aside
+        except Exception:
             return False
         if ok:
             self._set(chat, dialog)
@@ -292,8 +328,9 @@ class Journal:
             self.dialogs[chat] = dialog
 
     def save(self, chat_id, dialog: dict | None, remember=True) -> None:
-        """Record the dialog of a chat (None deletes it), in .dialogs too unless remember is False (the caller keeps
-        a newer one there); a write failure is logged and mended by the next save."""
+        """Record the dialog of a chat (None deletes it), in .dialogs too unless remember is False
+        (the caller keeps a newer one there); a write failure is logged and mended by the next
+        save."""
         with self._lock:
             if remember:
                 self._set(chat_id, dialog)
@@ -307,11 +344,13 @@ class Journal:
                         f.write(json.dumps({"chat": chat_id, "dialog": dialog}) + "\n")
                     self._lines += 1
             except OSError as e:
-                log.warning("cannot write %s (%s); dialog state is kept in memory", self.path, type(e).__name__)
+                log.warning("cannot write %s (%s); dialog state is kept in memory",
+                            self.path, type(e).__name__)
                 self._rewrite = True  # a half-written line must not stay in the middle
 
     def erase(self, chat_id) -> None:
-        """Remove the chat and rewrite the file so that no earlier line keeps its data; raises OSError."""
+        """Remove the chat and rewrite the file so that no earlier line keeps its data; raises
+        OSError."""
         with self._lock:
             self.dialogs.pop(chat_id, None)
             if self.path is not None:
@@ -333,8 +372,10 @@ class Ledger:
         self.path, self._cond = Path(folder).absolute() / "ledger.jsonl", threading.Condition()
         self.records, self._rewrite = _read_jsonl(self.path, lambda r: type(r.get("seq")) is int)
         self.cursors = {name: self._read_cursor(name) for name in channels}
-        # The record each channel was at when the bot stopped (see Leads.append), None if it was done.
-        self.resumed = {name: next((r["seq"] for r in self.records if r["seq"] > cursor["seq"]), None)
+        # The record each channel was at when the bot stopped (see Leads.append), None if it was
+        # done.
+        self.resumed = {name: next((r["seq"] for r in self.records if r["seq"] > cursor["seq"]),
+                                   None)
                         for name, cursor in self.cursors.items()}
         for name in channels:  # a new channel starts at the end: it is not sent the owner's history
             self._write_cursor(name)
@@ -345,15 +386,19 @@ class Ledger:
             return {"seq": int(cursor["seq"]), "skipped": [str(i) for i in cursor["skipped"]]}
         except FileNotFoundError:
             return {"seq": self.last(), "skipped": []}
-        except (OSError, ValueError, KeyError, TypeError):  # the bot's own torn write: redo from the start
-            log.warning("%s.cursor is unreadable; that channel starts again at the ledger's start", name)
+        # the bot's own torn write: redo from the start
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s.cursor is unreadable; that channel starts again at the ledger's start",
+                        name)
             return {"seq": 0, "skipped": []}
 
     def _write_cursor(self, name) -> None:
-        _write_atomically(self.path.parent / f"{name}.cursor", json.dumps(self.cursors[name]).encode())
+        _write_atomically(self.path.parent / f"{name}.cursor",
+                          json.dumps(self.cursors[name]).encode())
 
     def last(self) -> int:
-        seqs = [r["seq"] for r in self.records] + [c["seq"] for c in getattr(self, "cursors", {}).values()]
+        seqs = ([r["seq"] for r in self.records]
+                + [c["seq"] for c in getattr(self, "cursors", {}).values()])
         return max(seqs, default=0)
 
     def has(self, lead_id: str) -> bool:
@@ -361,14 +406,16 @@ class Ledger:
             return any(r.get("id") == lead_id for r in self.records)
 
     def add(self, record: dict) -> bool:
-        """Append the record (a lead: {"id", "lead"}; a /forget: {"forget": chat_id}) as the next seq,
-        fsynced; a lead already there is not added twice. False, nothing written, when the disk refuses."""
+        """Append the record (a lead: {"id", "lead"}; a /forget: {"forget": chat_id}) as the next
+        seq, fsynced; a lead already there is not added twice. False, nothing written, when the disk
+        refuses."""
         with self._cond:
             if "id" in record and any(r.get("id") == record["id"] for r in self.records):
                 return True
             record = {"seq": self.last() + 1, **record}
             try:
-                if self._rewrite:  # a torn line of an earlier crash must not have a record glued to it
+                # a torn line of an earlier crash must not have a record glued to it
+                if self._rewrite:
                     self._compact()
                 _append_synced(self.path, json.dumps(record, ensure_ascii=False) + "\n")
             except OSError as e:
@@ -391,10 +438,12 @@ class Ledger:
         """True for a lead whose chat a later /forget erased."""
         with self._cond:
             chat = str(record["lead"]["chat_id"])
-            return any(str(r.get("forget")) == chat and r["seq"] > record["seq"] for r in self.records)
+            return any(str(r.get("forget")) == chat and r["seq"] > record["seq"]
+                       for r in self.records)
 
     def done(self, name, record, skipped=False) -> None:
-        """The channel finished this record (skipped: a forgotten lead it never sent); raises OSError."""
+        """The channel finished this record (skipped: a forgotten lead it never sent); raises
+        OSError."""
         with self._cond:
             cursor = self.cursors[name]
             if record["seq"] > cursor["seq"]:
@@ -412,10 +461,12 @@ class Ledger:
 
     def _marks(self, chat):
         """The chat's /forget records and the "ask" records the csv channel added for them."""
-        return [r for r in self.records if "lead" not in r and str(r.get("forget", r.get("ask"))) == str(chat)]
+        return [r for r in self.records
+                if "lead" not in r and str(r.get("forget", r.get("ask"))) == str(chat)]
 
     def forgetting(self) -> set[str]:
-        """The chats whose /forget the client has not been answered yet (their marks leave with it)."""
+        """The chats whose /forget the client has not been answered yet (their marks leave with
+        it)."""
         with self._cond:
             return {str(r.get("forget", r.get("ask"))) for r in self.records if "lead" not in r}
 
@@ -430,14 +481,17 @@ class Ledger:
         with self._cond:
             marks = self._marks(chat)
             return any("ask" in r for r in marks) or any(
-                self.delivered(name, r) for name in self.cursors if name != "csv" for r in marks if "forget" in r)
+                self.delivered(name, r) for name in self.cursors if name != "csv"
+                for r in marks if "forget" in r)
 
     def drop_chat(self, chat) -> None:
-        """Once settled: the chat's records up to its last /forget leave the ledger; raises OSError."""
+        """Once settled: the chat's records up to its last /forget leave the ledger; raises
+        OSError."""
         with self._cond:
             last = max(r["seq"] for r in self._marks(chat))
-            mine = [r for r in self.records if r["seq"] <= last and str(r.get("forget", r.get("ask", r.get(
-                "lead", {}).get("chat_id")))) == str(chat)]
+            mine = [r for r in self.records
+                    if r["seq"] <= last and str(r.get("forget", r.get("ask", r.get(
+                        "lead", {}).get("chat_id")))) == str(chat)]
             ids = {r.get("id") for r in mine}
             self.records = [r for r in self.records if r not in mine]
             for name, cursor in self.cursors.items():
@@ -472,7 +526,8 @@ def _read_jsonl(path: Path, valid) -> tuple[list, bool]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     except OSError as e:
-        raise StoreError(f"{path} не читается ({type(e).__name__}) — исправьте права доступа") from None
+        raise StoreError(f"{path} не читается ({type(e).__name__}) — "
+                         "исправьте права доступа") from None
     records, bad = [], []
     for line in filter(str.strip, text.split("\n")):
         try:
@@ -485,12 +540,14 @@ def _read_jsonl(path: Path, valid) -> tuple[list, bool]:
         with contextlib.suppress(OSError):
             with open(path.with_name(path.name + ".bad"), "a", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in bad))
-            log.warning("%d malformed lines of %s were set aside in %s.bad", len(bad), path.name, path.name)
+            log.warning("%d malformed lines of %s were set aside in %s.bad",
+                        len(bad), path.name, path.name)
     return records, bool(bad)
 
 
 def drop_lines(path: Path, chat) -> None:
-    """/forget in a .bad copy: every line that names the chat goes (a torn line is judged by its text)."""
+    """/forget in a .bad copy: every line that names the chat goes (a torn line is judged by its
+    text)."""
     if path.exists():
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
         kept = [line for line in lines if str(chat) not in re.findall(r"-?\d+", line)]
@@ -499,7 +556,8 @@ def drop_lines(path: Path, chat) -> None:
 
 
 class Funnel:
-    """{data_dir}/funnel.jsonl: the anonymous conversion funnel (never a chat id, name, contact or text)."""
+    """{data_dir}/funnel.jsonl: the anonymous conversion funnel (never a chat id, name, contact or
+    text)."""
 
     def __init__(self, path: Path):
         self.path = Path(path).absolute()
@@ -508,7 +566,8 @@ class Funnel:
         """Append one event line: opened, written, closed, O(1). Never raises."""
         try:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"t": int(time.time()), "d": dialog_id, "e": event, "s": source, **numbers}) + "\n")
+                f.write(json.dumps({"t": int(time.time()), "d": dialog_id, "e": event, "s": source,
+                                    **numbers}) + "\n")
         except OSError as e:
             log.warning("cannot write %s (%s); a funnel event is lost", self.path, type(e).__name__)
 
@@ -518,30 +577,37 @@ LAST_ENDS = ("contact", "forgotten")  # a lead stays a lead, unless /forget eras
 
 def _period(dialogs: list[dict]) -> dict:
     ends = [d["end"] for d in dialogs]
-    seconds = [d["seconds"] for d in dialogs if d["end"] == "contact" and isinstance(d["seconds"], (int, float))
-               and math.isfinite(d["seconds"])]  # a hand-edited NaN would make --stats --json invalid JSON
-    stages = [STAGES[d["stage"]] for d in dialogs if not d["open"] and d["end"] in (None, "blocked")]
-    return {"started": len(dialogs), "qualified": sum(d["stage"] >= STAGES.index("offering") for d in dialogs),
+    seconds = [d["seconds"] for d in dialogs
+               if d["end"] == "contact" and isinstance(d["seconds"], (int, float))
+               # a hand-edited NaN would make --stats --json invalid JSON
+               and math.isfinite(d["seconds"])]
+    stages = [STAGES[d["stage"]] for d in dialogs
+              if not d["open"] and d["end"] in (None, "blocked")]
+    return {"started": len(dialogs),
+            "qualified": sum(d["stage"] >= STAGES.index("offering") for d in dialogs),
             "offered": sum(d["stage"] >= STAGES.index("collecting_contact") for d in dialogs),
-            "contacts": ends.count("contact"), "refused": ends.count("refused"), "cancelled": ends.count("cancelled"),
+            "contacts": ends.count("contact"), "refused": ends.count("refused"),
+            "cancelled": ends.count("cancelled"),
             "open": sum(d["open"] for d in dialogs), "forgotten": ends.count("forgotten"),
             "dropped": {stage: stages.count(stage) for stage in STAGES},
             "median_seconds_to_contact": float(statistics.median(seconds)) if seconds else None}
 
 
 def stats(path: Path, now: float, open_seconds: float = 72 * 3600) -> dict:
-    """Funnel counts of telegram dialogs started in the last 7 and 30 days and ever, and of console ones.
-    A dialog with no end and an event within open_seconds (SESSION_TTL_HOURS) is open, not dropped;
-    /forget takes a lead out of the leads."""
+    """Funnel counts of telegram dialogs started in the last 7 and 30 days and ever, and of console
+    ones. A dialog with no end and an event within open_seconds (SESSION_TTL_HOURS) is open, not
+    dropped; /forget takes a lead out of the leads."""
     path, dialogs = Path(path), {}
     try:
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     except OSError as e:
-        raise StoreError(f"{path} не читается ({type(e).__name__}) — это должен быть файл, который этот пользователь может читать") from None
+        raise StoreError(f"{path} не читается ({type(e).__name__}) — это должен быть файл, "
+                         "который этот пользователь может читать") from None
     for line in text.split("\n"):
         try:
             ev = json.loads(line)  # a dialog starts with its first event
-            d = dialogs.setdefault(ev["d"], {"start": float(ev["t"]), "source": ev.get("s"), "stage": 0, "end": None})
+            d = dialogs.setdefault(ev["d"], {"start": float(ev["t"]), "source": ev.get("s"),
+                                             "stage": 0, "end": None})
             d["last"] = float(ev["t"])
         except (ValueError, TypeError, KeyError, AttributeError):
             continue  # a torn or foreign line
@@ -556,4 +622,5 @@ def stats(path: Path, now: float, open_seconds: float = 72 * 3600) -> dict:
     telegram = [d for d in dialogs.values() if d["source"] == "telegram"]
     return {"7d": _period([d for d in telegram if d["start"] >= now - 7 * 86400]),
             "30d": _period([d for d in telegram if d["start"] >= now - 30 * 86400]),
-            "all": _period(telegram), "console": _period([d for d in dialogs.values() if d["source"] == "console"])}
+            "all": _period(telegram),
+            "console": _period([d for d in dialogs.values() if d["source"] == "console"])}
