@@ -124,7 +124,8 @@ def deletion_request(leads: list[dict], rows: int = 0, chat=None) -> tuple[str, 
     lines += [f"Удалите и у себя заявку «{subject(lead)}» от {lead.get('timestamp', '')}."
               for lead in leads]
     if rows:
-        lines.append(f"В leads.csv осталось строк этого клиента (chat_id {chat}), изменённых вручную: {rows}. "
+        lines.append(f"В leads.csv осталось строк этого клиента (chat_id {chat}), "
+                     f"изменённых вручную: {rows}. "
                      "Бот не трогает изменённые строки — удалите их сами.")
     return "Удалите данные клиента", "\n".join(lines)
 
