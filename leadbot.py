@@ -4,7 +4,8 @@
 
 This file reads in the order a message flows: the stage table and its functions, the dispatcher that
 runs one message through them and saves the dialog, the loop that feeds the dispatcher, the lead's
-way to the manager, then the plumbing (the client's words, the Bot API, prompt.txt, settings, start-up).
+way to the manager, then the plumbing (the client's words, the Bot API, prompt.txt, settings,
+start-up).
 """
 import argparse
 import collections
@@ -110,7 +111,8 @@ def take_contact(bot, dialog, msg):
 
 def lead_with_contact(bot, dialog, msg, contact):
     """The one place a contact becomes a lead: saved and thanked; the next stage."""
-    if not commit_lead(bot, dialog, msg, contact, "new"):  # nothing saved: the client must not hear so
+    # nothing saved: the client must not hear so
+    if not commit_lead(bot, dialog, msg, contact, "new"):
         bot.say(msg.chat_id, bot.text("not_taken"))
         return "collecting_contact"
     bot.say(msg.chat_id, bot.text("thanks_saved"), remove_keyboard=True)
@@ -217,7 +219,8 @@ STAGES = {
 AFTER_KEPT = 10  # the client's messages after a lead kept in the dialog (dialog["after"])
 REASK_CAP = 2  # answers without a contact at the contact step before the dialog ends politely
 RETURN_AFTER = 3600  # seconds of silence after which a client in mid-dialog is welcomed back
-STOP_WAIT = mailer.TIMEOUT + 2  # seconds a stop waits for an email on its way (doc/deploy.md gives systemd 30)
+# seconds a stop waits for an email on its way (doc/deploy.md gives systemd 30)
+STOP_WAIT = mailer.TIMEOUT + 2
 
 
 def remind(bot, dialog, msg):
@@ -231,7 +234,8 @@ def remind(bot, dialog, msg):
 
 
 def question_at(bot, index):
-    """The question at index, or the last one if prompt.txt lost some while a client was answering."""
+    """The question at index, or the last one if prompt.txt lost some while a client was
+    answering."""
     return bot.prompt.questions[min(index, len(bot.prompt.questions) - 1)]
 
 
@@ -262,8 +266,10 @@ def new_dialog(chat_id, name, source):
 
 def valid_dialog(dialog):
     """The shape the dispatcher relies on; the journal sets other entries aside."""
-    kinds = dict(id=str, answers=list, name=str, updated_at=(int, float), seen=list, waiting=list, busy=bool)
-    return (dialog.get("stage") in STAGES and all(isinstance(dialog.get(key), kind) for key, kind in kinds.items())
+    kinds = dict(id=str, answers=list, name=str, updated_at=(int, float), seen=list, waiting=list,
+                 busy=bool)
+    return (dialog.get("stage") in STAGES
+            and all(isinstance(dialog.get(key), kind) for key, kind in kinds.items())
             and all(isinstance(msg, dict) and "chat_id" in msg and set(msg) <= set(Incoming._fields)
                     for msg in dialog["waiting"]) and valid_replies(dialog.get("replies", [])))
 
@@ -290,7 +296,8 @@ def handle(bot, msg):
         # its messages wait their turn, in order (commands do not wait)
         old = old or new_dialog(msg.chat_id, msg.first_name, bot.source)
         waiting = queued(old["waiting"], msg._asdict())
-        return save(bot, msg.chat_id, {**old, "waiting": waiting, "seen": seen_with(old, msg.update_id)})
+        return save(bot, msg.chat_id, {**old, "waiting": waiting,
+                                       "seen": seen_with(old, msg.update_id)})
     dispatch(bot, msg, old)
 
 
@@ -340,13 +347,17 @@ def begun_anew(bot, msg, old):
 
 
 def replay(bot, chat_id):
-    """Runs the messages that waited for the LLM, oldest first, texts in a row as one message: details a client
-    added while the LLM wrote get one answer, not one each. Each leaves the queue with its answer's save."""
-    while (old := bot.journal.dialogs.get(chat_id)) and not held(bot, chat_id, old) and old["waiting"]:
+    """Runs the messages that waited for the LLM, oldest first, texts in a row as one message:
+    details a client added while the LLM wrote get one answer, not one each. Each leaves the queue
+    with its answer's save."""
+    while ((old := bot.journal.dialogs.get(chat_id)) and not held(bot, chat_id, old)
+           and old["waiting"]):
         msgs = [Incoming(**msg) for msg in old["waiting"]]
-        texts = next((i for i, msg in enumerate(msgs) if not msg.text or command_of(msg.text)), len(msgs)) or 1
+        texts = next((i for i, msg in enumerate(msgs) if not msg.text or command_of(msg.text)),
+                     len(msgs)) or 1
         joined = msgs[texts - 1]._replace(text="\n".join(msg.text for msg in msgs[:texts]))
-        save(bot, chat_id, {**old, "waiting": old["waiting"][texts:]})  # written with its reply, like any save
+        # written with its reply, like any save
+        save(bot, chat_id, {**old, "waiting": old["waiting"][texts:]})
         dispatch(bot, joined, bot.journal.dialogs[chat_id])
 
 
@@ -438,7 +449,8 @@ def forget_command(bot, msg, dialog):
     (handle_forgotten)."""
     if bot.source == "console":  # every console dialog is chat 0: its rows are not this one's alone
         end_dialog(bot, msg.chat_id, "forgotten")
-        return print("In the console /forget only ends this dialog; leads.csv keeps the console's rows.")
+        return print("In the console /forget only ends this dialog; "
+                     "leads.csv keeps the console's rows.")
     try:
         end_dialog(bot, msg.chat_id, "forgotten")
     except OSError as e:
@@ -481,8 +493,10 @@ def within_rate(bot, chat_id, window=10.0, limit=12):
 
 
 def drop_idle(bot):
-    """Forgets dialogs silent longer than SESSION_TTL_HOURS, finished ones too, and old rate counters."""
-    gone = [chat for chat, dialog in bot.journal.dialogs.items() if expired(bot, dialog) and not dialog["busy"]]
+    """Forgets dialogs silent longer than SESSION_TTL_HOURS, finished ones too, and old rate
+    counters."""
+    gone = [chat for chat, dialog in bot.journal.dialogs.items()
+            if expired(bot, dialog) and not dialog["busy"]]
     for chat_id in gone:
         bot.journal.save(chat_id, None)
     if gone:
@@ -490,12 +504,13 @@ def drop_idle(bot):
             bot.journal.erase(gone[-1])  # one rewrite, so no earlier line keeps their answers
         except OSError as e:
             log.warning("could not rewrite the state file (%s)", type(e).__name__)
-    bot.recent = {chat: times for chat, times in bot.recent.items() if time.monotonic() - times[-1] < 10}
+    bot.recent = {chat: times for chat, times in bot.recent.items()
+                  if time.monotonic() - times[-1] < 10}
 
 
 def keep_lock(bot):
-    """DATA_DIR's .lock deleted while the bot runs is taken again at once; if a second copy took it, this one stops:
-    two copies would answer every client twice."""
+    """DATA_DIR's .lock deleted while the bot runs is taken again at once; if a second copy took it,
+    this one stops: two copies would answer every client twice."""
     try:
         bot.lock = store.relock(bot.cfg.data_dir, bot.lock)
     except store.StoreError as e:
@@ -507,8 +522,8 @@ def keep_lock(bot):
 
 
 def run(bot):
-    """The main loop: the poller thread and LLM jobs put what they get into bot.inbox; only this thread touches a
-    dialog."""
+    """The main loop: the poller thread and LLM jobs put what they get into bot.inbox; only this
+    thread touches a dialog."""
     threading.Thread(target=poll_telegram, args=(bot,), daemon=True).start()
     channels = {name: threading.Thread(target=deliver_channel, args=(bot, name), daemon=True)
                 for name in bot.ledger.cursors}
@@ -517,10 +532,12 @@ def run(bot):
     last_cleanup = time.monotonic()
     while not bot.stopping.is_set():
         try:
-            events = [bot.inbox.get(timeout=0.05)]  # short steps: a stop is noticed at once on any OS
+            # short steps: a stop is noticed at once on any OS
+            events = [bot.inbox.get(timeout=0.05)]
         except queue.Empty:
             events = []
-        while events and len(events) < 100 and not bot.inbox.empty():  # all at hand: their replies go together
+        # all at hand: their replies go together
+        while events and len(events) < 100 and not bot.inbox.empty():
             events.append(bot.inbox.get())
         for event in events:
             handle_event(bot, event)
@@ -531,11 +548,13 @@ def run(bot):
             drop_idle(bot)
             last_cleanup = time.monotonic()
         keep_lock(bot)  # two system calls
-    if bot.offset is not None:  # tells Telegram what is handled, so that after a restart none comes twice
+    # tells Telegram what is handled, so that after a restart none comes twice
+    if bot.offset is not None:
         with contextlib.suppress(TelegramError):
             bot.out.call("getUpdates", http_timeout=2, offset=bot.offset, timeout=0, limit=1)
     settle_lanes(bot)
-    if bot.mailing.is_set():  # an email cut off after the server took it would go twice: let it finish
+    # an email cut off after the server took it would go twice: let it finish
+    if bot.mailing.is_set():
         log.info("waiting up to %d s for the mail server to take an email on its way", STOP_WAIT)
         channels["email"].join(STOP_WAIT)
     deadline = time.monotonic() + 0.5
@@ -572,7 +591,8 @@ def handle_event(bot, event):
             handle(bot, msg)
     except Exception as e:  # noqa: BLE001 - one poisoned update must not block the others
         where = traceback.extract_tb(e.__traceback__)[-1]
-        log.error("update failed: %s at %s:%d", type(e).__name__, Path(where.filename).name, where.lineno)
+        log.error("update failed: %s at %s:%d",
+                  type(e).__name__, Path(where.filename).name, where.lineno)
     finally:
         if isinstance(event, dict):
             bot.offset = event["update_id"] + 1
@@ -582,13 +602,14 @@ ALLOWED_UPDATES = ["message", "edited_message"]  # what getUpdates asks for; no 
 
 
 def poll_telegram(bot):
-    """The poller thread: getUpdates, each update into the inbox; the next call's offset confirms the
-    batch only once all of it is handled, so a crash loses none (ids need not grow: Telegram restarts
-    them after a quiet week)."""
+    """The poller thread: getUpdates, each update into the inbox; the next call's offset confirms
+    the batch only once all of it is handled, so a crash loses none (ids need not grow: Telegram
+    restarts them after a quiet week)."""
     failures = 0
     while not bot.stopping.is_set():
         try:
-            updates = bot.out.call("getUpdates", http_timeout=bot.cfg.poll_timeout + bot.cfg.telegram_timeout,
+            updates = bot.out.call("getUpdates",
+                                   http_timeout=bot.cfg.poll_timeout + bot.cfg.telegram_timeout,
                                    offset=bot.offset, timeout=bot.cfg.poll_timeout,
                                    allowed_updates=ALLOWED_UPDATES)
             if not isinstance(updates, list):
@@ -601,7 +622,8 @@ def poll_telegram(bot):
         except TelegramError as e:
             failures += 1
             if e.error_code in (401, 404):
-                bot.fatal = f"Telegram отклонил TELEGRAM_BOT_TOKEN (HTTP {e.error_code}) — {TOKEN_FIX}"
+                bot.fatal = (f"Telegram отклонил TELEGRAM_BOT_TOKEN (HTTP {e.error_code}) — "
+                             f"{TOKEN_FIX}")
                 return bot.stopping.set()
             delay = e.retry_after or backoff(bot.cfg, failures)
             explain_poll_error(e, failures, delay)
@@ -617,9 +639,11 @@ def explain_poll_error(e, failures, delay):
     if e.error_code != 409:
         log.warning("getUpdates failed (%s); retrying in %.2fs", e.reason, delay)
     elif failures == 1:  # explained once, not at every retry
-        log.error("Telegram refuses polling because a webhook is set for this bot: set DELETE_WEBHOOK=1 (see "
+        log.error("Telegram refuses polling because a webhook is set for this bot: "
+                  "set DELETE_WEBHOOK=1 (see "
                   "README, Troubleshooting)" if "webhook" in e.description.lower() else
-                  "another copy of this bot is polling Telegram with the same token: stop the other copy")
+                  "another copy of this bot is polling Telegram with the same token: "
+                  "stop the other copy")
 
 
 # What a lane hands back to the dispatcher: the ids of the replies it sent (or dropped: chat gone).
@@ -632,7 +656,8 @@ class Lanes:
     thread, so no chat waits for another and the dispatcher waits for none."""
 
     # 16: a burst of 20 clients with Telegram 50 ms away has most replies on their way at once
-    # (with 8, its p50 doubled in tests/benchmark.py); still half the threads of the old sender pool.
+    # (with 8, its p50 doubled in tests/benchmark.py); still half the threads of the old sender
+    # pool.
     def __init__(self, bot, workers=16):
         self.bot, self.lock, self.ready = bot, threading.Lock(), queue.SimpleQueue()
         self.changed, self.sending = threading.Condition(), 0  # sending: pieces on their way
@@ -749,7 +774,8 @@ def marked_last(pieces):
     return [(i == len(pieces) - 1, piece) for i, piece in enumerate(pieces)]
 
 
-# What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind it).
+# What an LLM job hands back to the dispatcher: the offer first, then the notes (no update behind
+# it).
 Written = collections.namedtuple("Written", "chat_id dialog_id offer intent notes update_id",
                                  defaults=(None, "", "", None))
 # What a channel hands back once every channel is past a chat's /forget.
@@ -771,8 +797,8 @@ def start_offer(bot, chat_id, dialog):
 
 def write_offer(bot, chat_id, dialog_id, answers, offer_needed):
     """The LLM job: the recommendation, shown as a growing draft, then the manager's notes. Whatever
-    fails, an offer (the fallback text at worst) and the notes are posted: the notes end `busy`, so a
-    dialog can never stay parked with its waiting messages."""
+    fails, an offer (the fallback text at worst) and the notes are posted: the notes end `busy`, so
+    a dialog can never stay parked with its waiting messages."""
     intent = notes = ""
     offer_owed = offer_needed  # until posted: the finally posts the fallback in its place
     try:
@@ -885,7 +911,8 @@ def ask_offer(bot, chat_id, dialog_id, answers):
 
 
 def ask_llm(bot, system, user, what, on_text=None):
-    """The LLM's clean answer, or None; never longer than LLM_TIMEOUT + 1 s, whatever the server does."""
+    """The LLM's clean answer, or None; never longer than LLM_TIMEOUT + 1 s, whatever the server
+    does."""
     if not bot.cfg.llm_base_url:
         return None
     answer = queue.Queue()
@@ -894,8 +921,10 @@ def ask_llm(bot, system, user, what, on_text=None):
         try:
             with pooled(bot.llm_sessions) as session:
                 answer.put(llm.complete(bot.cfg, system, user, on_text=on_text, session=session))
-        except Exception as e:  # noqa: BLE001 - whatever failed, the client gets the honest fallback
-            log.warning("LLM %s failed: %s", what, e if isinstance(e, llm.LLMError) else type(e).__name__)
+        # whatever failed, the client gets the honest fallback
+        except Exception as e:  # noqa: BLE001
+            log.warning("LLM %s failed: %s",
+                        what, e if isinstance(e, llm.LLMError) else type(e).__name__)
             answer.put(None)
     threading.Thread(target=call, daemon=True).start()
     try:
@@ -906,12 +935,14 @@ def ask_llm(bot, system, user, what, on_text=None):
 
 
 class Draft:
-    """The recommendation as Telegram shows it while the LLM writes: at most two updates a second, each sent on a
-    thread of its own, so that a slow Telegram never holds up the LLM's answer."""
+    """The recommendation as Telegram shows it while the LLM writes: at most two updates a second,
+    each sent on a thread of its own, so that a slow Telegram never holds up the LLM's answer."""
 
     def __init__(self, bot, chat_id, dialog_id):
-        self.bot, self.chat_id, self.dialog_id, self.id = bot, chat_id, dialog_id, random.randint(1, 2**31 - 1)
-        self.live, self.lock, self.sending, self.closed = threading.Event(), threading.Lock(), None, False
+        self.bot, self.chat_id, self.dialog_id, self.id = (bot, chat_id, dialog_id,
+                                                           random.randint(1, 2**31 - 1))
+        self.live, self.lock, self.sending, self.closed = (threading.Event(), threading.Lock(),
+                                                           None, False)
         self.last, self.words_since, self.refused = 0.0, None, not bot.cfg.llm_stream
 
     def gone(self):  # /cancel, /forget or /start meanwhile
@@ -921,12 +952,14 @@ class Draft:
         return self.live.is_set() or self.gone()
 
     def show(self, text):
-        if self.gone():  # ends the stream: the LLM server's slot is free for the next client at once
+        # ends the stream: the LLM server's slot is free for the next client at once
+        if self.gone():
             raise Cancelled
         now = time.monotonic()
         self.words_since = self.words_since or (now if text else None)
         with self.lock:
-            # An answer that arrives all at once within 0.1 s goes out as the message alone, not after a draft of it.
+            # An answer that arrives all at once within 0.1 s goes out as the message alone, not
+            # after a draft of it.
             if (self.closed or self.sending and self.sending.is_alive() or now - self.last < 0.5
                     or self.refused or text and now - self.words_since < 0.1):
                 return
@@ -937,7 +970,8 @@ class Draft:
 
     def send(self, text):
         try:
-            self.bot.out.call("sendMessageDraft", http_timeout=3, chat_id=self.chat_id, draft_id=self.id, text=text)
+            self.bot.out.call("sendMessageDraft", http_timeout=3, chat_id=self.chat_id,
+                              draft_id=self.id, text=text)
             self.live.set()
         except TelegramError as e:
             if e.error_code in (400, 404, 501):  # this draft's text, or a Bot API without drafts:
@@ -945,12 +979,14 @@ class Draft:
                 self.refused = True  # ...for this answer only; the next one tries again
 
     def close(self):
-        """No draft after this, and none on its way: a draft after the message would stay up for 30 s."""
+        """No draft after this, and none on its way: a draft after the message would stay up
+        for 30 s."""
         with self.lock:
             self.closed = True
         self.live.set()  # no more 'typing…' either
         if self.sending:
-            self.sending.join(5)  # a draft call answers within 3 s; a Bot API slower still must not hold the offer
+            # a draft call answers within 3 s; a Bot API slower still must not hold the offer
+            self.sending.join(5)
 
 
 def answers_text(bot, dialog):
@@ -980,8 +1016,8 @@ def without_leak(answer, prompt):
 
 
 # --- The lead's way to the manager: one ledger line, then each channel on its own -------------
-# The promise "a lead reaches every channel exactly once" is kept here: commit_lead is the only place
-# a lead is committed (store.Ledger.add: one fsynced line, never twice for one message), and
+# The promise "a lead reaches every channel exactly once" is kept here: commit_lead is the only
+# place a lead is committed (store.Ledger.add: one fsynced line, never twice for one message), and
 # deliver_channel the only place a channel takes it (in ledger order, its cursor moved only after).
 
 
@@ -992,11 +1028,14 @@ def commit_lead(bot, dialog, msg, contact, status):
             "client_name": dialog["name"], "contact": contact,
             "intent": dialog.get("intent") or scrub(" ".join(
                 (dialog.get("request") or dialog["answers"][0]).split()[:8]))[:200],
-            "notes": dialog.get("notes") or scrub(answers_text(bot, dialog))[:MAX_TEXT], "source": bot.source,
+            "notes": dialog.get("notes") or scrub(answers_text(bot, dialog))[:MAX_TEXT],
+            "source": bot.source,
             "status": status, "offer": dialog.get("offer", ""),
             "answers": [[q.label, a] for q, a in zip(bot.prompt.questions, dialog["answers"])]}
-    lead_id = f"{msg.chat_id}-{msg.update_id}" if msg.update_id is not None else secrets.token_hex(8)
-    if not bot.ledger.add({"id": lead_id, "lead": lead}):  # the same message after a crash: the same id
+    lead_id = (f"{msg.chat_id}-{msg.update_id}" if msg.update_id is not None
+               else secrets.token_hex(8))
+    # the same message after a crash: the same id
+    if not bot.ledger.add({"id": lead_id, "lead": lead}):
         return False
     record_lead(bot, dialog, "contact" if status == "new" else "refused")
     log.info("lead saved: chat %s, status %s", msg.chat_id, status)
@@ -1004,11 +1043,13 @@ def commit_lead(bot, dialog, msg, contact, status):
 
 
 def record_lead(bot, dialog, end):
-    bot.funnel.record(dialog["id"], end, bot.source, seconds=round(time.time() - dialog.get("started", time.time())))
+    bot.funnel.record(dialog["id"], end, bot.source,
+                      seconds=round(time.time() - dialog.get("started", time.time())))
 
 
 def deliver_channel(bot, name):
-    """A channel's thread: every ledger record after its cursor, in order, each retried until done."""
+    """A channel's thread: every ledger record after its cursor, in order, each retried until
+    done."""
     failures = 0
     while not bot.stopping.is_set():
         if (record := bot.ledger.next(name, timeout=0.2)) is None:  # a stop is seen soon
@@ -1027,10 +1068,12 @@ def deliver_channel(bot, name):
 
 
 def finish_record(bot, name, record, skipped):
-    """Moves the channel's cursor past the record; after a /forget, tells the dispatcher once all are."""
+    """Moves the channel's cursor past the record; after a /forget, tells the dispatcher once all
+    are."""
     try:
         bot.ledger.done(name, record, skipped)
-    except OSError as e:  # the cursor is moved in memory: at worst the record goes again after a restart
+    # the cursor is moved in memory: at worst the record goes again after a restart
+    except OSError as e:
         log.warning("cannot write %s.cursor (%s)", name, type(e).__name__)
     if "lead" in record and not skipped:
         log.info("%s delivered for chat %s", name, chat_of(record))
@@ -1039,12 +1082,13 @@ def finish_record(bot, name, record, skipped):
 
 
 def chat_of(record):
-    return record["lead"]["chat_id"] if "lead" in record else record.get("forget", record.get("ask"))
+    return (record["lead"]["chat_id"] if "lead" in record
+            else record.get("forget", record.get("ask")))
 
 
 def write_row(bot, record):
-    """leads.csv: the lead's row appended; at a /forget the chat's rows the bot wrote removed, and the
-    manager asked (an "ask" record for the other channels) to remove those someone changed."""
+    """leads.csv: the lead's row appended; at a /forget the chat's rows the bot wrote removed, and
+    the manager asked (an "ask" record for the other channels) to remove those someone changed."""
     if "forget" in record:
         left = bot.leads.remove(bot.ledger.delivered("csv", record))
         if left and not bot.ledger.add({"ask": record["forget"], "rows": left}):
@@ -1065,7 +1109,8 @@ def send_email(bot, record):
         return True
     sent = []
 
-    def sending():  # asked just before the message: the client's /forget may have come during the login
+    # asked just before the message: the client's /forget may have come during the login
+    def sending():
         bot.mailing.set()
         return not bot.ledger.forgotten(record)
 
@@ -1082,9 +1127,11 @@ def send_email(bot, record):
 
 
 def send_card(bot, record):
-    """The lead's card to MANAGER_CHAT_ID; at a /forget, a deletion request for what the chat got."""
+    """The lead's card to MANAGER_CHAT_ID; at a /forget, a deletion request for what the chat
+    got."""
     if "lead" not in record:
-        return send_deletion(bot, record, "telegram", lambda text: send_manager(bot, "\n\n".join(text)))
+        return send_deletion(bot, record, "telegram",
+                             lambda text: send_manager(bot, "\n\n".join(text)))
     if record["lead"]["status"] != "new" or bot.ledger.forgotten(record):
         return True
     send_manager(bot, mailer.card(record["lead"]))
@@ -1113,11 +1160,13 @@ def failure_reason(channel, error):
     if channel == "csv" and isinstance(error, OSError):
         return f"could not write leads.csv ({error}); tried again later"  # a path at most, no data
     if isinstance(error, TelegramError) and error.error_code in (400, 403):
-        return (f"Telegram refused the card ({error.error_code}): check MANAGER_CHAT_ID and that the manager "
+        return (f"Telegram refused the card ({error.error_code}): "
+                "check MANAGER_CHAT_ID and that the manager "
                 "sent /start" + ("; it is not sent again" if error.error_code == 400 else ""))
     if isinstance(error, (TelegramError, mailer.MailError)):
         return str(error) if isinstance(error, mailer.MailError) else error.reason
-    return type(error).__name__  # a bug: its name only, never its text (it may hold a client's data)
+    # a bug: its name only, never its text (it may hold a client's data)
+    return type(error).__name__
 
 
 def handle_forgotten(bot, event):
@@ -1132,8 +1181,10 @@ def handle_forgotten(bot, event):
     except OSError as e:
         log.error("could not forget chat %s (%s)", event.chat_id, type(e).__name__)
         return bot.say(event.chat_id, bot.text("forget_failed"), remove_keyboard=True)
-    log.info("forgot chat %s%s", event.chat_id, "; the manager was asked to delete the rest" if told else "")
-    bot.say(event.chat_id, bot.text("forgotten_manager" if told else "forgotten"), remove_keyboard=True)
+    log.info("forgot chat %s%s",
+             event.chat_id, "; the manager was asked to delete the rest" if told else "")
+    bot.say(event.chat_id, bot.text("forgotten_manager" if told else "forgotten"),
+            remove_keyboard=True)
     replay(bot, event.chat_id)  # what the client wrote after the /forget, a new dialog
 
 
@@ -1147,7 +1198,8 @@ def recover(bot):
             start_offer(bot, chat_id, dialog)
         elif dialog["waiting"]:
             replay(bot, chat_id)
-    for chat_id in bot.ledger.forgetting():  # a stop may have come between the last channel and the answer
+    # a stop may have come between the last channel and the answer
+    for chat_id in bot.ledger.forgetting():
         bot.inbox.put(Forgotten(int(chat_id)))
     flush(bot)
 
@@ -1290,7 +1342,8 @@ def scrub(text):
 
 def clean_text(text):
     """Client text as the bot keeps it: no control or invisible characters, at most MAX_TEXT."""
-    return CONTROL_CHARS.sub("", text[:MAX_TEXT * 2] if isinstance(text, str) else "").strip()[:MAX_TEXT]
+    return CONTROL_CHARS.sub("", text[:MAX_TEXT * 2] if isinstance(text, str)
+                             else "").strip()[:MAX_TEXT]
 
 
 def command_of(text):
@@ -1299,14 +1352,15 @@ def command_of(text):
     return match.group(1) if match else None
 
 
-# One client message, reduced to what the dialog needs: `shared` is the phone of a contact shared with the button
-# (own_contact: the sender's own), `media` a photo, sticker, voice … instead of text.
-# `voice`: the file_id, duration and file_size of a voice message; `username`: the sender's @name.
+# One client message, reduced to what the dialog needs: `shared` is the phone of a contact shared
+# with the button (own_contact: the sender's own), `media` a photo, sticker, voice … instead of
+# text. `voice`: the file_id, duration and file_size of a voice message; `username`: the sender's
+# @name.
 Incoming = collections.namedtuple(
     "Incoming", "chat_id text shared own_contact media first_name update_id voice username",
     defaults=("", "", True, False, "", None, None, ""))
-MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "document", "location", "venue",
-               "poll", "dice", "animation", "game", "caption")
+MEDIA_KINDS = ("photo", "sticker", "voice", "video", "video_note", "audio", "document", "location",
+               "venue", "poll", "dice", "animation", "game", "caption")
 
 
 def incoming_from(bot, update):
@@ -1314,10 +1368,12 @@ def incoming_from(bot, update):
     the message's text only when it holds a contact (the file itself goes nowhere); an edited
     message is taken, as a new message, only when it holds a contact and the bot asks for one."""
     message = update.get("message") or update.get("edited_message")
-    if not isinstance(message, dict) or not isinstance(message.get("from"), dict) or message["from"].get("is_bot"):
+    if (not isinstance(message, dict) or not isinstance(message.get("from"), dict)
+            or message["from"].get("is_bot")):
         return None
     sender, chat, text = message["from"], message.get("chat") or {}, clean_text(message.get("text"))
-    if chat.get("type") in ("group", "supergroup") and command_of(text) == "start" and chat["id"] not in bot.invited:
+    in_group = chat.get("type") in ("group", "supergroup")
+    if in_group and command_of(text) == "start" and chat["id"] not in bot.invited:
         bot.invited.add(chat["id"])
         bot.say(chat["id"], bot.text("private_only"))
     if chat.get("type") != "private" or type(chat.get("id")) is not int:
@@ -1340,7 +1396,8 @@ def incoming_from(bot, update):
 def voice_of(message):
     """What the voice job needs of a voice message: its file id, duration and size, as numbers."""
     voice = message["voice"] if isinstance(message["voice"], dict) else {}
-    numbers = {key: voice[key] if type(voice.get(key)) is int else 0 for key in ("duration", "file_size")}
+    numbers = {key: voice[key] if type(voice.get(key)) is int else 0
+               for key in ("duration", "file_size")}
     return {"file_id": str(voice.get("file_id") or "")[:200], **numbers}
 
 
@@ -1379,27 +1436,33 @@ class Telegram:
     """Every Bot API request goes through call(); a pool of sessions keeps connections warm."""
 
     def __init__(self, cfg, stopping):
-        self.base, self.cfg, self.stopping = f"{cfg.telegram_api_url}/bot{cfg.telegram_bot_token}/", cfg, stopping
+        self.base, self.cfg, self.stopping = (
+            f"{cfg.telegram_api_url}/bot{cfg.telegram_bot_token}/", cfg, stopping)
         self.sessions = queue.SimpleQueue()
 
     def call(self, method, http_timeout=None, **params):
-        """One request; raises TelegramError. http_timeout bounds the wait (default TELEGRAM_TIMEOUT)."""
+        """One request; raises TelegramError. http_timeout bounds the wait (default
+        TELEGRAM_TIMEOUT)."""
         try:
             with pooled(self.sessions) as session:
                 response = session.post(self.base + method, json=params,
                                         timeout=(10, http_timeout or self.cfg.telegram_timeout))
         except requests.RequestException as e:  # its text holds the URL, and the URL the token
             raise TelegramError(0, type(e).__name__) from None
-        try:  # requests' JSONDecodeError is a RequestException too: asked apart, so the status decides
+        # requests' JSONDecodeError is a RequestException too: asked apart, so the status decides
+        try:
             body = response.json()
-        except ValueError:  # a proxy's error page, a wrong TELEGRAM_API_URL path: 401/404 stop the bot
-            raise TelegramError(0 if response.ok else response.status_code, "answer is not JSON") from None
+        # a proxy's error page, a wrong TELEGRAM_API_URL path: 401/404 stop the bot
+        except ValueError:
+            raise TelegramError(0 if response.ok else response.status_code,
+                                "answer is not JSON") from None
         if isinstance(body, dict) and body.get("ok"):
             return body.get("result")
         body = body if isinstance(body, dict) else {}
         retry_after = (body.get("parameters") or {}).get("retry_after")
         code = body.get("error_code")
-        code = code if type(code) is int and code else response.status_code  # a proxy may send it as text
+        # a proxy may send it as text
+        code = code if type(code) is int and code else response.status_code
         raise TelegramError(code, str(body.get("description", "")),
                             retry_after if isinstance(retry_after, (int, float)) else None)
 
@@ -1416,13 +1479,15 @@ class Telegram:
                 if pause(self.stopping, delay):
                     raise
 
-    def send(self, chat_id, text, buttons=(), contact_button=False, remove_keyboard=False, texts=None):
+    def send(self, chat_id, text, buttons=(), contact_button=False, remove_keyboard=False,
+             texts=None):
         """Plain-text messages of at most 4,000 characters, the keyboard with the last one; one try
         each (a lane waits out 429s and outages without holding a thread)."""
         pieces = split_text(text)
         for i, piece in enumerate(pieces):
             params = {"chat_id": chat_id, "text": piece}
-            if i == len(pieces) - 1 and (markup := keyboard(texts, buttons, contact_button, remove_keyboard)):
+            if i == len(pieces) - 1 and (markup := keyboard(texts, buttons, contact_button,
+                                                            remove_keyboard)):
                 params["reply_markup"] = markup
             try:
                 self.call("sendMessage", **params)
@@ -1444,7 +1509,8 @@ class Telegram:
 
 @contextlib.contextmanager
 def pooled(sessions):
-    """A requests.Session from the pool, or a new one when all are in use; back after use, its connections warm."""
+    """A requests.Session from the pool, or a new one when all are in use; back after use, its
+    connections warm."""
     try:
         session = sessions.get_nowait()
     except queue.Empty:
@@ -1460,9 +1526,11 @@ def keyboard(texts, buttons, contact_button, remove_keyboard):
     if contact_button:
         return {"keyboard": [[{"text": texts["share_button"], "request_contact": True}],
                              [{"text": texts["decline_button"]}]], "resize_keyboard": True,
-                "one_time_keyboard": True, "input_field_placeholder": texts["contact_placeholder"][:64]}
+                "one_time_keyboard": True,
+                "input_field_placeholder": texts["contact_placeholder"][:64]}
     if buttons:
-        return {"keyboard": [[{"text": b}] for b in buttons], "resize_keyboard": True, "one_time_keyboard": True}
+        return {"keyboard": [[{"text": b}] for b in buttons], "resize_keyboard": True,
+                "one_time_keyboard": True}
     return {"remove_keyboard": True} if remove_keyboard else None
 
 
@@ -1471,8 +1539,9 @@ def split_text(text, limit=4000):  # under 4,096: Telegram counts some character
     pieces = []
     while len(text) > limit:
         window = text[:limit]
-        cut = next((c for c in (window.rfind("\n"), max(window.rfind(". "), window.rfind("! "),
-                                                            window.rfind("? ")) + 1, window.rfind(" "))
+        cut = next((c for c in (window.rfind("\n"),
+                                max(window.rfind(". "), window.rfind("! "), window.rfind("? ")) + 1,
+                                window.rfind(" "))
                     if c > limit // 2), limit)
         pieces.append(window[:cut].rstrip())
         text = text[cut:].lstrip()
@@ -1487,7 +1556,8 @@ def backoff(cfg, failures, outbox=False):
 
 
 def pause(stopping, seconds):
-    """Waits in short steps (a long wait would not let Ctrl+C through on Windows); True when stopping."""
+    """Waits in short steps (a long wait would not let Ctrl+C through on Windows); True when
+    stopping."""
     deadline = time.monotonic() + seconds
     while not stopping.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
         if time.monotonic() >= deadline:
@@ -1496,19 +1566,23 @@ def pause(stopping, seconds):
 
 
 class Console:
-    """The terminal stand-in for Telegram: the recommendation is printed as the LLM writes it (its drafts)."""
+    """The terminal stand-in for Telegram: the recommendation is printed as the LLM writes it (its
+    drafts)."""
     streamed = ""
 
     def send(self, chat_id, text, buttons=(), **markup):
-        print(text[len(self.streamed):] if self.streamed and text.startswith(self.streamed) else f"Бот: {text}")
+        print(text[len(self.streamed):] if self.streamed and text.startswith(self.streamed)
+              else f"Бот: {text}")
         self.streamed = ""
         if buttons:
             print("     " + " | ".join(f"{i}. {b}" for i, b in enumerate(buttons, 1)))
         sys.stdout.flush()
 
     def call(self, method, http_timeout=None, chat_id=0, text="", **params):
-        if method == "sendMessageDraft" and text.startswith(self.streamed) and text != self.streamed:
-            print(("Бот: " if not self.streamed else "") + text[len(self.streamed):], end="", flush=True)
+        draft = method == "sendMessageDraft"
+        if draft and text.startswith(self.streamed) and text != self.streamed:
+            print(("Бот: " if not self.streamed else "") + text[len(self.streamed):],
+                  end="", flush=True)
             self.streamed = text
 
     def typing(self, chat_id, done):
@@ -2058,9 +2132,11 @@ class JsonLines(logging.Formatter):
     """LOG_FORMAT=json: one object per line with the event's chat id and stage as fields."""
 
     def format(self, record):
-        line = {"time": datetime.fromtimestamp(record.created, timezone.utc).astimezone().isoformat(),
+        line = {"time": datetime.fromtimestamp(record.created,
+                                               timezone.utc).astimezone().isoformat(),
                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        for field, pattern, cast in (("chat_id", r"\bchat (-?\d+)", int), ("stage", r"-> (\w+)", str)):
+        for field, pattern, cast in (("chat_id", r"\bchat (-?\d+)", int),
+                                     ("stage", r"-> (\w+)", str)):
             if found := re.search(pattern, line["message"]):
                 line[field] = cast(found.group(1))
         return json.dumps(line, ensure_ascii=False)
@@ -2077,7 +2153,8 @@ def setup_logging(cfg, console_level=None):
                                "create its folder or choose another file"]) from None
     known = [s for s in (cfg.telegram_bot_token, cfg.llm_api_key, cfg.smtp_password) if len(s) >= 5]
 
-    def mask(record):  # the last line of defence: known secrets out of every line (shorter would mask words)
+    # the last line of defence: known secrets out of every line (shorter would mask words)
+    def mask(record):
         message = record.getMessage()
         for secret in known:
             message = message.replace(secret, "***")
@@ -2089,21 +2166,24 @@ def setup_logging(cfg, console_level=None):
         handler.addFilter(mask)
         handler.setFormatter(JsonLines() if cfg.log_format == "json" else plain)
     logging.basicConfig(level=cfg.log_level, handlers=handlers, force=True)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)  # its lines carry URLs, and URLs the token
+    # its lines carry URLs, and URLs the token
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 # --- Start-up ----------------------------------------------------------------------------------
 
 
 class Bot:
-    """What a running bot holds: settings, texts, the way out (Telegram or console) and its files."""
+    """What a running bot holds: settings, texts, the way out (Telegram or console) and its
+    files."""
 
     def __init__(self, cfg, out, source):
         self.cfg, self.out, self.source = cfg, out, source
         self.prompt = read_prompt(HERE / "prompt.txt", cfg)
         self.lock = store.open_data_dir(cfg.data_dir)  # held while the process lives
         self.leads = store.Leads(cfg.data_dir / "leads.csv", cfg.csv_delimiter)
-        self.journal = store.Journal(cfg.data_dir / "state.jsonl" if source == "telegram" else None, valid_dialog)
+        self.journal = store.Journal(cfg.data_dir / "state.jsonl" if source == "telegram" else None,
+                                     valid_dialog)
         self.funnel = store.Funnel(cfg.data_dir / "funnel.jsonl")
         self.inbox, self.offset = queue.Queue(), None  # offset: the next getUpdates offset
         self.stopping = getattr(out, "stopping", threading.Event())
@@ -2124,9 +2204,11 @@ class Bot:
 
 
 def run_telegram(cfg):
-    """Start-up with Telegram (the token, DELETE_WEBHOOK=1, the command menu), then the loop until it stops."""
+    """Start-up with Telegram (the token, DELETE_WEBHOOK=1, the command menu), then the loop until
+    it stops."""
     stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # before anything else: a stop during start-up is clean too
+    # before anything else: a stop during start-up is clean too
+    for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     bot = Bot(cfg, Telegram(cfg, stopping), "telegram")
     try:
@@ -2149,8 +2231,9 @@ def run_telegram(cfg):
         except TelegramError as e:
             log.warning("could not delete the webhook (%s)", e.error_code)
     try:
-        bot.out.call("setMyCommands", commands=[{"command": c, "description": bot.text("menu_" + c)[:256]}
-                                                for c in ("start", "help", "cancel", "forget")])
+        bot.out.call("setMyCommands",
+                     commands=[{"command": c, "description": bot.text("menu_" + c)[:256]}
+                               for c in ("start", "help", "cancel", "forget")])
     except TelegramError as e:
         log.warning("could not set the command menu (%s)", e.error_code)
     recover(bot)
@@ -2170,7 +2253,8 @@ def run_console(cfg):
     line = "/start"
     try:
         while line:  # "" is the end of the input
-            if text := clean_text(line):  # an empty Enter is no answer: Telegram cannot send one either
+            # an empty Enter is no answer: Telegram cannot send one either
+            if text := clean_text(line):
                 handle(bot, Incoming(chat_id=0, text=text))
                 flush(bot)
             # The LLM writes its offer and notes; the replies printed leave the dialog (Sent)
@@ -2185,7 +2269,8 @@ def run_console(cfg):
         print()
     for name in bot.ledger.cursors:  # the console does not stay to retry
         if not deliver_now(bot, name):
-            print(f"The lead's {name} could not be sent now; it goes out at the next start of the bot.")
+            print(f"The lead's {name} could not be sent now; "
+                  "it goes out at the next start of the bot.")
     return 0
 
 
@@ -2394,7 +2479,8 @@ def main(argv=None):
                       help="print the funnel of the last 7/30 days and all time")
     parser.add_argument("--json", action="store_true", help="with --stats: one JSON object")
     args = parser.parse_args(argv)
-    os.umask(0o077)  # every file the bot makes (leads, dialogs, logs) is readable by this user alone
+    # every file the bot makes (leads, dialogs, logs) is readable by this user alone
+    os.umask(0o077)
     if args.check:
         return quietly(run_check)
     try:
