@@ -45,6 +45,21 @@ def test_imports_form_a_tree_with_leadbot_at_the_top():
         assert not imports(module) & {"leadbot", "llm", "store", "mailer"}, module
 
 
+def test_no_line_over_100_characters():
+    """Characters, not bytes: a Cyrillic letter counts one."""
+    too_long = [(module, number) for module in MODULES
+                for number, line in enumerate((REPO / module).read_text(encoding="utf-8").split("\n"), 1)
+                if len(line) > 100]
+    assert too_long == []
+
+
+def test_no_global_statement():
+    found = [(module, node.lineno) for module in MODULES
+             for node in ast.walk(ast.parse((REPO / module).read_text(encoding="utf-8")))
+             if isinstance(node, ast.Global)]
+    assert found == []
+
+
 if __name__ == "__main__":
     for module in MODULES:
         longest = max(definitions(module), key=lambda d: d[2])
